@@ -1,0 +1,521 @@
+/**
+ * runtime.ts: the plumbing under nanovlm.ts that is not the model.
+ *
+ * - Backend selection: WebGPU on a real GPU, otherwise single-threaded wasm, otherwise the pure-JS cpu backend.
+ * - Kernel fixes for tfjs' wasm backend, without which training on wasm is 10× slower or impossible
+ *   (a transposed or batched `BatchMatMul` leaves XNNPACK's fast path; `UnsortedSegmentSum`, the gradient of
+ *   `tf.gather`, is missing). The measurements are in shared/notes/tfjs-on-deno.md §2 and §9.
+ * - Safetensors bytes: the checkpoint format of PyTorch/Hugging Face, read and written by hand (no maintained npm package).
+ * - Atomic file writes, so a crash never leaves half a checkpoint behind.
+ *
+ * It is deliberately not a model, a data loader or a tokenizer, and it knows no weight names.
+ * Safetensors format: https://huggingface.co/docs/safetensors (u64 header length, JSON header, raw little-endian data).
+ */
+import * as tf from "@tensorflow/tfjs";
+import { type BackendWasm, getThreadsCount, setWasmPaths } from "@tensorflow/tfjs-backend-wasm";
+import "@tensorflow/tfjs-backend-webgpu";
+import { createRequire } from "node:module";
+import { dirname } from "node:path";
+
+// ---- Backend selection ----
+
+/** The tfjs backends nanovlm.ts runs on, fastest first. */
+export type BackendName = "webgpu" | "wasm" | "cpu";
+const BACKENDS: readonly BackendName[] = ["webgpu", "wasm", "cpu"];
+
+// Software rasterisers that expose WebGPU: correct but slower than wasm (notes §2), so automatic mode skips them.
+const SOFTWARE_ADAPTER = /llvmpipe|lavapipe|softpipe|swiftshader/i;
+
+const NO_ADAPTER_HELP = "WebGPU was requested but navigator.gpu offers no adapter. Deno reaches the GPU through " +
+  "Vulkan (or GL): for a real NVIDIA GPU install the NVIDIA driver and libvulkan1; for a software adapter " +
+  "(slow, for testing) run `apt-get install mesa-vulkan-drivers` on Debian/Ubuntu. Or choose another backend: " +
+  "NANOVLM_BACKEND=wasm.";
+
+/**
+ * Choose and initialise a tfjs backend, print one line saying which (for WebGPU also the adapter and its buffer
+ * limits), and return its name.
+ *
+ * The choice is `requested`, else the `NANOVLM_BACKEND` environment variable, else automatic: "webgpu" only when
+ * navigator.gpu offers a hardware adapter (a software one such as llvmpipe is slower than wasm), else "wasm",
+ * else "cpu" if wasm fails to start. An explicit "webgpu" accepts a software adapter, and throws an Error saying
+ * what to install when there is none. On wasm it registers {@link registerWasmKernelFixes}. Safe to call again.
+ */
+export async function initBackend(requested?: BackendName, options: { quiet?: boolean } = {}): Promise<BackendName> {
+  const fromEnv = Deno.env.get("NANOVLM_BACKEND") || undefined;
+  const explicit = requested ?? fromEnv;
+  if (explicit !== undefined && !BACKENDS.includes(explicit as BackendName)) {
+    const source = requested === undefined ? " (from NANOVLM_BACKEND)" : "";
+    throw new Error(`unknown backend "${explicit}"${source}: expected one of ${BACKENDS.join(", ")}`);
+  }
+  silenceTfjsNodeBanner();
+  const adapter = explicit === undefined || explicit === "webgpu" ? await requestAdapter() : null;
+  const starts = (name: BackendName) => activate(name).then(() => true, () => false);
+
+  let chosen: BackendName;
+  let why = ""; // automatic mode says why it chose what it chose
+  if (explicit === "webgpu") {
+    if (adapter === null) {
+      const restricted = Deno.env.get("DENO_WEBGPU_BACKEND");
+      throw new Error(
+        NO_ADAPTER_HELP + (restricted ? ` (DENO_WEBGPU_BACKEND=${restricted} limits what Deno tries.)` : ""),
+      );
+    }
+    await activate("webgpu");
+    chosen = "webgpu";
+  } else if (explicit !== undefined) {
+    chosen = explicit as BackendName;
+    await activate(chosen);
+  } else {
+    const hardware = adapter !== null && !isSoftwareAdapter(adapter);
+    if (hardware && await starts("webgpu")) chosen = "webgpu";
+    else if (await starts("wasm")) chosen = "wasm";
+    else {
+      await activate("cpu");
+      chosen = "cpu";
+    }
+    why = adapter === null
+      ? "no WebGPU adapter"
+      : hardware
+      ? (chosen === "webgpu" ? "hardware WebGPU adapter" : "WebGPU failed to start")
+      : `WebGPU adapter "${adapterName(adapter)}" is software, slower than wasm`;
+    why = `automatic: ${why}${chosen === "cpu" ? ", and wasm failed to start" : ""}`;
+  }
+
+  let facts = "pure JavaScript (slow: tests and tiny shapes)";
+  if (chosen === "webgpu") facts = describeAdapter(adapter!);
+  if (chosen === "wasm") {
+    const simd = await tf.env().getAsync("WASM_HAS_SIMD_SUPPORT") ? "simd" : "no simd";
+    facts = `${simd}, ${getThreadsCount()} thread${getThreadsCount() === 1 ? "" : "s"}, kernel fixes registered`;
+  }
+  if (!options.quiet) console.log([`backend: ${chosen}`, facts, why].filter((part) => part !== "").join(" | "));
+  return chosen;
+}
+
+/** Bytes of the wasm heap (its high-water mark: it never shrinks), or null when the backend is not wasm. */
+export function wasmHeapBytes(): number | null {
+  if (tf.getBackend() !== "wasm") return null;
+  // HEAPU8 is emscripten's view of the whole heap; tfjs' type for the module leaves it out.
+  return ((tf.backend() as BackendWasm).wasm as unknown as { HEAPU8: Uint8Array }).HEAPU8.length;
+}
+
+async function activate(name: BackendName): Promise<void> {
+  if (name === "wasm") {
+    pointWasmAtItsBinaries();
+    registerWasmKernelFixes();
+  }
+  // setBackend reports a failed initialisation by returning false (after a console warning), not by throwing.
+  if (!await tf.setBackend(name)) throw new Error(`the tfjs "${name}" backend failed to initialise`);
+  await tf.ready();
+}
+
+let wasmPathsSet = false;
+function pointWasmAtItsBinaries(): void {
+  if (wasmPathsSet) return;
+  wasmPathsSet = true;
+  // The .wasm files sit beside the package's main script in its dist/ folder. tfjs' node build finds them by
+  // itself, but saying so explicitly keeps working when the script is run from another folder. Inside a
+  // `deno bundle` output there is no package to resolve; tfjs then looks beside its own script.
+  try {
+    setWasmPaths(dirname(createRequire(import.meta.url).resolve("@tensorflow/tfjs-backend-wasm")) + "/");
+  } catch {
+    // Keep tfjs' default location.
+  }
+}
+
+// tfjs-backend-cpu greets Node users on its first tensor with "Hi, looks like you are running TensorFlow.js in
+// Node.js ... install tfjs-node", advice that cannot be followed under Deno. The switches that would hide it are
+// too broad (IS_NODE=false changes how wasm loads; PROD mode hides every tfjs warning), so clear the backend's own
+// first-use flag. If a future tfjs renames the field this does nothing, and the banner returns.
+function silenceTfjsNodeBanner(): void {
+  const cpu = tf.findBackend("cpu") as { firstUse?: boolean } | null;
+  if (cpu !== null && "firstUse" in cpu) cpu.firstUse = false;
+}
+
+let xdgDirMade = false;
+async function requestAdapter(): Promise<GPUAdapter | null> {
+  // With XDG_RUNTIME_DIR unset (containers, CI) the Vulkan loader prints "error: XDG_RUNTIME_DIR is invalid" twice.
+  // It is harmless but alarming, so give the loader an empty private folder for the life of the process.
+  if (!Deno.env.get("XDG_RUNTIME_DIR") && !xdgDirMade) {
+    xdgDirMade = true;
+    const dir = await Deno.makeTempDir({ prefix: "nanovlm-xdg-" }); // mode 0700, as the loader requires
+    Deno.env.set("XDG_RUNTIME_DIR", dir);
+    globalThis.addEventListener("unload", () => Deno.removeSync(dir, { recursive: true }));
+  }
+  try {
+    return await navigator.gpu?.requestAdapter({ powerPreference: "high-performance" }) ?? null;
+  } catch {
+    return null;
+  }
+}
+
+function isSoftwareAdapter(adapter: GPUAdapter): boolean {
+  const { info } = adapter;
+  return info.isFallbackAdapter || SOFTWARE_ADAPTER.test(`${info.description} ${info.device} ${info.vendor}`);
+}
+
+function adapterName({ info }: GPUAdapter): string {
+  return info.description || info.device || "unnamed";
+}
+
+function describeAdapter(adapter: GPUAdapter): string {
+  const { info, limits } = adapter;
+  const mib = (bytes: number) => `${Math.round(bytes / 2 ** 20)} MiB`;
+  // tfjs-webgpu puts every tensor in one storage binding: the largest tensor must fit maxStorageBufferBindingSize.
+  return `adapter "${adapterName(adapter)}" vendor ${info.vendor || "?"}` +
+    ` | maxStorageBufferBindingSize ${mib(limits.maxStorageBufferBindingSize)}` +
+    ` | maxBufferSize ${mib(limits.maxBufferSize)}${isSoftwareAdapter(adapter) ? " (software)" : ""}`;
+}
+
+// ---- wasm kernel fixes ----
+
+type TensorInfo = tf.TensorInfo;
+type KernelArgs = Parameters<tf.KernelFunc>[0];
+
+let wasmFixesRegistered = false;
+
+/**
+ * Replace or add three kernels of the "wasm" backend (cpu and webgpu are untouched). Idempotent.
+ *
+ * 1. BatchMatMul: stock wasm reaches XNNPACK (about 22 GFLOP/s here) only for a plain 2-D product; with a transpose
+ *    flag or a batch it runs a naive loop at 1-2 GFLOP/s. Every matMul inside a gradient has a transpose flag, so
+ *    training was 10× slower. This version transposes explicitly and calls the stock kernel once per 2-D slice.
+ * 2. Identity: stock wasm copies the buffer; the engine clones every tensor it saves for backprop through
+ *    Identity, so sharing the buffer (as the cpu backend does) saves a copy per saved tensor.
+ * 3. UnsortedSegmentSum: missing on wasm, and it is the gradient of `tf.gather` (embedding lookups).
+ */
+export function registerWasmKernelFixes(): void {
+  if (wasmFixesRegistered) return;
+  wasmFixesRegistered = true;
+  const stock = (name: string) => {
+    const config = tf.getKernel(name, "wasm");
+    if (config === undefined) throw new Error(`tfjs-backend-wasm has no ${name} kernel to build on`);
+    return config;
+  };
+  const stockMatMul = stock("BatchMatMul");
+  const stockTranspose = stock("Transpose").kernelFunc;
+  tf.unregisterKernel("BatchMatMul", "wasm");
+  tf.unregisterKernel("Identity", "wasm");
+  // setupFunc binds the C++ entry point that the stock kernel function calls, so keep it.
+  tf.registerKernel({ ...stockMatMul, kernelFunc: fastBatchMatMul(stockMatMul.kernelFunc, stockTranspose) });
+  tf.registerKernel({ kernelName: "Identity", backendName: "wasm", kernelFunc: sharedIdentity });
+  tf.registerKernel({ kernelName: "UnsortedSegmentSum", backendName: "wasm", kernelFunc: unsortedSegmentSum });
+}
+
+function fastBatchMatMul(stockMatMul: tf.KernelFunc, stockTranspose: tf.KernelFunc): tf.KernelFunc {
+  const plain = { transposeA: false, transposeB: false };
+  const multiply = (args: KernelArgs, a: TensorInfo, b: TensorInfo) =>
+    stockMatMul({ backend: args.backend, inputs: { a, b }, attrs: plain }) as TensorInfo;
+
+  return (args) => {
+    const backend = args.backend as BackendWasm;
+    const { transposeA, transposeB } = args.attrs as unknown as { transposeA: boolean; transposeB: boolean };
+    let { a, b } = args.inputs as { a: TensorInfo; b: TensorInfo };
+    if (a.dtype !== "float32" || b.dtype !== "float32") return stockMatMul(args); // it throws the usual error
+    const temporaries: TensorInfo[] = [];
+    const swapLastTwo = (x: TensorInfo) => {
+      const perm = x.shape.map((_, i) => i);
+      perm.splice(-2, 2, perm.length - 1, perm.length - 2);
+      const swapped = stockTranspose({ backend, inputs: { x }, attrs: { perm } }) as TensorInfo;
+      temporaries.push(swapped);
+      return swapped;
+    };
+    try {
+      // Transposing costs one pass over memory; the naive transposed product costs far more.
+      if (transposeA) a = swapLastTwo(a); // a: (...batchA, m, k)
+      if (transposeB) b = swapLastTwo(b); // b: (...batchB, k, n)
+      const [m, k] = a.shape.slice(-2), [kb, n] = b.shape.slice(-2);
+      tf.util.assert(k === kb, () => `matMul: inner sizes ${k} and ${kb} differ (shapes ${a.shape} and ${b.shape})`);
+      const batchShapeA = a.shape.slice(0, -2), batchShapeB = b.shape.slice(0, -2);
+      const batchShape = tf.broadcast_util.assertAndGetBroadcastShape(batchShapeA, batchShapeB);
+      const outShape = [...batchShape, m, n];
+      const batchA = tf.util.sizeFromShape(batchShapeA), batchB = tf.util.sizeFromShape(batchShapeB);
+
+      // One matrix on the right (x·W, or dW's dyᵀ·x once transposed): fold a's batch into its rows, one product.
+      if (batchB === 1) {
+        const rows = { ...a, shape: [batchA * m, k] }; // (batchA·m, k): same buffer, new shape
+        const product = multiply(args, rows, { ...b, shape: [k, n] });
+        return { ...product, shape: outShape };
+      }
+      // Otherwise one 2-D product per output slice, each pair of operands picked by broadcasting.
+      const out = backend.makeOutput(outShape, "float32");
+      const indexA = broadcastSource(batchShape, batchShapeA), indexB = broadcastSource(batchShape, batchShapeB);
+      for (let i = 0; i < indexA.length; i++) {
+        const sliceA = batchA === 1 ? { ...a, shape: [m, k] } : copySlice(backend, a, indexA[i], [m, k]);
+        const sliceB = copySlice(backend, b, indexB[i], [k, n]);
+        const product = multiply(args, sliceA, sliceB); // (m, n)
+        backend.typedArrayFromHeap(out).set(backend.typedArrayFromHeap(product), i * m * n);
+        backend.disposeData(product.dataId);
+        backend.disposeData(sliceB.dataId);
+        if (sliceA.dataId !== a.dataId) backend.disposeData(sliceA.dataId);
+      }
+      return out;
+    } finally {
+      for (const t of temporaries) backend.disposeData(t.dataId);
+    }
+  };
+}
+
+/** For each flat index into the broadcast batch `outShape`, the flat index into the batch `inShape` it reads. */
+function broadcastSource(outShape: number[], inShape: number[]): number[] {
+  const padded = [...Array(outShape.length - inShape.length).fill(1), ...inShape];
+  const sources: number[] = [];
+  for (let flat = 0; flat < tf.util.sizeFromShape(outShape); flat++) {
+    let rest = flat, source = 0, stride = 1;
+    for (let d = outShape.length - 1; d >= 0; d--) {
+      if (padded[d] !== 1) source += (rest % outShape[d]) * stride;
+      rest = Math.floor(rest / outShape[d]);
+      stride *= padded[d];
+    }
+    sources.push(source);
+  }
+  return sources;
+}
+
+/** Copy matrix number `index` of `src` into a new 2-D tensor of `shape` on the wasm heap. */
+function copySlice(backend: BackendWasm, src: TensorInfo, index: number, shape: number[]): TensorInfo {
+  const slice = backend.makeOutput(shape, src.dtype);
+  const size = shape[0] * shape[1];
+  // Heap views are taken after makeOutput: a malloc may grow the heap, which detaches views made before it.
+  backend.typedArrayFromHeap(slice).set(backend.typedArrayFromHeap(src).subarray(index * size, (index + 1) * size));
+  return slice;
+}
+
+function sharedIdentity({ inputs, backend }: KernelArgs): TensorInfo {
+  const { x } = inputs as { x: TensorInfo };
+  (backend as BackendWasm).incRef(x.dataId); // tensors are immutable, so two of them may share one buffer
+  return { dataId: x.dataId, shape: x.shape, dtype: x.dtype };
+}
+
+function unsortedSegmentSum({ inputs, backend, attrs }: KernelArgs): TensorInfo {
+  const wasm = backend as BackendWasm;
+  const { x, segmentIds } = inputs as { x: TensorInfo; segmentIds: TensorInfo };
+  const { numSegments } = attrs as unknown as { numSegments: number };
+  const rows = tf.util.sizeFromShape(segmentIds.shape);
+  const rowSize = tf.util.sizeFromShape(x.shape) / rows;
+  const out = wasm.makeOutput([numSegments, ...x.shape.slice(segmentIds.shape.length)], x.dtype);
+  const values = wasm.typedArrayFromHeap(x), ids = wasm.typedArrayFromHeap(segmentIds);
+  const sums = wasm.typedArrayFromHeap(out).fill(0); // malloc'd memory is not zeroed
+  for (let row = 0; row < rows; row++) {
+    const id = ids[row];
+    if (id < 0 || id >= numSegments) continue; // dropped, as the cpu backend and TensorFlow do
+    for (let j = 0; j < rowSize; j++) sums[id * rowSize + j] += values[row * rowSize + j];
+  }
+  return out;
+}
+
+// ---- Safetensors ----
+
+/** The dtypes {@link decodeSafetensors} reads. Floats decode to Float32Array, integers and BOOL to Int32Array. */
+export type SafetensorsDtype = "F64" | "F32" | "F16" | "BF16" | "I64" | "I32" | "I16" | "I8" | "U8" | "BOOL";
+
+/** One decoded tensor. `dtype` is the dtype stored in the file (a BF16 tensor still decodes to a Float32Array). */
+export interface SafetensorsTensor {
+  dtype: string;
+  shape: number[];
+  data: Float32Array | Int32Array;
+}
+
+/** A decoded file: its tensors in file order, and its string-to-string `__metadata__` ({} when absent). */
+export interface SafetensorsFile {
+  tensors: Map<string, SafetensorsTensor>;
+  metadata: Record<string, string>;
+}
+
+const DTYPE_BYTES: Record<SafetensorsDtype, number> = {
+  F64: 8,
+  F32: 4,
+  F16: 2,
+  BF16: 2,
+  I64: 8,
+  I32: 4,
+  I16: 2,
+  I8: 1,
+  U8: 1,
+  BOOL: 1,
+};
+
+/**
+ * Parse the bytes of a .safetensors file. `source` (a path) is named in every error. Each tensor's bytes are
+ * copied, so typed arrays are aligned and independent of `bytes`. Throws on a file shorter than 8 bytes, a header
+ * that is cut off or not JSON, a data section shorter than the header promises (a truncated download), an
+ * unknown dtype, a byte length that does not match the shape, and an I64 value outside the int32 range.
+ */
+export function decodeSafetensors(bytes: Uint8Array, source = "<bytes>"): SafetensorsFile {
+  const fail = (why: string): never => {
+    throw new Error(`${source}: ${why}`);
+  };
+  if (bytes.length < 8) fail(`not a safetensors file: ${bytes.length} bytes, the 8-byte header length is missing`);
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const headerLength = Number(view.getBigUint64(0, true));
+  if (8 + headerLength > bytes.length) {
+    fail(`header length ${headerLength} goes beyond the file (${bytes.length} bytes): truncated or not safetensors`);
+  }
+  let header: Record<string, unknown>;
+  try {
+    header = JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + headerLength)));
+  } catch (e) {
+    return fail(`header is not JSON (${(e as Error).message}): not a safetensors file?`);
+  }
+  const dataStart = 8 + headerLength, dataLength = bytes.length - dataStart;
+  const { __metadata__: metadata = {}, ...entries } = header as Record<string, Record<string, unknown>>;
+
+  // Check the promised size once, so a cut-off download gets one clear message rather than a per-tensor one.
+  const ends = Object.values(entries).map((e) => (e.data_offsets as number[] | undefined)?.[1] ?? 0);
+  const expected = Math.max(0, ...ends);
+  if (expected > dataLength) {
+    fail(`truncated: expected ${expected} bytes of data, file has ${dataLength}; re-download or re-save it`);
+  }
+  const tensors = new Map<string, SafetensorsTensor>();
+  for (const [name, entry] of Object.entries(entries)) {
+    const { dtype, shape, data_offsets: offsets } = entry as { dtype: string; shape: number[]; data_offsets: number[] };
+    if (!(dtype in DTYPE_BYTES)) fail(`tensor "${name}" has dtype ${dtype}; supported: ${Object.keys(DTYPE_BYTES)}`);
+    const [begin, end] = offsets;
+    const count = shape.reduce((p, d) => p * d, 1);
+    if (end - begin !== count * DTYPE_BYTES[dtype as SafetensorsDtype]) {
+      fail(
+        `tensor "${name}" has ${end - begin} bytes, but ${dtype} [${shape}] needs ${
+          count * DTYPE_BYTES[dtype as SafetensorsDtype]
+        }`,
+      );
+    }
+    const raw = bytes.slice(dataStart + begin, dataStart + end).buffer; // a copy: aligned, and ours
+    const data = decodeValues(
+      dtype as SafetensorsDtype,
+      raw,
+      count,
+      () => fail(`tensor "${name}" (I64) has a value outside the int32 range`),
+    );
+    tensors.set(name, { dtype, shape, data });
+  }
+  return { tensors, metadata: metadata as Record<string, string> };
+}
+
+// The format is little-endian, as is every machine Deno runs on, so raw bytes can be viewed directly.
+function decodeValues(
+  dtype: SafetensorsDtype,
+  raw: ArrayBuffer,
+  count: number,
+  outOfRange: () => never,
+): Float32Array | Int32Array {
+  switch (dtype) {
+    case "F32":
+      return new Float32Array(raw);
+    case "I32":
+      return new Int32Array(raw);
+    case "F64":
+      return Float32Array.from(new Float64Array(raw));
+    case "BF16": {
+      // bfloat16 is the top half of a float32: shift the 16 bits back into place.
+      const halves = new Uint16Array(raw), words = new Uint32Array(count);
+      for (let i = 0; i < count; i++) words[i] = halves[i] << 16;
+      return new Float32Array(words.buffer);
+    }
+    case "F16":
+      return Float32Array.from(new Uint16Array(raw), halfToFloat);
+    case "I64": {
+      // Each value is a (low, high) pair of int32s; it fits int32 when high is the sign extension of low.
+      const pairs = new Int32Array(raw), values = new Int32Array(count);
+      for (let i = 0; i < count; i++) {
+        if (pairs[2 * i + 1] !== pairs[2 * i] >> 31) outOfRange();
+        values[i] = pairs[2 * i];
+      }
+      return values;
+    }
+    case "I16":
+      return Int32Array.from(new Int16Array(raw));
+    case "I8":
+      return Int32Array.from(new Int8Array(raw));
+    case "U8":
+    case "BOOL":
+      return Int32Array.from(new Uint8Array(raw));
+  }
+}
+
+/** IEEE half → float: 1 sign bit, 5 exponent bits (bias 15), 10 fraction bits. */
+function halfToFloat(h: number): number {
+  const sign = h & 0x8000 ? -1 : 1;
+  const exponent = (h >> 10) & 0x1f, fraction = h & 0x3ff;
+  if (exponent === 0) return sign * fraction * 2 ** -24; // zero and subnormals: no implicit leading 1
+  if (exponent === 31) return fraction === 0 ? sign * Infinity : NaN;
+  return sign * (1 + fraction / 1024) * 2 ** (exponent - 15);
+}
+
+/** Read and decode a .safetensors file; a missing file throws "not found: <path>". */
+export async function readSafetensors(path: string): Promise<SafetensorsFile> {
+  let bytes: Uint8Array;
+  try {
+    bytes = await Deno.readFile(path);
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) throw new Error(`not found: ${path}`);
+    throw e;
+  }
+  return decodeSafetensors(bytes, path);
+}
+
+/**
+ * Encode tensors as safetensors bytes, in the Map's order. F32 takes a Float32Array, I32 an Int32Array, and I64 an
+ * Int32Array written as little-endian int64 (so ids and labels round-trip with PyTorch's int64). The header is
+ * padded with spaces to 8-byte alignment, as the Python library does; "__metadata__" is written only when given.
+ */
+export function encodeSafetensors(
+  tensors: Map<string, { dtype: "F32" | "I32" | "I64"; shape: number[]; data: Float32Array | Int32Array }>,
+  metadata?: Record<string, string>,
+): Uint8Array {
+  const header: Record<string, unknown> = metadata ? { __metadata__: metadata } : {};
+  let offset = 0;
+  for (const [name, { dtype, shape, data }] of tensors) {
+    const count = shape.reduce((p, d) => p * d, 1);
+    const wantFloat = dtype === "F32";
+    if (name === "__metadata__") throw new Error(`"__metadata__" is reserved and cannot name a tensor`);
+    if (data.length !== count || (data instanceof Float32Array) !== wantFloat) {
+      throw new Error(
+        `tensor "${name}": ${dtype} [${shape}] needs a ${wantFloat ? "Float32Array" : "Int32Array"} of ` +
+          `${count} values, got a ${data.constructor.name} of ${data.length}`,
+      );
+    }
+    const size = count * DTYPE_BYTES[dtype];
+    header[name] = { dtype, shape, data_offsets: [offset, offset + size] };
+    offset += size;
+  }
+  let json = JSON.stringify(header);
+  json += " ".repeat((8 - (new TextEncoder().encode(json).length % 8)) % 8);
+  const headerBytes = new TextEncoder().encode(json);
+  const out = new Uint8Array(8 + headerBytes.length + offset);
+  new DataView(out.buffer).setBigUint64(0, BigInt(headerBytes.length), true);
+  out.set(headerBytes, 8);
+  let position = 8 + headerBytes.length;
+  for (const { dtype, data } of tensors.values()) {
+    if (dtype === "I64") {
+      // Sign-extend each int32 into a (low, high) pair.
+      const pairs = new Int32Array(data.length * 2);
+      data.forEach((v, i) => {
+        pairs[2 * i] = v;
+        pairs[2 * i + 1] = v < 0 ? -1 : 0;
+      });
+      out.set(new Uint8Array(pairs.buffer), position);
+      position += pairs.byteLength;
+    } else {
+      out.set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength), position);
+      position += data.byteLength;
+    }
+  }
+  return out;
+}
+
+// ---- Files ----
+
+/**
+ * Write `content` to `path` atomically: write `${path}.tmp-<random>` in the same folder, then rename it over the
+ * target. A rename within one filesystem is atomic, so readers see the old file or the new one, never half of one.
+ */
+export async function writeFileAtomic(path: string, content: Uint8Array | string): Promise<void> {
+  const temporary = `${path}.tmp-${crypto.randomUUID().slice(0, 8)}`;
+  try {
+    if (typeof content === "string") await Deno.writeTextFile(temporary, content);
+    else await Deno.writeFile(temporary, content);
+    await Deno.rename(temporary, path);
+  } catch (e) {
+    await Deno.remove(temporary).catch(() => {});
+    throw e;
+  }
+}
