@@ -1,0 +1,1173 @@
+// nanovlm.ts — a small vision-language model in one file, read top to bottom.
+//
+// What this is: a TypeScript port of nanoVLM (huggingface/nanoVLM at 8374ce1), the
+// educational PyTorch VLM: a SigLIP-style vision transformer turns an image into patch
+// vectors, a pixel-shuffle projector squeezes them into a few "image tokens" of the
+// decoder's width, and a SmolLM2/Llama-style decoder reads the prompt with those image
+// embeddings written into its `<|image|>` slots. Same maths, same parameter names and
+// the same checkpoint format as the reference, checked against its outputs to 1e-4
+// (tests/parity_test.ts).
+//
+// What this is not: a tokenizer, a data pipeline or a training loop (data.ts, train.ts),
+// nor backend plumbing (runtime.ts picks WebGPU / WASM / CPU and patches slow kernels).
+// Dropout is not implemented: every nanoVLM preset trains with dropout 0.
+//
+// Papers: ViT (arXiv:2010.11929), SigLIP (2303.15343), pixel shuffle as in Idefics3
+// (2408.12637), Llama (2302.13971): RMSNorm, RoPE (2104.09864), SwiGLU (2002.05202),
+// grouped-query attention (2305.13245).
+//
+// Shape legend used in every comment:
+//   B batch (prompts)      T tokens of a prompt    Tk keys (cached + new tokens)
+//   N images of a batch   S image side (pixels)    P patch side (pixels)
+//   G patches per side (S/P)   Np patches per image (G·G)   s pixel-shuffle factor
+//   L image tokens per image (Np/s²)   Dv vision width   D decoder width   V vocabulary
+//   H query heads   KV key/value heads   hd head size   F MLP width
+
+import * as tf from "@tensorflow/tfjs";
+import { encodeSafetensors, readSafetensors, type SafetensorsFile, writeFileAtomic } from "./runtime.ts";
+
+// ---- Configuration and presets ----------------------------------------------------
+
+/** Every field of the reference `VLMConfig`, in its order (the order of config.json). */
+export interface VLMConfig {
+  vit_hidden_dim: number; // Dv
+  vit_inter_dim: number; // ViT MLP width
+  vit_patch_size: number; // P: the patch embedding's kernel and stride
+  vit_img_size: number; // S: images are resized to S×S
+  vit_n_heads: number;
+  vit_dropout: number; // kept for config compatibility; must be 0 here
+  vit_n_blocks: number;
+  vit_ln_eps: number;
+  vit_cls_flag: boolean; // the CLS path is unusable in the VLM (reference §20.9); must be false
+  vit_model_type: string; // Hugging Face repo of the vision backbone
+  lm_hidden_dim: number; // D
+  lm_inter_dim: number; // SwiGLU width F
+  lm_rms_eps: number;
+  lm_re_base: number; // RoPE base θ
+  lm_max_position_embeddings: number; // RoPE "original max": dynamic scaling beyond it
+  lm_base_vocab_size: number; // the tokenizer's vocabulary; `<|image|>` gets this id
+  extra_token_amount: number; // added special tokens (the image token)
+  lm_vocab_size: number; // lm_base_vocab_size + extra_token_amount
+  lm_n_heads: number; // H
+  lm_n_kv_heads: number; // KV
+  lm_dropout: number; // must be 0 here
+  lm_n_blocks: number;
+  lm_attn_scaling: number; // multiplies RoPE cos and sin
+  lm_max_length: number; // the context: longest sequence for training and generation
+  lm_use_tokens: boolean; // reference LM-only mode; the VLM always feeds embeddings
+  lm_tie_weights: boolean; // the output head reuses the token embedding
+  lm_model_type: string; // Hugging Face repo of the language backbone
+  lm_tokenizer: string;
+  lm_chat_template: string;
+  mp_pixel_shuffle_factor: number; // s
+  mp_image_token_length: number; // L = (S/P/s)²
+  vlm_extra_tokens: Record<string, string>;
+  vlm_load_backbone_weights: boolean;
+  vlm_checkpoint_path: string;
+  hf_repo_name: string;
+}
+
+const CHATML_TEMPLATE =
+  "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/** The reference's defaults at 8374ce1 (the 450M backbones' names with 135M-shaped LM fields). */
+export const DEFAULT_CONFIG: Readonly<VLMConfig> = Object.freeze({
+  vit_hidden_dim: 768,
+  vit_inter_dim: 3072,
+  vit_patch_size: 16,
+  vit_img_size: 256,
+  vit_n_heads: 12,
+  vit_dropout: 0.0,
+  vit_n_blocks: 12,
+  vit_ln_eps: 1e-6,
+  vit_cls_flag: false,
+  vit_model_type: "google/siglip2-base-patch16-256",
+  lm_hidden_dim: 576,
+  lm_inter_dim: 1536,
+  lm_rms_eps: 1e-5,
+  lm_re_base: 100000,
+  lm_max_position_embeddings: 8192,
+  lm_base_vocab_size: 49152,
+  extra_token_amount: 1,
+  lm_vocab_size: 49153,
+  lm_n_heads: 9,
+  lm_n_kv_heads: 3,
+  lm_dropout: 0.0,
+  lm_n_blocks: 30,
+  lm_attn_scaling: 1.0,
+  lm_max_length: 1024,
+  lm_use_tokens: false,
+  lm_tie_weights: true,
+  lm_model_type: "HuggingFaceTB/SmolLM2-360M-Instruct",
+  lm_tokenizer: "HuggingFaceTB/SmolLM2-360M-Instruct",
+  lm_chat_template: CHATML_TEMPLATE,
+  mp_pixel_shuffle_factor: 2,
+  mp_image_token_length: 64,
+  vlm_extra_tokens: { image_token: "<|image|>" },
+  vlm_load_backbone_weights: true,
+  vlm_checkpoint_path: "checkpoints",
+  hf_repo_name: "nanoVLM",
+});
+
+/** Named configurations. `tiny` is ours: a model that learns the built-in shapes world on a laptop CPU. */
+export const PRESETS: Readonly<Record<string, Readonly<VLMConfig>>> = Object.freeze({
+  // The README's model: SigLIP-B/16-224 + SmolLM2-135M, 49 image tokens, 222,082,176 parameters.
+  "nanovlm-222m": Object.freeze({
+    ...DEFAULT_CONFIG,
+    vit_model_type: "google/siglip-base-patch16-224",
+    vit_img_size: 224,
+    mp_image_token_length: 49,
+    lm_model_type: "HuggingFaceTB/SmolLM2-135M",
+    lm_tokenizer: "HuggingFaceTB/SmolLM2-135M",
+  }),
+  // What the 8374ce1 defaults become once the backbones' configs are read: 450,614,400 parameters.
+  "nanovlm-450m": Object.freeze({
+    ...DEFAULT_CONFIG,
+    lm_hidden_dim: 960,
+    lm_inter_dim: 2560,
+    lm_n_heads: 15,
+    lm_n_kv_heads: 5,
+    lm_n_blocks: 32,
+  }),
+  tiny: Object.freeze({
+    ...DEFAULT_CONFIG,
+    vit_hidden_dim: 96,
+    vit_inter_dim: 384,
+    vit_patch_size: 8,
+    vit_img_size: 32,
+    vit_n_heads: 4,
+    vit_n_blocks: 2,
+    vit_model_type: "none",
+    lm_hidden_dim: 128,
+    lm_inter_dim: 384,
+    lm_n_heads: 4,
+    lm_n_kv_heads: 2,
+    lm_n_blocks: 3,
+    lm_base_vocab_size: 128,
+    lm_vocab_size: 129,
+    lm_max_length: 96,
+    lm_model_type: "none",
+    lm_tokenizer: "tokenizers/shapes",
+    mp_image_token_length: 4,
+    vlm_load_backbone_weights: false,
+    hf_repo_name: "nanoVLM-tiny",
+  }),
+});
+
+/**
+ * Check that a config describes a model this file can build, and throw an Error that
+ * names the field and the fix when it does not.
+ */
+export function validateConfig(cfg: VLMConfig): void {
+  const fail = (msg: string) => {
+    throw new Error(`invalid config: ${msg}`);
+  };
+  const { vit_img_size: S, vit_patch_size: P, mp_pixel_shuffle_factor: s } = cfg;
+  if (S % P !== 0) fail(`vit_img_size ${S} is not a multiple of vit_patch_size ${P}`);
+  const G = S / P;
+  if (G % s !== 0) {
+    fail(`the ${G}×${G} patch grid is not divisible by mp_pixel_shuffle_factor ${s}`);
+  }
+  const L = (G / s) ** 2;
+  if (cfg.mp_image_token_length !== L) {
+    fail(`mp_image_token_length is ${cfg.mp_image_token_length} but (S/P/s)² = ${L}; set it to ${L}`);
+  }
+  if (cfg.vit_hidden_dim % cfg.vit_n_heads !== 0) fail("vit_hidden_dim must divide by vit_n_heads");
+  if (cfg.lm_hidden_dim % cfg.lm_n_heads !== 0) fail("lm_hidden_dim must divide by lm_n_heads");
+  if ((cfg.lm_hidden_dim / cfg.lm_n_heads) % 2 !== 0) fail("the LM head size must be even (RoPE)");
+  if (cfg.lm_n_heads % cfg.lm_n_kv_heads !== 0) fail("lm_n_heads must be a multiple of lm_n_kv_heads");
+  if (cfg.lm_vocab_size < cfg.lm_base_vocab_size + 1) {
+    fail(`lm_vocab_size ${cfg.lm_vocab_size} leaves no row for <|image|> (id ${cfg.lm_base_vocab_size})`);
+  }
+  if (cfg.vit_cls_flag) fail("vit_cls_flag=true gives a pooled vector the projector cannot use");
+  if (cfg.vit_dropout !== 0 || cfg.lm_dropout !== 0) fail("dropout is not implemented; set it to 0");
+}
+
+/**
+ * Read a config object (e.g. a parsed config.json): every known field is taken, a
+ * missing one falls back to `base`, an unknown one is reported through `warn` and
+ * ignored (old checkpoints carry fields such as `lm_eos_token_id`).
+ */
+export function configFromJSON(
+  json: Record<string, unknown>,
+  base: VLMConfig = DEFAULT_CONFIG,
+  warn: (msg: string) => void = console.warn,
+): VLMConfig {
+  const cfg: Record<string, unknown> = { ...base };
+  for (const [key, value] of Object.entries(json)) {
+    if (!(key in base)) warn(`config: ignoring unknown key "${key}"`);
+    else if (typeof value !== typeof base[key as keyof VLMConfig]) {
+      throw new Error(
+        `config: "${key}" should be a ${typeof base[key as keyof VLMConfig]}, got ${JSON.stringify(value)}`,
+      );
+    } else cfg[key] = value;
+  }
+  return cfg as unknown as VLMConfig;
+}
+
+// ---- Parameters ---------------------------------------------------------------------
+//
+// Parameters live in one Map keyed by the reference's state-dict names, so a reader can
+// look any of them up in the PyTorch code. Two layouts differ from PyTorch, for speed:
+// a Linear weight is stored [in, out] so `x · W` is one plain 2-D matMul (the fast path
+// of every tfjs backend), and the patch-embedding conv weight [Dv, 3, P, P] is stored
+// flattened as [3·P·P, Dv] because we patchify + matMul instead of convolving (the WASM
+// backend has no gradient for a conv filter). `toTorchLayout` / `fromTorchLayout` convert.
+
+/** A float32 tensor as stored in a safetensors file. */
+export type F32Tensor = { dtype: "F32"; shape: number[]; data: Float32Array };
+
+/** A model's weights by nanoVLM name. */
+export type Params = Map<string, tf.Tensor>;
+
+type Layout = "linear" | "conv" | "plain";
+type Init = "normal" | "zeros" | "ones" | "uniform";
+interface ParamSpec {
+  name: string;
+  shape: number[]; // our layout
+  layout: Layout;
+  init: Init;
+}
+
+/** Every parameter of the model: name, our shape, how PyTorch lays it out, and how the reference initialises it. */
+export function parameterSpecs(cfg: VLMConfig): ParamSpec[] {
+  const Dv = cfg.vit_hidden_dim, D = cfg.lm_hidden_dim, P = cfg.vit_patch_size;
+  const Np = (cfg.vit_img_size / P) ** 2;
+  const kvWidth = (D / cfg.lm_n_heads) * cfg.lm_n_kv_heads;
+  const specs: ParamSpec[] = [];
+  const add = (name: string, shape: number[], layout: Layout, init: Init) => specs.push({ name, shape, layout, init });
+  const linear = (name: string, nIn: number, nOut: number, bias: boolean) => {
+    add(`${name}.weight`, [nIn, nOut], "linear", "normal");
+    if (bias) add(`${name}.bias`, [nOut], "plain", "zeros");
+  };
+  const norm = (name: string, width: number, bias: boolean) => {
+    add(`${name}.weight`, [width], "plain", "ones");
+    if (bias) add(`${name}.bias`, [width], "plain", "zeros");
+  };
+
+  add("vision_encoder.patch_embedding.position_embedding", [1, Np, Dv], "plain", "uniform");
+  add("vision_encoder.patch_embedding.conv.weight", [3 * P * P, Dv], "conv", "normal");
+  add("vision_encoder.patch_embedding.conv.bias", [Dv], "plain", "zeros");
+  for (let i = 0; i < cfg.vit_n_blocks; i++) {
+    const b = `vision_encoder.blocks.${i}`;
+    norm(`${b}.ln1`, Dv, true);
+    linear(`${b}.attn.qkv_proj`, Dv, 3 * Dv, true);
+    linear(`${b}.attn.out_proj`, Dv, Dv, true);
+    norm(`${b}.ln2`, Dv, true);
+    linear(`${b}.mlp.fc1`, Dv, cfg.vit_inter_dim, true);
+    linear(`${b}.mlp.fc2`, cfg.vit_inter_dim, Dv, true);
+  }
+  norm("vision_encoder.layer_norm", Dv, true);
+
+  add("decoder.token_embedding.weight", [cfg.lm_vocab_size, D], "plain", "normal");
+  for (let i = 0; i < cfg.lm_n_blocks; i++) {
+    const b = `decoder.blocks.${i}`;
+    linear(`${b}.mlp.gate_proj`, D, cfg.lm_inter_dim, false);
+    linear(`${b}.mlp.up_proj`, D, cfg.lm_inter_dim, false);
+    linear(`${b}.mlp.down_proj`, cfg.lm_inter_dim, D, false);
+    linear(`${b}.attn.q_proj`, D, D, false);
+    linear(`${b}.attn.k_proj`, D, kvWidth, false);
+    linear(`${b}.attn.v_proj`, D, kvWidth, false);
+    linear(`${b}.attn.out_proj`, D, D, false);
+    norm(`${b}.norm1`, D, false);
+    norm(`${b}.norm2`, D, false);
+  }
+  norm("decoder.norm", D, false);
+  // A tied head is the token embedding itself; an untied one is a separate [V, D] matrix.
+  if (!cfg.lm_tie_weights) add("decoder.head.weight", [cfg.lm_vocab_size, D], "plain", "normal");
+
+  linear("MP.proj", cfg.mp_pixel_shuffle_factor ** 2 * Dv, D, false);
+  return specs;
+}
+
+/** The PyTorch shape of a parameter, from our shape and layout. */
+function torchShape(spec: ParamSpec, cfg: VLMConfig): number[] {
+  const P = cfg.vit_patch_size;
+  if (spec.layout === "linear") return [spec.shape[1], spec.shape[0]]; // [out, in]
+  if (spec.layout === "conv") return [spec.shape[1], 3, P, P]; // [Dv, 3, P, P]
+  return spec.shape;
+}
+
+/** Our layout → PyTorch layout. Both transposes are 2-D: conv [3PP, Dv] → [Dv, 3PP] → [Dv, 3, P, P]. */
+function toTorchLayout(t: tf.Tensor, spec: ParamSpec, cfg: VLMConfig): tf.Tensor {
+  return spec.layout === "plain" ? t.clone() : t.transpose().reshape(torchShape(spec, cfg));
+}
+
+/** PyTorch layout → our layout (the inverse of `toTorchLayout`). */
+function fromTorchLayout(t: tf.Tensor, spec: ParamSpec): tf.Tensor {
+  if (spec.layout === "plain") return t.clone();
+  return t.reshape([t.shape[0], -1]).transpose(); // [out, in…] → [in…, out]
+}
+
+// ---- Small tensor helpers ------------------------------------------------------------
+
+/**
+ * y = x · W + b for x of any rank [..., in]. tfjs has no gradient for matMul with
+ * broadcast batch dimensions, so the input is flattened to 2-D first, which is also the
+ * fastest matMul on every backend.
+ */
+export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor): tf.Tensor {
+  const lead = x.shape.slice(0, -1);
+  let y = tf.matMul(x.reshape([-1, weight.shape[0]]), weight as tf.Tensor2D); // [rows, out]
+  if (bias) y = y.add(bias);
+  return y.reshape([...lead, weight.shape[1]!]);
+}
+
+/** LayerNorm over the last axis with biased variance, as torch.nn.LayerNorm. */
+export function layerNorm(x: tf.Tensor, weight: tf.Tensor, bias: tf.Tensor, eps: number): tf.Tensor {
+  const { mean, variance } = tf.moments(x, -1, true);
+  return x.sub(mean).mul(tf.rsqrt(variance.add(eps))).mul(weight).add(bias);
+}
+
+/** GELU, tanh approximation (SigLIP's gelu_pytorch_tanh). x·x·x: `pow` is slow on WASM. */
+export function geluTanh(x: tf.Tensor): tf.Tensor {
+  const inner = x.add(x.mul(x).mul(x).mul(0.044715)).mul(Math.sqrt(2 / Math.PI));
+  return x.mul(0.5).mul(tf.tanh(inner).add(1));
+}
+
+/** RMSNorm: x / sqrt(mean(x²) + eps) · w. No mean subtraction and no bias, unlike LayerNorm. */
+export function rmsNorm(x: tf.Tensor, weight: tf.Tensor, eps: number): tf.Tensor {
+  return x.mul(tf.rsqrt(x.square().mean(-1, true).add(eps))).mul(weight);
+}
+
+/** Split heads: [B, T, heads·hd] → [B, heads, T, hd]. */
+function splitHeads(x: tf.Tensor, heads: number): tf.Tensor4D {
+  const [B, T, width] = x.shape;
+  return x.reshape([B, T, heads, width / heads]).transpose([0, 2, 1, 3]);
+}
+
+/** Merge heads: [B, heads, T, hd] → [B, T, heads·hd]. */
+function mergeHeads(x: tf.Tensor): tf.Tensor3D {
+  const [B, heads, T, hd] = x.shape;
+  return x.transpose([0, 2, 1, 3]).reshape([B, T, heads * hd]);
+}
+
+// ---- Vision encoder (SigLIP-style ViT) -----------------------------------------------
+
+/**
+ * Cut images into non-overlapping P×P patches, each flattened in (channel, row, col)
+ * order — the order of PyTorch's conv weight [Dv, 3, P, P] — with patches row-major.
+ * images [N, 3, S, S] → [N, Np, 3·P·P]
+ */
+export function patchify(images: tf.Tensor, P: number): tf.Tensor3D {
+  const [N, C, S] = images.shape;
+  const G = S / P;
+  return images
+    .reshape([N, C, G, P, G, P]) // split both image axes into (patch index, pixel in patch)
+    .transpose([0, 2, 4, 1, 3, 5]) // [N, G, G, 3, P, P]: patch grid first, then pixels
+    .reshape([N, G * G, C * P * P]);
+}
+
+/** A strided conv as patchify + matMul, plus the learned position embedding. images [N,3,S,S] → [N, Np, Dv] */
+export function patchEmbedding(p: Params, cfg: VLMConfig, images: tf.Tensor): tf.Tensor3D {
+  const w = (k: string) => p.get(`vision_encoder.patch_embedding.${k}`)!;
+  const patches = patchify(images, cfg.vit_patch_size); // [N, Np, 3·P·P]
+  return linear(patches, w("conv.weight"), w("conv.bias")).add(w("position_embedding")) as tf.Tensor3D;
+}
+
+/** Bidirectional multi-head self-attention with one fused q|k|v projection. x [N, Np, Dv] → [N, Np, Dv] */
+function vitAttention(p: Params, prefix: string, cfg: VLMConfig, x: tf.Tensor): tf.Tensor {
+  const w = (k: string) => p.get(`${prefix}.${k}`)!;
+  const H = cfg.vit_n_heads, hd = cfg.vit_hidden_dim / H;
+  const qkv = linear(x, w("qkv_proj.weight"), w("qkv_proj.bias")); // [N, Np, 3·Dv]
+  // Split on the last axis, then 4-D transposes: 5-D transposes are very slow on WASM.
+  const [q, k, v] = tf.split(qkv, 3, -1).map((t) => splitHeads(t, H)); // each [N, H, Np, hd]
+  const scores = tf.matMul(q, k, false, true).mul(1 / Math.sqrt(hd)); // [N, H, Np, Np]
+  const out = tf.matMul(tf.softmax(scores), v); // [N, H, Np, hd]
+  return linear(mergeHeads(out), w("out_proj.weight"), w("out_proj.bias"));
+}
+
+/** One pre-LayerNorm transformer block: x + attn(ln1(x)), then + mlp(ln2(x)). x [N, Np, Dv] */
+export function vitBlock(p: Params, cfg: VLMConfig, i: number, x: tf.Tensor): tf.Tensor3D {
+  const b = `vision_encoder.blocks.${i}`;
+  const w = (k: string) => p.get(`${b}.${k}`)!;
+  const eps = cfg.vit_ln_eps;
+  x = x.add(vitAttention(p, `${b}.attn`, cfg, layerNorm(x, w("ln1.weight"), w("ln1.bias"), eps)));
+  const h = layerNorm(x, w("ln2.weight"), w("ln2.bias"), eps);
+  const mlp = linear(
+    geluTanh(linear(h, w("mlp.fc1.weight"), w("mlp.fc1.bias"))),
+    w("mlp.fc2.weight"),
+    w("mlp.fc2.bias"),
+  );
+  return x.add(mlp) as tf.Tensor3D;
+}
+
+/** The whole ViT: every patch token after the final LayerNorm (no CLS, no pooling). images [N,3,S,S] → [N, Np, Dv] */
+export function visionEncoder(p: Params, cfg: VLMConfig, images: tf.Tensor): tf.Tensor3D {
+  let x = patchEmbedding(p, cfg, images);
+  for (let i = 0; i < cfg.vit_n_blocks; i++) x = vitBlock(p, cfg, i, x);
+  const w = (k: string) => p.get(`vision_encoder.layer_norm.${k}`)!;
+  return layerNorm(x, w("weight"), w("bias"), cfg.vit_ln_eps) as tf.Tensor3D;
+}
+
+// ---- Modality projector ---------------------------------------------------------------
+
+/**
+ * Pixel shuffle (space-to-depth): every s×s block of neighbouring patches becomes one
+ * token, its s² patch vectors concatenated row-major. s² times fewer, s² times wider
+ * tokens: the decoder reads L = Np/s² image tokens instead of Np.
+ * x [N, Np, Dv] → [N, L, s²·Dv]
+ */
+export function pixelShuffle(x: tf.Tensor, s: number): tf.Tensor3D {
+  const [N, Np, Dv] = x.shape;
+  const G = Math.sqrt(Np), O = G / s; // O×O output tokens
+  return x
+    .reshape([N, O, s, O, s, Dv]) // (block row, row in block, block col, col in block)
+    .transpose([0, 1, 3, 2, 4, 5]) // [N, O, O, s, s, Dv]: blocks first
+    .reshape([N, O * O, s * s * Dv]);
+}
+
+/** Pixel shuffle, then one bias-free linear map to the decoder width. [N, Np, Dv] → [N, L, D] */
+export function modalityProjector(p: Params, cfg: VLMConfig, x: tf.Tensor): tf.Tensor3D {
+  return linear(pixelShuffle(x, cfg.mp_pixel_shuffle_factor), p.get("MP.proj.weight")!) as tf.Tensor3D;
+}
+
+// ---- Language model (SmolLM2 / Llama-style decoder) -----------------------------------
+
+/**
+ * Rotary position embedding tables for the given positions, HF-Llama "rotate half"
+ * layout: cos/sin [T, hd] with the hd/2 frequencies repeated twice. Beyond
+ * lm_max_position_embeddings the frequencies are divided by (max position + 1) / max
+ * ("dynamic scaling"), for the whole call, as the reference does.
+ */
+export function rotaryEmbedding(cfg: VLMConfig, positions: number[]): { cos: tf.Tensor2D; sin: tf.Tensor2D } {
+  const hd = cfg.lm_hidden_dim / cfg.lm_n_heads;
+  const longest = Math.max(...positions) + 1;
+  const scale = longest > cfg.lm_max_position_embeddings ? longest / cfg.lm_max_position_embeddings : 1;
+  return tf.tidy(() => {
+    // inv_freq[i] = 1 / θ^(2i/hd), in float32 arithmetic like the reference.
+    const exponents = tf.range(0, hd, 2, "float32").div(hd);
+    const invFreq = tf.pow(tf.scalar(cfg.lm_re_base), exponents).reciprocal().div(scale); // [hd/2]
+    const freqs = tf.tensor2d(positions, [positions.length, 1]).mul(invFreq.expandDims(0)); // [T, hd/2]
+    const angles = tf.concat([freqs, freqs], -1); // [T, hd]
+    return {
+      cos: tf.cos(angles).mul(cfg.lm_attn_scaling) as tf.Tensor2D,
+      sin: tf.sin(angles).mul(cfg.lm_attn_scaling) as tf.Tensor2D,
+    };
+  });
+}
+
+/** Rotate each (x_i, x_{i+hd/2}) pair by its position's angle. x [B, heads, T, hd], cos/sin [T, hd] */
+export function applyRotary(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor): tf.Tensor {
+  const [first, second] = tf.split(x, 2, -1);
+  const rotatedHalf = tf.concat([second.neg(), first], -1); // rotate_half(x)
+  return x.mul(cos).add(rotatedHalf.mul(sin));
+}
+
+/** float32's most negative value: the reference's padding penalty. Finite, so fully padded rows stay finite. */
+const FLOAT32_MIN = -3.4028234663852886e38;
+
+/**
+ * The additive attention bias [B or 1, 1, 1, T, Tk] (shaped for the grouped scores
+ * below): causal (-inf above the diagonal) when T new tokens attend to exactly those
+ * T tokens, plus FLOAT32_MIN on padded keys when an attention mask [B, Tk] is given.
+ * A single decoding step needs no causal mask: the new token may see everything cached.
+ */
+export function attentionBias(attentionMask: tf.Tensor | undefined, T: number, Tk: number): tf.Tensor | undefined {
+  if (attentionMask === undefined && (T === 1 || T !== Tk)) return undefined;
+  return tf.tidy(() => {
+    let bias: tf.Tensor = tf.zeros([1, T, Tk]);
+    if (T === Tk && T > 1) {
+      const causal = tf.linalg.bandPart(tf.ones([T, T]), -1, 0); // 1 on and below the diagonal
+      bias = tf.where(causal.equal(1), bias, tf.fill([1, T, Tk], -Infinity));
+    }
+    if (attentionMask !== undefined) {
+      const Tm = attentionMask.shape[1]!;
+      const mask = attentionMask.slice([0, Tm - Tk], [-1, Tk]).toFloat(); // the last Tk columns
+      bias = bias.add(tf.scalar(1).sub(mask).mul(FLOAT32_MIN).expandDims(1)); // [B, T, Tk]
+    }
+    return bias.reshape([bias.shape[0], 1, 1, T, Tk]);
+  });
+}
+
+/** Cached keys and values of one decoder block, both [B, KV, Tk, hd], keys already rotated. */
+export type KVCache = { k: tf.Tensor4D; v: tf.Tensor4D };
+
+/**
+ * Causal grouped-query attention. KV key/value heads serve H query heads, rep = H/KV
+ * each (query head h uses KV head floor(h/rep), as torch's repeat_interleave). Instead
+ * of copying k and v rep times, the query heads of one group are stacked along the
+ * token axis: q [B, H, T, hd] → [B, KV, rep·T, hd], one plain batched matMul per group.
+ * x [B, T, D] → out [B, T, D] and this block's updated cache.
+ */
+function decoderAttention(
+  p: Params,
+  prefix: string,
+  cfg: VLMConfig,
+  x: tf.Tensor,
+  rope: { cos: tf.Tensor; sin: tf.Tensor },
+  bias: tf.Tensor | undefined,
+  cache: KVCache | undefined,
+): { out: tf.Tensor; cache: KVCache } {
+  const w = (k: string) => p.get(`${prefix}.${k}.weight`)!;
+  const [B, T] = x.shape;
+  const H = cfg.lm_n_heads, KV = cfg.lm_n_kv_heads, rep = H / KV, hd = cfg.lm_hidden_dim / H;
+  const q = applyRotary(splitHeads(linear(x, w("q_proj")), H), rope.cos, rope.sin); // [B, H, T, hd]
+  let k = applyRotary(splitHeads(linear(x, w("k_proj")), KV), rope.cos, rope.sin); // [B, KV, T, hd]
+  let v: tf.Tensor = splitHeads(linear(x, w("v_proj")), KV); // [B, KV, T, hd]
+  if (cache) {
+    k = tf.concat([cache.k, k], 2); // [B, KV, Tk, hd]
+    v = tf.concat([cache.v, v], 2);
+  }
+  const Tk = k.shape[2]!;
+  const qGrouped = q.reshape([B, KV, rep * T, hd]);
+  let scores = tf.matMul(qGrouped, k, false, true).mul(1 / Math.sqrt(hd)); // [B, KV, rep·T, Tk]
+  if (bias) scores = scores.reshape([B, KV, rep, T, Tk]).add(bias).reshape([B, KV, rep * T, Tk]);
+  const out = tf.matMul(tf.softmax(scores), v).reshape([B, H, T, hd]); // [B, H, T, hd]
+  return { out: linear(mergeHeads(out), w("out_proj")), cache: { k: k as tf.Tensor4D, v: v as tf.Tensor4D } };
+}
+
+/** One pre-RMSNorm Llama block: x + attn(norm1(x)), then x + SwiGLU(norm2(x)). x [B, T, D] */
+export function decoderBlock(
+  p: Params,
+  cfg: VLMConfig,
+  i: number,
+  x: tf.Tensor,
+  rope: { cos: tf.Tensor; sin: tf.Tensor },
+  bias?: tf.Tensor,
+  cache?: KVCache,
+): { out: tf.Tensor3D; cache: KVCache } {
+  const b = `decoder.blocks.${i}`;
+  const w = (k: string) => p.get(`${b}.${k}.weight`)!;
+  const attn = decoderAttention(p, `${b}.attn`, cfg, rmsNorm(x, w("norm1"), cfg.lm_rms_eps), rope, bias, cache);
+  x = x.add(attn.out);
+  const h = rmsNorm(x, w("norm2"), cfg.lm_rms_eps);
+  const gate = linear(h, w("mlp.gate_proj")); // [B, T, F]
+  const silu = gate.mul(tf.sigmoid(gate));
+  const mlp = linear(silu.mul(linear(h, w("mlp.up_proj"))), w("mlp.down_proj")); // SwiGLU, [B, T, D]
+  return { out: x.add(mlp) as tf.Tensor3D, cache: attn.cache };
+}
+
+/**
+ * The decoder over embeddings x [B, T, D] at positions startPos … startPos+T-1 (left
+ * padding occupies real positions, as in the reference). Returns the final-RMSNorm
+ * hidden states [B, T, D] and the per-block KV cache for the next call.
+ */
+export function decoder(
+  p: Params,
+  cfg: VLMConfig,
+  x: tf.Tensor,
+  attentionMask?: tf.Tensor,
+  cache?: KVCache[],
+  startPos = 0,
+): { hidden: tf.Tensor3D; cache: KVCache[] } {
+  const T = x.shape[1]!;
+  const Tk = T + (cache ? cache[0].k.shape[2]! : 0);
+  const rope = rotaryEmbedding(cfg, Array.from({ length: T }, (_, t) => startPos + t));
+  const bias = attentionBias(attentionMask, T, Tk);
+  const newCache: KVCache[] = [];
+  for (let i = 0; i < cfg.lm_n_blocks; i++) {
+    const block = decoderBlock(p, cfg, i, x, rope, bias, cache?.[i]);
+    x = block.out;
+    newCache.push(block.cache);
+  }
+  tf.dispose([rope.cos, rope.sin, bias]);
+  return { hidden: rmsNorm(x, p.get("decoder.norm.weight")!, cfg.lm_rms_eps) as tf.Tensor3D, cache: newCache };
+}
+
+/** The output head: logits = hidden · Eᵀ (E the tied token embedding, or the untied head). [.., D] → [.., V] */
+export function lmHead(p: Params, cfg: VLMConfig, hidden: tf.Tensor): tf.Tensor {
+  const E = p.get(cfg.lm_tie_weights ? "decoder.token_embedding.weight" : "decoder.head.weight")!;
+  const lead = hidden.shape.slice(0, -1);
+  return tf.matMul(hidden.reshape([-1, cfg.lm_hidden_dim]), E as tf.Tensor2D, false, true).reshape([...lead, -1]);
+}
+
+// ---- Fusion: image embeddings into the image-token slots ------------------------------
+
+/**
+ * Write image embeddings into the `<|image|>` slots of the token embeddings. Slots are
+ * filled in row-major order (sample, then position) with image rows in order (image 0
+ * token 0, image 0 token 1, …), so images must come flattened in sample order, exactly
+ * mp_image_token_length slots per image. Implemented as one gather from the stacked rows
+ * [token rows; image rows], which has a gradient on every backend.
+ * ids: the [B, T] token ids on the host; tokenEmbd [B, T, D]; imageEmbd [N, L, D] → [B, T, D]
+ */
+export function replaceImageTokens(
+  ids: ArrayLike<number>,
+  tokenEmbd: tf.Tensor,
+  imageEmbd: tf.Tensor | undefined,
+  imageTokenId: number,
+): tf.Tensor3D {
+  const [B, T, D] = tokenEmbd.shape;
+  const imageRows = imageEmbd ? imageEmbd.shape[0]! * imageEmbd.shape[1]! : 0;
+  const source = new Int32Array(B * T); // for each output row, the row of [tokens; images] it takes
+  let slot = 0;
+  for (let r = 0; r < B * T; r++) source[r] = ids[r] === imageTokenId ? B * T + slot++ : r;
+  if (slot !== imageRows) {
+    const L = imageEmbd?.shape[1] ?? 0;
+    throw new Error(
+      `the prompts have ${slot} <|image|> slots but the images give ${imageRows} image embeddings` +
+        (L ? ` (${imageRows / L} images × ${L} tokens)` : " (no images)") +
+        `: put exactly mp_image_token_length <|image|> tokens in the prompt for each image`,
+    );
+  }
+  if (slot === 0) return tokenEmbd.clone() as tf.Tensor3D;
+  const rows = tf.concat([tokenEmbd.reshape([B * T, D]), imageEmbd!.reshape([imageRows, D])]);
+  return tf.gather(rows, tf.tensor1d(source, "int32")).reshape([B, T, D]);
+}
+
+// ---- Loss ------------------------------------------------------------------------------
+
+/**
+ * Mean cross-entropy over the positions whose target is not -100. Targets are already
+ * shifted by the data pipeline (targets[t] is the token after t), as in the reference.
+ * The log-probability of each target is picked with a 1-D gather from the flattened
+ * [B·T·V] log-softmax: no [B·T, V] one-hot, and a gradient on every backend.
+ * logits [B, T, V], targets int32 [B, T] → scalar
+ */
+export function crossEntropy(logits: tf.Tensor, targets: tf.Tensor): tf.Scalar {
+  const V = logits.shape[logits.shape.length - 1]!;
+  const flatTargets = targets.reshape([-1]);
+  const n = flatTargets.shape[0]!;
+  const keep = flatTargets.notEqual(-100); // built from labels only, never from logits
+  const safeTargets = tf.where(keep, flatTargets, tf.zerosLike(flatTargets));
+  const index = tf.range(0, n, 1, "int32").mul(tf.scalar(V, "int32")).add(safeTargets); // row·V + target
+  const logProbs = tf.logSoftmax(logits.reshape([n, V])).reshape([-1]);
+  const picked = tf.gather(logProbs, index); // [B·T]
+  const weights = keep.toFloat();
+  return picked.mul(weights).sum().neg().div(weights.sum().maximum(1)) as tf.Scalar;
+}
+
+// ---- Sampling ---------------------------------------------------------------------------
+
+/**
+ * The reference's top-k / top-p filter on one row of logits (a copy is returned, removed
+ * entries set to -Infinity). top-k keeps every logit ≥ the k-th largest (ties survive);
+ * top-p then sorts what is left, and removes each token whose cumulative probability
+ * *including itself* exceeds topP — unlike Hugging Face's version there is no shift, so
+ * the token that crosses topP is removed too — always keeping the most likely one.
+ */
+export function topKTopPFilter(logits: Float32Array, topK = 0, topP = 1.0): Float32Array {
+  const out = Float32Array.from(logits);
+  const V = out.length;
+  if (topK > 0) {
+    const kth = Float32Array.from(out).sort().reverse()[Math.min(topK, V) - 1];
+    for (let i = 0; i < V; i++) if (out[i] < kth) out[i] = -Infinity;
+  }
+  if (topP < 1.0) {
+    const order = Array.from(out.keys()).sort((a, b) => out[b] - out[a]); // most likely first
+    const probs = softmax(order.map((i) => out[i]));
+    let cumulative = 0;
+    for (let rank = 0; rank < V; rank++) {
+      cumulative += probs[rank];
+      if (rank > 0 && cumulative > topP) out[order[rank]] = -Infinity;
+    }
+  }
+  return out;
+}
+
+/** A numerically stable softmax of plain numbers (float64). */
+export function softmax(values: ArrayLike<number>, temperature = 1): Float64Array {
+  let max = -Infinity;
+  for (let i = 0; i < values.length; i++) max = Math.max(max, values[i]);
+  const out = new Float64Array(values.length);
+  let sum = 0;
+  for (let i = 0; i < values.length; i++) sum += out[i] = Math.exp((values[i] - max) / temperature);
+  for (let i = 0; i < values.length; i++) out[i] /= sum;
+  return out;
+}
+
+/** A small seeded random number generator (mulberry32), so `--seed` makes sampling repeatable. */
+export function seededRandom(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** Options of `VisionLanguageModel.generate`; the defaults are the reference's. */
+export interface GenerateOptions {
+  maxNewTokens?: number; // 5
+  greedy?: boolean; // false: sample
+  temperature?: number; // 0.5, applied after filtering
+  topK?: number; // 50 (0 = off)
+  topP?: number; // 0.9 (1 = off)
+  eosTokenId?: number; // tokens after a row's first EOS become EOS; default: the model's eosTokenId
+  seed?: number; // for sampling; default: random
+  /** Called after every step with the chosen ids [B], e.g. to stream text. */
+  onToken?: (ids: Int32Array, step: number) => void;
+}
+
+/** Read int32 token ids on the host (they are small) to find the image slots. */
+function readIds(inputIds: tf.Tensor): Int32Array {
+  if (inputIds.dtype !== "int32" || inputIds.rank !== 2) {
+    throw new Error(`inputIds must be an int32 [B, T] tensor; got ${inputIds.dtype} [${inputIds.shape}]`);
+  }
+  try {
+    return inputIds.dataSync() as Int32Array;
+  } catch (e) {
+    // WebGPU under Deno cannot read synchronously once a tensor lives on the GPU.
+    throw new Error(
+      `cannot read inputIds on the host (${e}): create them from JS values, e.g. tf.tensor2d(ids, [B, T], "int32")`,
+    );
+  }
+}
+
+/** Greedy choice: the most likely token of each row. logits [B, V] → ids [B] (one GPU→CPU read). */
+async function argmaxRows(logits: tf.Tensor): Promise<Int32Array> {
+  const best = tf.argMax(logits, -1);
+  const ids = Int32Array.from(await best.data());
+  best.dispose();
+  return ids;
+}
+
+/** Sampling: filter each row (top-k, top-p), soften by temperature, draw one token. logits [B, V] → ids [B] */
+async function sampleRows(
+  logits: tf.Tensor,
+  topK: number,
+  topP: number,
+  temperature: number,
+  random: () => number,
+): Promise<Int32Array> {
+  const [B, V] = logits.shape as [number, number];
+  const all = (await logits.data()) as Float32Array;
+  const ids = new Int32Array(B);
+  for (let b = 0; b < B; b++) {
+    const probs = softmax(topKTopPFilter(all.subarray(b * V, (b + 1) * V), topK, topP), temperature);
+    let r = random(), id = 0;
+    while (id < V - 1 && (r -= probs[id]) > 0) id++;
+    ids[b] = id;
+  }
+  return ids;
+}
+
+// ---- The vision-language model ----------------------------------------------------------
+
+let modelCount = 0; // tfjs variable names are global: each model gets its own prefix
+
+/** nanoVLM: ViT → pixel-shuffle projector → decoder, with image embeddings in the `<|image|>` slots. */
+export class VisionLanguageModel {
+  readonly cfg: VLMConfig;
+  /** Trainable weights by nanoVLM name, in our layout (see `parameterSpecs`). */
+  readonly params: Map<string, tf.Variable>;
+  /** End-of-sequence id for generate's EOS rewrite: `<|im_end|>` (2) in SmolLM2's ChatML layout. */
+  eosTokenId = 2;
+
+  /** A randomly initialised model, drawn as the reference's `_init_weights` (seeded). */
+  constructor(cfg: VLMConfig, options: { seed?: number } = {}) {
+    validateConfig(cfg);
+    this.cfg = { ...cfg };
+    const id = modelCount++;
+    let seed = options.seed ?? 0;
+    this.params = new Map();
+    for (const spec of parameterSpecs(cfg)) {
+      const init = tf.tidy(() => {
+        if (spec.init === "normal") return tf.randomNormal(spec.shape, 0, 0.02, "float32", seed++);
+        if (spec.init === "uniform") return tf.randomUniform(spec.shape, 0, 1, "float32", seed++); // torch.rand
+        return spec.init === "ones" ? tf.ones(spec.shape) : tf.zeros(spec.shape);
+      });
+      this.params.set(spec.name, tf.variable(init, true, `nanovlm${id}/${spec.name}`));
+      init.dispose();
+    }
+  }
+
+  /** The id of `<|image|>`: appended after the base vocabulary, as Hugging Face adds special tokens. */
+  get imageTokenId(): number {
+    return this.cfg.lm_base_vocab_size;
+  }
+
+  /** Number of trainable scalars (the tied embedding counted once). */
+  parameterCount(): number {
+    let n = 0;
+    for (const v of this.params.values()) n += v.size;
+    return n;
+  }
+
+  /** Image embeddings for the image-token slots. images [N, 3, S, S] → [N, L, D] */
+  embedImages(images: tf.Tensor): tf.Tensor3D {
+    const S = this.cfg.vit_img_size;
+    if (images.rank !== 4 || images.shape[1] !== 3 || images.shape[2] !== S || images.shape[3] !== S) {
+      throw new Error(
+        `images must be float32 [N, 3, ${S}, ${S}] (RGB, resized to vit_img_size); got [${images.shape}]`,
+      );
+    }
+    return modalityProjector(this.params, this.cfg, visionEncoder(this.params, this.cfg, images));
+  }
+
+  /** Token embeddings with the image embeddings written into the `<|image|>` slots. → [B, T, D] */
+  embed(inputIds: tf.Tensor, images: tf.Tensor | undefined): tf.Tensor3D {
+    const ids = readIds(inputIds);
+    const tokenEmbd = tf.gather(this.params.get("decoder.token_embedding.weight")!, inputIds); // [B, T, D]
+    const imageEmbd = images && images.shape[0]! > 0 ? this.embedImages(images) : undefined;
+    return replaceImageTokens(ids, tokenEmbd, imageEmbd, this.imageTokenId);
+  }
+
+  /**
+   * The training/scoring forward pass. inputIds int32 [B, T]; images float32 [N, 3, S, S]
+   * (all images of the batch, sample order); attentionMask [B, T] (1 = token, 0 = left
+   * padding) or undefined; targets int32 [B, T] with -100 where no loss is taken.
+   * Returns logits [B, T, V] and, with targets, the mean cross-entropy. Unlike the
+   * reference (which returns hidden states without targets), logits always come back.
+   */
+  forward(
+    inputIds: tf.Tensor,
+    images: tf.Tensor | undefined,
+    attentionMask?: tf.Tensor,
+    targets?: tf.Tensor,
+  ): { logits: tf.Tensor3D; loss?: tf.Scalar } {
+    this.checkContext(inputIds.shape[1]!, 0);
+    return tf.tidy(() => {
+      const fused = this.embed(inputIds, images);
+      const { hidden } = decoder(this.params, this.cfg, fused, attentionMask);
+      const logits = lmHead(this.params, this.cfg, hidden) as tf.Tensor3D;
+      return targets ? { logits, loss: crossEntropy(logits, targets) } : { logits };
+    });
+  }
+
+  /**
+   * Generate maxNewTokens tokens after each (left-padded) prompt: one prefill pass over
+   * the prompts fills the KV cache, then each step feeds only the newest token. Returns
+   * the new tokens only, int32 [B, maxNewTokens]; after a row's first EOS every token is
+   * EOS (the reference's post-processing). Stops early once every row has emitted EOS,
+   * which changes nothing in the result.
+   */
+  async generate(
+    inputIds: tf.Tensor,
+    images: tf.Tensor | undefined,
+    attentionMask?: tf.Tensor,
+    options: GenerateOptions = {},
+  ): Promise<tf.Tensor2D> {
+    const { maxNewTokens = 5, greedy = false, temperature = 0.5, topK = 50, topP = 0.9 } = options;
+    const eos = options.eosTokenId ?? this.eosTokenId;
+    const random = seededRandom(options.seed ?? Math.floor(Math.random() * 2 ** 32));
+    const [B, T] = inputIds.shape as [number, number];
+    this.checkContext(T, maxNewTokens);
+
+    // Prefill: the whole prompt at once; keep the cache and the last position's logits.
+    let mask = attentionMask ? attentionMask.clone() : undefined;
+    let { cache, logits } = tf.tidy(() => {
+      const out = decoder(this.params, this.cfg, this.embed(inputIds, images), mask);
+      const last = out.hidden.slice([0, T - 1, 0], [B, 1, -1]).reshape([B, -1]); // [B, D]
+      return { cache: out.cache, logits: lmHead(this.params, this.cfg, last) }; // logits [B, V]
+    });
+
+    const generated = new Int32Array(B * maxNewTokens).fill(eos);
+    const finished = new Array<boolean>(B).fill(false);
+    for (let step = 0; step < maxNewTokens; step++) {
+      const next = greedy ? await argmaxRows(logits) : await sampleRows(logits, topK, topP, temperature, random);
+      for (let b = 0; b < B; b++) {
+        generated[b * maxNewTokens + step] = finished[b] ? eos : next[b];
+        finished[b] ||= next[b] === eos;
+      }
+      options.onToken?.(next, step);
+      if (step === maxNewTokens - 1 || finished.every(Boolean)) break;
+
+      // Decode: embed the new token, extend the mask, attend to the cache.
+      const previous = { cache, logits, mask };
+      ({ cache, logits, mask } = tf.tidy(() => {
+        const embedding = tf.gather(
+          this.params.get("decoder.token_embedding.weight")!,
+          tf.tensor2d(next, [B, 1], "int32"),
+        );
+        const grown = mask ? tf.concat([mask, tf.ones([B, 1], mask.dtype)], 1) : undefined;
+        const out = decoder(this.params, this.cfg, embedding, grown, cache, T + step);
+        return { cache: out.cache, logits: lmHead(this.params, this.cfg, out.hidden.reshape([B, -1])), mask: grown };
+      }));
+      tf.dispose([previous.logits, previous.mask, ...previous.cache.flatMap((c) => [c.k, c.v])]);
+    }
+    tf.dispose([logits, mask, ...cache.flatMap((c) => [c.k, c.v])]);
+    return tf.tensor2d(generated, [B, maxNewTokens], "int32");
+  }
+
+  /** A prompt plus the tokens to generate must fit the context (lm_max_length). */
+  private checkContext(promptLength: number, newTokens: number): void {
+    const limit = this.cfg.lm_max_length;
+    if (promptLength + newTokens > limit) {
+      throw new Error(
+        `the prompt has ${promptLength} tokens` + (newTokens ? ` and ${newTokens} new tokens were asked for` : "") +
+          `, but the context (lm_max_length) is ${limit}: shorten the prompt or raise lm_max_length`,
+      );
+    }
+  }
+
+  // ---- Save and load -------------------------------------------------------------------
+
+  /**
+   * The weights as nanoVLM saves them: PyTorch layouts, the tied embedding stored once
+   * as `decoder.head.weight` (recorded in `__metadata__`), plus the RoPE buffer
+   * `decoder.rotary_embd.inv_freq`.
+   */
+  async stateDict(): Promise<{ tensors: Map<string, F32Tensor>; metadata: Record<string, string> }> {
+    const tensors = new Map<string, F32Tensor>();
+    for (const spec of parameterSpecs(this.cfg)) {
+      const torchTensor = toTorchLayout(this.params.get(spec.name)!, spec, this.cfg);
+      const tied = this.cfg.lm_tie_weights && spec.name === "decoder.token_embedding.weight";
+      const data = (await torchTensor.data()) as Float32Array;
+      tensors.set(tied ? "decoder.head.weight" : spec.name, { dtype: "F32", shape: torchTensor.shape, data });
+      torchTensor.dispose();
+    }
+    const hd = this.cfg.lm_hidden_dim / this.cfg.lm_n_heads;
+    const invFreq = Float32Array.from(
+      { length: hd / 2 },
+      (_, i) => 1 / Math.fround(this.cfg.lm_re_base ** Math.fround((2 * i) / hd)),
+    );
+    tensors.set("decoder.rotary_embd.inv_freq", { dtype: "F32", shape: [hd / 2], data: invFreq });
+    const metadata: Record<string, string> = this.cfg.lm_tie_weights
+      ? { "decoder.token_embedding.weight": "decoder.head.weight" }
+      : {};
+    return { tensors, metadata };
+  }
+
+  /**
+   * Load nanoVLM-format weights (PyTorch layouts, nanoVLM names). Strict like the
+   * reference: a missing, unexpected or wrongly shaped tensor is an error naming the key
+   * (and both shapes). The tied embedding may be stored under either name.
+   */
+  loadStateDict(file: SafetensorsFile, source = "checkpoint"): void {
+    const used = new Set(["decoder.rotary_embd.inv_freq"]); // recomputed, never loaded
+    const problems: string[] = [];
+    const values = new Map<string, tf.Tensor>();
+    for (const spec of parameterSpecs(this.cfg)) {
+      let key = spec.name;
+      if (this.cfg.lm_tie_weights && key === "decoder.token_embedding.weight" && !file.tensors.has(key)) {
+        key = "decoder.head.weight";
+      }
+      const t = file.tensors.get(key);
+      if (!t) {
+        problems.push(`missing tensor ${spec.name}`);
+        continue;
+      }
+      used.add(key);
+      const expected = torchShape(spec, this.cfg);
+      if (t.shape.join() !== expected.join()) {
+        problems.push(`tensor ${key} has shape [${t.shape}] but this config needs [${expected}]`);
+        continue;
+      }
+      values.set(spec.name, tf.tidy(() => fromTorchLayout(tf.tensor(t.data, t.shape, "float32"), spec)));
+    }
+    if (this.cfg.lm_tie_weights) used.add("decoder.head.weight");
+    const unexpected = [...file.tensors.keys()].filter((k) => !used.has(k));
+    if (unexpected.length) problems.push(`unexpected tensors ${unexpected.join(", ")}`);
+    if (problems.length) {
+      tf.dispose([...values.values()]);
+      throw new Error(`${source} does not fit this model's config:\n  ${problems.join("\n  ")}`);
+    }
+    for (const [name, value] of values) {
+      this.params.get(name)!.assign(value);
+      value.dispose();
+    }
+  }
+
+  /** Write `config.json` and `model.safetensors` to `dir` in nanoVLM's format (each file atomically). */
+  async savePretrained(dir: string): Promise<void> {
+    await Deno.mkdir(dir, { recursive: true });
+    const { tensors, metadata } = await this.stateDict();
+    await writeFileAtomic(`${dir}/model.safetensors`, encodeSafetensors(tensors, metadata));
+    await writeFileAtomic(`${dir}/config.json`, JSON.stringify(this.cfg, null, 4));
+  }
+
+  /** Load a model saved by `savePretrained` or by PyTorch nanoVLM: `dir` holds config.json + model.safetensors. */
+  static async fromPretrained(dir: string): Promise<VisionLanguageModel> {
+    for (const file of ["config.json", "model.safetensors"]) {
+      try {
+        await Deno.stat(`${dir}/${file}`);
+      } catch {
+        throw new Error(`${dir} is not a nanoVLM checkpoint: ${file} is missing`);
+      }
+    }
+    const cfg = configFromJSON(JSON.parse(await Deno.readTextFile(`${dir}/config.json`)));
+    const file = await readSafetensors(`${dir}/model.safetensors`);
+    const model = new VisionLanguageModel(cfg);
+    try {
+      model.loadStateDict(file, `${dir}/model.safetensors`);
+    } catch (e) {
+      model.dispose();
+      throw e;
+    }
+    return model;
+  }
+
+  /**
+   * Copy a Hugging Face backbone's weights in, through a name map (`siglipNameMap`,
+   * `smolLM2NameMap`). Keys the map does not mention are ignored (a SigLIP file also
+   * holds its text tower); a missing or wrongly shaped tensor is an error.
+   */
+  loadBackbone(map: BackboneMapping[], file: SafetensorsFile, source = "backbone"): void {
+    const specs = new Map(parameterSpecs(this.cfg).map((spec) => [spec.name, spec]));
+    const problems: string[] = [];
+    const values = new Map<string, tf.Tensor>();
+    for (const { ours, theirs } of map) {
+      const spec = specs.get(ours)!, want = torchShape(spec, this.cfg);
+      const parts = theirs.map((key) => file.tensors.get(key));
+      const absent = theirs.filter((_, i) => !parts[i]);
+      if (absent.length) {
+        problems.push(`missing tensor ${absent.join(", ")}`);
+        continue;
+      }
+      // Concatenate along the first axis (SigLIP's separate q, k, v become one qkv).
+      const rows = parts.reduce((n, t) => n + t!.shape[0], 0);
+      const shape = [rows, ...parts[0]!.shape.slice(1)];
+      const data = new Float32Array(shape.reduce((a, b) => a * b, 1));
+      parts.reduce((offset, t) => (data.set(t!.data, offset), offset + t!.data.length), 0);
+      const extendsRows = ours === "decoder.token_embedding.weight" && rows < want[0] && shape[1] === want[1];
+      if (!extendsRows && shape.join() !== want.join() && [1, ...shape].join() !== want.join()) {
+        problems.push(`tensor ${theirs.join(" + ")} has shape [${shape}] but this config needs [${want}]`);
+        continue;
+      }
+      values.set(
+        ours,
+        tf.tidy(() => {
+          const theirsTensor = tf.tensor(data, extendsRows ? shape : want);
+          // The embedding gains rows for the added tokens (<|image|>); they keep their random init.
+          const full = extendsRows
+            ? tf.concat([theirsTensor, this.params.get(ours)!.slice([rows, 0], [-1, -1])])
+            : theirsTensor;
+          return fromTorchLayout(full, spec);
+        }),
+      );
+    }
+    if (problems.length) {
+      tf.dispose([...values.values()]);
+      throw new Error(`${source} does not fit this model's config:\n  ${problems.join("\n  ")}`);
+    }
+    for (const [name, value] of values) {
+      this.params.get(name)!.assign(value);
+      value.dispose();
+    }
+  }
+
+  /**
+   * A model built around pretrained backbones: the config takes the backbones' shapes
+   * (as the reference's from_pretrained does), the ViT and decoder weights are loaded,
+   * the projector starts random. Each backbone is its Hugging Face config.json (parsed)
+   * and model.safetensors.
+   */
+  static fromBackbones(
+    cfg: VLMConfig,
+    backbones: { vision?: Backbone; language?: Backbone },
+    options: { seed?: number } = {},
+  ): VisionLanguageModel {
+    const model = new VisionLanguageModel(
+      configWithBackbones(cfg, backbones.vision?.config, backbones.language?.config),
+      options,
+    );
+    try {
+      if (backbones.vision) model.loadBackbone(siglipNameMap(model.cfg), backbones.vision.weights, cfg.vit_model_type);
+      if (backbones.language) {
+        model.loadBackbone(smolLM2NameMap(model.cfg), backbones.language.weights, cfg.lm_model_type);
+      }
+    } catch (e) {
+      model.dispose();
+      throw e;
+    }
+    return model;
+  }
+
+  /** Free every weight. */
+  dispose(): void {
+    for (const v of this.params.values()) v.dispose();
+  }
+}
+
+// ---- Hugging Face backbones: the name maps ----------------------------------------------
+//
+// SigLIP and SmolLM2 checkpoints store the same tensors as nanoVLM under other names, in
+// the same PyTorch layouts. Two differences: SigLIP keeps q, k and v separate (we fuse
+// them into qkv_proj, rows in q|k|v order) and its position embedding is [Np, Dv]
+// (ours [1, Np, Dv]); SmolLM2's embedding lacks the row of our added `<|image|>` token.
+
+/** A pretrained backbone: its Hugging Face config.json (parsed) and its weights. */
+export interface Backbone {
+  config: Record<string, unknown>;
+  weights: SafetensorsFile;
+}
+
+/** One of our parameters and the Hugging Face tensor(s) it is made of (several: concatenated rows). */
+export interface BackboneMapping {
+  ours: string;
+  theirs: string[];
+}
+
+/** google/siglip-base-patch16-224 and siglip2 names → ours. Everything else in the file (text tower, pooling head, logit scale) is ignored. */
+export function siglipNameMap(cfg: VLMConfig): BackboneMapping[] {
+  const hf = "vision_model", ours = "vision_encoder";
+  const map: BackboneMapping[] = [
+    { ours: `${ours}.patch_embedding.conv.weight`, theirs: [`${hf}.embeddings.patch_embedding.weight`] },
+    { ours: `${ours}.patch_embedding.conv.bias`, theirs: [`${hf}.embeddings.patch_embedding.bias`] },
+    { ours: `${ours}.patch_embedding.position_embedding`, theirs: [`${hf}.embeddings.position_embedding.weight`] },
+    { ours: `${ours}.layer_norm.weight`, theirs: [`${hf}.post_layernorm.weight`] },
+    { ours: `${ours}.layer_norm.bias`, theirs: [`${hf}.post_layernorm.bias`] },
+  ];
+  for (let i = 0; i < cfg.vit_n_blocks; i++) {
+    const a = `${ours}.blocks.${i}`, b = `${hf}.encoder.layers.${i}`;
+    for (const kind of ["weight", "bias"]) {
+      map.push(
+        { ours: `${a}.ln1.${kind}`, theirs: [`${b}.layer_norm1.${kind}`] },
+        { ours: `${a}.ln2.${kind}`, theirs: [`${b}.layer_norm2.${kind}`] },
+        { ours: `${a}.mlp.fc1.${kind}`, theirs: [`${b}.mlp.fc1.${kind}`] },
+        { ours: `${a}.mlp.fc2.${kind}`, theirs: [`${b}.mlp.fc2.${kind}`] },
+        { ours: `${a}.attn.out_proj.${kind}`, theirs: [`${b}.self_attn.out_proj.${kind}`] },
+        { ours: `${a}.attn.qkv_proj.${kind}`, theirs: ["q", "k", "v"].map((x) => `${b}.self_attn.${x}_proj.${kind}`) },
+      );
+    }
+  }
+  return map;
+}
+
+/** HuggingFaceTB/SmolLM2 (Llama) names → ours. Its lm_head is the tied embedding, so no head is read. */
+export function smolLM2NameMap(cfg: VLMConfig): BackboneMapping[] {
+  const map: BackboneMapping[] = [
+    { ours: "decoder.token_embedding.weight", theirs: ["model.embed_tokens.weight"] }, // + rows for added tokens
+    { ours: "decoder.norm.weight", theirs: ["model.norm.weight"] },
+  ];
+  for (let i = 0; i < cfg.lm_n_blocks; i++) {
+    const a = `decoder.blocks.${i}`, b = `model.layers.${i}`;
+    map.push(
+      { ours: `${a}.attn.q_proj.weight`, theirs: [`${b}.self_attn.q_proj.weight`] },
+      { ours: `${a}.attn.k_proj.weight`, theirs: [`${b}.self_attn.k_proj.weight`] },
+      { ours: `${a}.attn.v_proj.weight`, theirs: [`${b}.self_attn.v_proj.weight`] },
+      { ours: `${a}.attn.out_proj.weight`, theirs: [`${b}.self_attn.o_proj.weight`] },
+      { ours: `${a}.mlp.gate_proj.weight`, theirs: [`${b}.mlp.gate_proj.weight`] },
+      { ours: `${a}.mlp.up_proj.weight`, theirs: [`${b}.mlp.up_proj.weight`] },
+      { ours: `${a}.mlp.down_proj.weight`, theirs: [`${b}.mlp.down_proj.weight`] },
+      { ours: `${a}.norm1.weight`, theirs: [`${b}.input_layernorm.weight`] },
+      { ours: `${a}.norm2.weight`, theirs: [`${b}.post_attention_layernorm.weight`] },
+    );
+  }
+  return map;
+}
+
+/**
+ * The config with the backbones' shapes, read from their Hugging Face config.json as the
+ * reference does (SigLIP's may nest them under `vision_config`; omitted fields take
+ * SiglipVisionConfig's defaults). mp_image_token_length follows from the image size.
+ */
+export function configWithBackbones(
+  cfg: VLMConfig,
+  vision?: Record<string, unknown>,
+  language?: Record<string, unknown>,
+): VLMConfig {
+  const out = { ...cfg };
+  if (vision) {
+    const v = (vision.vision_config ?? vision) as Record<string, number>;
+    out.vit_hidden_dim = v.hidden_size ?? 768;
+    out.vit_inter_dim = v.intermediate_size ?? 3072;
+    out.vit_n_blocks = v.num_hidden_layers ?? 12;
+    out.vit_n_heads = v.num_attention_heads ?? 12;
+    out.vit_img_size = v.image_size ?? 224;
+    out.vit_patch_size = v.patch_size ?? 16;
+    out.vit_ln_eps = v.layer_norm_eps ?? 1e-6;
+    out.vit_dropout = v.attention_dropout ?? 0;
+    out.mp_image_token_length = (out.vit_img_size / out.vit_patch_size / out.mp_pixel_shuffle_factor) ** 2;
+  }
+  if (language) {
+    const l = language as Record<string, number>;
+    out.lm_hidden_dim = l.hidden_size;
+    out.lm_inter_dim = l.intermediate_size;
+    out.lm_rms_eps = l.rms_norm_eps;
+    out.lm_re_base = l.rope_theta;
+    out.lm_max_position_embeddings = l.max_position_embeddings;
+    out.lm_n_heads = l.num_attention_heads;
+    out.lm_n_kv_heads = l.num_key_value_heads;
+    out.lm_dropout = l.attention_dropout ?? 0;
+    out.lm_n_blocks = l.num_hidden_layers;
+    if (l.vocab_size > out.lm_vocab_size) {
+      throw new Error(`the language backbone has ${l.vocab_size} tokens but lm_vocab_size is ${out.lm_vocab_size}`);
+    }
+  }
+  return out;
+}

@@ -1,0 +1,253 @@
+// Invariants of nanovlm.ts that need no reference: the KV cache changes nothing, save →
+// load is exact, memory does not grow, presets have the reference's sizes, and bad input
+// gets an error that names the problem.
+
+import * as tf from "@tensorflow/tfjs";
+import { assert, assertEquals, assertMatch, assertRejects, assertThrows } from "./assert.ts";
+import {
+  configFromJSON,
+  decoder,
+  lmHead,
+  parameterSpecs,
+  PRESETS,
+  VisionLanguageModel,
+  type VLMConfig,
+} from "../nanovlm.ts";
+import { encodeSafetensors, initBackend, readSafetensors } from "../runtime.ts";
+import { assertNoLeak, FIXTURE_DIR, maxAbsDiff } from "./helpers.ts";
+
+await initBackend("wasm", { quiet: true });
+
+/** A small random config: 2 images of 16×16, 4 image tokens each, vocabulary 40. */
+const small: VLMConfig = {
+  ...PRESETS.tiny,
+  vit_hidden_dim: 32,
+  vit_inter_dim: 64,
+  vit_img_size: 16,
+  vit_patch_size: 4,
+  vit_n_heads: 2,
+  vit_n_blocks: 1,
+  lm_hidden_dim: 48,
+  lm_inter_dim: 96,
+  lm_n_heads: 6,
+  lm_n_kv_heads: 2,
+  lm_n_blocks: 2,
+  lm_base_vocab_size: 39,
+  lm_vocab_size: 40,
+  lm_max_length: 32,
+  mp_image_token_length: 4,
+};
+const IMG = 39; // <|image|>
+
+/** Two left-padded prompts: [pad, pad, img×4, 5, 6, 7] and [img×4, img×4, 8, 9, 10]. */
+function batch() {
+  const ids = [2, 2, IMG, IMG, IMG, IMG, 5, 6, 7, 3, 3, IMG, IMG, IMG, IMG, IMG, IMG, IMG, IMG, 8, 9];
+  const rows = [[...ids.slice(0, 9), 11, 12], [...ids.slice(11), 10]];
+  return {
+    inputIds: tf.tensor2d(rows.flat(), [2, 11], "int32"),
+    mask: tf.tensor2d([0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, ...new Array(11).fill(1)], [2, 11], "int32"),
+    images: tf.randomUniform([3, 3, 16, 16], 0, 1, "float32", 7),
+    targets: tf.tensor2d(
+      [...new Array(8).fill(-100), 11, 12, -100, ...new Array(9).fill(-100), 10, -100],
+      [2, 11],
+      "int32",
+    ),
+  };
+}
+
+Deno.test("presets have the reference's parameter counts", () => {
+  const count = (cfg: VLMConfig) => parameterSpecs(cfg).reduce((n, s) => n + s.shape.reduce((a, b) => a * b, 1), 0);
+  assertEquals(count(PRESETS["nanovlm-222m"]), 222_082_176);
+  assertEquals(count(PRESETS["nanovlm-450m"]), 450_614_400);
+  assert(count(PRESETS.tiny) < 2_000_000, "tiny stays laptop-sized");
+});
+
+Deno.test("KV-cache decoding equals a full recompute", () => {
+  const model = new VisionLanguageModel(small, { seed: 1 });
+  const p = model.params as Map<string, tf.Tensor>;
+  tf.tidy(() => {
+    const x = tf.randomNormal([2, 7, small.lm_hidden_dim], 0, 1, "float32", 3);
+    const mask = tf.tensor2d([0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [2, 7], "int32");
+    const full = decoder(p, small, x, mask).hidden; // all 7 positions at once
+    // Prefill 4, then feed positions 4, 5, 6 one at a time through the cache.
+    let { hidden, cache } = decoder(p, small, x.slice([0, 0, 0], [2, 4, -1]), mask.slice([0, 0], [2, 4]));
+    const pieces = [hidden];
+    for (let t = 4; t < 7; t++) {
+      ({ hidden, cache } = decoder(p, small, x.slice([0, t, 0], [2, 1, -1]), mask.slice([0, 0], [2, t + 1]), cache, t));
+      pieces.push(hidden);
+    }
+    const stepwise = tf.concat(pieces, 1);
+    const diff = maxAbsDiff(full.dataSync(), stepwise.dataSync(), [0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]);
+    assert(diff < 1e-5, `cache vs recompute differ by ${diff}`);
+    const logitDiff = maxAbsDiff(lmHead(p, small, full).dataSync(), lmHead(p, small, stepwise).dataSync(), [
+      0,
+      1,
+      1,
+      1,
+      1,
+      1,
+      1,
+      1,
+      1,
+      1,
+      1,
+      1,
+      1,
+      1,
+    ]);
+    assert(logitDiff < 1e-5, `logits differ by ${logitDiff}`);
+  });
+  model.dispose();
+});
+
+Deno.test("generate with the cache picks the tokens a full recompute picks", async () => {
+  const model = new VisionLanguageModel(small, { seed: 2 });
+  const { inputIds, mask, images } = batch();
+  const generated = Array.from(
+    await (await model.generate(inputIds, images, mask, { maxNewTokens: 6, greedy: true, eosTokenId: -1 })).data(),
+  );
+  const rows = [Array.from(inputIds.dataSync().slice(0, 11)), Array.from(inputIds.dataSync().slice(11))];
+  const masks = [Array.from(mask.dataSync().slice(0, 11)), Array.from(mask.dataSync().slice(11))];
+  for (let step = 0; step < 6; step++) {
+    const T = rows[0].length;
+    const ids = tf.tensor2d(rows.flat(), [2, T], "int32"), m = tf.tensor2d(masks.flat(), [2, T], "int32");
+    const { logits } = model.forward(ids, images, m);
+    const last = logits.slice([0, T - 1, 0], [2, 1, -1]).argMax(-1).dataSync();
+    tf.dispose([ids, m, logits]);
+    for (let b = 0; b < 2; b++) {
+      assertEquals(generated[b * 6 + step], last[b], `row ${b} step ${step}`);
+      rows[b].push(last[b]);
+      masks[b].push(1);
+    }
+  }
+  model.dispose();
+});
+
+Deno.test("save → load gives exactly the same logits, in nanoVLM's file layout", async () => {
+  const dir = await Deno.makeTempDir();
+  const model = new VisionLanguageModel(small, { seed: 3 });
+  await model.savePretrained(dir);
+  const file = await readSafetensors(`${dir}/model.safetensors`);
+  assert(file.tensors.has("decoder.head.weight") && !file.tensors.has("decoder.token_embedding.weight"));
+  assertEquals(file.metadata["decoder.token_embedding.weight"], "decoder.head.weight");
+  assertEquals(file.tensors.get("MP.proj.weight")!.shape, [48, 4 * 32]); // PyTorch [out, in]
+  assertEquals(file.tensors.get("vision_encoder.patch_embedding.conv.weight")!.shape, [32, 3, 4, 4]);
+  const config = JSON.parse(await Deno.readTextFile(`${dir}/config.json`));
+  assertEquals(Object.keys(config), Object.keys(PRESETS.tiny)); // every reference field, in order
+  const loaded = await VisionLanguageModel.fromPretrained(dir);
+  const { inputIds, mask, images } = batch();
+  const a = model.forward(inputIds, images, mask).logits, b = loaded.forward(inputIds, images, mask).logits;
+  assertEquals(maxAbsDiff(await a.data(), await b.data()), 0);
+  tf.dispose([a, b]);
+  model.dispose();
+  loaded.dispose();
+});
+
+Deno.test("no tensor leaks across repeated forward, backward and generate", async () => {
+  const model = new VisionLanguageModel(small, { seed: 4 });
+  const { inputIds, mask, images, targets } = batch();
+  const step = async () => {
+    const { logits, loss } = model.forward(inputIds, images, mask, targets);
+    await loss!.data();
+    tf.dispose([logits, loss!]);
+    const { value, grads } = tf.variableGrads(() => model.forward(inputIds, images, mask, targets).loss!);
+    tf.dispose([value, ...Object.values(grads)]);
+    const ids = await model.generate(inputIds, images, mask, { maxNewTokens: 3, topK: 5, topP: 0.9, seed: 1 });
+    ids.dispose();
+  };
+  await step(); // warm-up: backends may cache constants on first use
+  await assertNoLeak(async () => {
+    for (let i = 0; i < 3; i++) await step();
+  });
+  model.dispose();
+});
+
+Deno.test("sampling is repeatable with a seed and respects top-k", async () => {
+  const model = new VisionLanguageModel(small, { seed: 5 });
+  const { inputIds, mask, images } = batch();
+  const run = async (seed: number) =>
+    Array.from(
+      await (await model.generate(inputIds, images, mask, {
+        maxNewTokens: 5,
+        temperature: 1,
+        topK: 3,
+        seed,
+        eosTokenId: -1,
+      })).data(),
+    );
+  assertEquals(await run(11), await run(11));
+  const greedy = Array.from(
+    await (await model.generate(inputIds, images, mask, { maxNewTokens: 1, greedy: true })).data(),
+  );
+  const topOne = Array.from(
+    await (await model.generate(inputIds, images, mask, { maxNewTokens: 1, topK: 1, seed: 9 })).data(),
+  );
+  assertEquals(topOne, greedy); // top-k = 1 leaves only the argmax
+  model.dispose();
+});
+
+Deno.test("bad input gets an error that names the problem", async () => {
+  const model = new VisionLanguageModel(small, { seed: 6 });
+  const { inputIds, mask, images } = batch();
+  assertThrows(() => model.forward(inputIds, tf.zeros([3, 3, 20, 20]), mask), Error, "[N, 3, 16, 16]");
+  assertThrows(() => model.forward(inputIds, tf.zeros([3, 1, 16, 16]), mask), Error, "got [3,1,16,16]");
+  assertThrows(
+    () => model.forward(inputIds, images.slice([0], [2]), mask),
+    Error,
+    "12 <|image|> slots but the images give 8",
+  );
+  assertThrows(() => model.forward(inputIds.toFloat(), images, mask), Error, "int32");
+  const long = tf.zeros([1, 40], "int32");
+  assertThrows(() => model.forward(long, undefined), Error, "the prompt has 40 tokens");
+  await assertRejects(
+    () => model.generate(inputIds, images, mask, { maxNewTokens: 30 }),
+    Error,
+    "lm_max_length) is 32",
+  );
+  model.dispose();
+});
+
+Deno.test("checkpoint problems are named: missing files, truncation, wrong shapes, unknown keys", async () => {
+  const dir = await Deno.makeTempDir();
+  await assertRejects(() => VisionLanguageModel.fromPretrained(dir), Error, "config.json is missing");
+  const model = new VisionLanguageModel(small, { seed: 7 });
+  await model.savePretrained(dir);
+  model.dispose();
+  await Deno.remove(`${dir}/model.safetensors`);
+  await assertRejects(() => VisionLanguageModel.fromPretrained(dir), Error, "model.safetensors is missing");
+
+  // A truncated copy of the fixture checkpoint.
+  const bytes = await Deno.readFile(`${FIXTURE_DIR}/model.safetensors`);
+  await Deno.copyFile(`${FIXTURE_DIR}/config.json`, `${dir}/config.json`);
+  await Deno.writeFile(`${dir}/model.safetensors`, bytes.slice(0, bytes.length - 1000));
+  await assertRejects(() => VisionLanguageModel.fromPretrained(dir), Error, "model.safetensors");
+
+  // One tensor of the wrong shape: the key and both shapes are named.
+  const file = await readSafetensors(`${FIXTURE_DIR}/model.safetensors`);
+  const wrong = new Map(
+    [...file.tensors].map(([k, t]) => [k, { ...t, dtype: "F32" as const, data: t.data as Float32Array }]),
+  );
+  wrong.set("decoder.norm.weight", { dtype: "F32", shape: [32], data: new Float32Array(32) });
+  await Deno.writeFile(`${dir}/model.safetensors`, encodeSafetensors(wrong, file.metadata));
+  await assertRejects(
+    () => VisionLanguageModel.fromPretrained(dir),
+    Error,
+    "tensor decoder.norm.weight has shape [32] but this config needs [64]",
+  );
+
+  // An unknown config key (old nanoVLM checkpoints carry lm_eos_token_id): a warning, then it loads.
+  await Deno.copyFile(`${FIXTURE_DIR}/model.safetensors`, `${dir}/model.safetensors`);
+  const config = JSON.parse(await Deno.readTextFile(`${FIXTURE_DIR}/config.json`));
+  await Deno.writeTextFile(`${dir}/config.json`, JSON.stringify({ ...config, lm_eos_token_id: 0 }));
+  const warnings: string[] = [];
+  const original = console.warn;
+  console.warn = (msg: string) => warnings.push(msg);
+  try {
+    const loaded = await VisionLanguageModel.fromPretrained(dir);
+    loaded.dispose();
+  } finally {
+    console.warn = original;
+  }
+  assertMatch(warnings.join("\n"), /unknown key "lm_eos_token_id"/);
+  assertThrows(() => configFromJSON({ lm_hidden_dim: "wide" }), Error, '"lm_hidden_dim" should be a number');
+});
