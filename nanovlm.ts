@@ -490,7 +490,7 @@ export type KVCache = { k: tf.Tensor4D; v: tf.Tensor4D };
  * token axis: q [B, H, T, hd] → [B, KV, rep·T, hd], one plain batched matMul per group.
  * x [B, T, D] → out [B, T, D] and this block's updated cache.
  */
-function decoderAttention(
+export function decoderAttention(
   p: Params,
   prefix: string,
   cfg: VLMConfig,
