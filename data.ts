@@ -1,0 +1,1153 @@
+// data.ts — everything between raw data and the model's input tensors.
+//
+// What this is: nanoVLM's data pipeline (huggingface/nanoVLM at 8374ce1: data/processors.py,
+// data/datasets.py, data/collators.py), ported so that its outputs match the reference
+// token for token and pixel for pixel (tests/data_test.ts checks the nanovlm-tiny-a
+// fixtures), plus the project's built-in dataset, a procedurally drawn "world of shapes".
+//   1. The shapes world: scenes, questions and answers, splits (incl. `test-novel`).
+//   2. Tokenizer: any Hugging Face tokenizer.json through @huggingface/tokenizers, with
+//      `<|image|>` appended as the reference does; the shapes vocabulary's builder.
+//   3. Chat template and labels: the reference's ChatML template, image-token expansion,
+//      loss only on assistant tokens, labels shifted by one inside the data.
+//   4. Collator: left padding to lm_max_length (training) or to the longest (generation).
+//   5. Image processor: PNG/JPEG → RGB → Pillow's antialiased bilinear resize, bit-exact
+//      → float32 CHW in [0, 1] (no mean/std normalisation, as the reference).
+//   6. Training batches of the shapes world.
+//
+// What this is not: a dataset downloader (no Hub access here), the reference's packing
+// (ConstantLengthDataset), or anything that touches tensors: every output is a plain typed
+// array that the model file (nanovlm.ts) turns into tfjs tensors.
+//
+// Run `deno run -A data.ts` to rewrite tokenizers/shapes/ from buildShapesTokenizerJson().
+
+import { Tokenizer } from "@huggingface/tokenizers";
+import { Image } from "imagescript";
+
+// ---- Deterministic random numbers -----------------------------------------------------------
+//
+// Every example is drawn from its own generator, seeded by (split, seed, index), so an
+// example never depends on how many were drawn before it: example 41 of a split can be
+// rendered alone, in any order, at any image size, and is always the same scene.
+
+/** FNV-1a over UTF-16 code units, then a murmur3 finaliser to spread the bits. */
+function hashString(text: string): number {
+  let h = 0x811c9dc5;
+  for (let i = 0; i < text.length; i++) {
+    h ^= text.charCodeAt(i);
+    h = Math.imul(h, 0x01000193);
+  }
+  h ^= h >>> 16;
+  h = Math.imul(h, 0x85ebca6b);
+  h ^= h >>> 13;
+  h = Math.imul(h, 0xc2b2ae35);
+  return (h ^ (h >>> 16)) >>> 0;
+}
+
+/** mulberry32: tiny, fast, and good enough for drawing scenes. */
+class Rng {
+  private state: number;
+  constructor(seed: number) {
+    this.state = seed >>> 0;
+  }
+  /** A float in [0, 1). */
+  next(): number {
+    this.state = (this.state + 0x6d2b79f5) >>> 0;
+    let t = this.state;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  }
+  /** An integer in [0, n). */
+  int(n: number): number {
+    return Math.floor(this.next() * n);
+  }
+  pick<T>(items: readonly T[]): T {
+    return items[this.int(items.length)];
+  }
+  /** A shuffled copy (Fisher–Yates). */
+  shuffled<T>(items: readonly T[]): T[] {
+    const out = items.slice();
+    for (let i = out.length - 1; i > 0; i--) {
+      const j = this.int(i + 1);
+      [out[i], out[j]] = [out[j], out[i]];
+    }
+    return out;
+  }
+}
+
+// ---- The shapes world: scenes ---------------------------------------------------------------
+//
+// A white image split into four quadrants; 1 to 4 shapes, each in its own quadrant with
+// some jitter, so shapes never overlap and "where" always has a one-phrase answer. Shapes
+// are drawn without antialiasing: every pixel is either white or exactly its shape's
+// colour, which makes "the answer agrees with the pixels" a testable property.
+
+/** The shapes, in the order they are listed everywhere. */
+export const SHAPES = ["circle", "square", "triangle"] as const;
+/** A shape's name. */
+export type Shape = typeof SHAPES[number];
+
+/** The colours' names. */
+export const COLORS = ["red", "green", "blue", "yellow"] as const;
+/** A colour's name. */
+export type Color = typeof COLORS[number];
+
+/** The RGB value each colour is drawn with. */
+export const COLOR_RGB: Readonly<Record<Color, readonly [number, number, number]>> = {
+  red: [220, 40, 40],
+  green: [40, 170, 60],
+  blue: [40, 80, 220],
+  yellow: [230, 200, 30],
+};
+
+/** The two sizes a shape comes in. */
+export const SIZES = ["small", "large"] as const;
+/** A shape's size. */
+export type Size = typeof SIZES[number];
+
+/** The quadrants in reading order: captions list shapes in this order. */
+export const QUADRANTS = ["top left", "top right", "bottom left", "bottom right"] as const;
+/** A quadrant's name. */
+export type Quadrant = typeof QUADRANTS[number];
+
+/** The dataset's splits. `test-novel` probes compositional generalisation. */
+export const SPLITS = ["train", "val", "test", "test-novel"] as const;
+/** A split's name. */
+export type Split = typeof SPLITS[number];
+
+/**
+ * Colour–shape pairs that never occur in `train`, `val` or `test` (neither in the images
+ * nor in the text) and that are the subject of every `test-novel` question.
+ */
+export const NOVEL_PAIRS: readonly string[] = ["yellow triangle", "green circle"];
+
+/** One shape of a scene. Positions are fractions of the image side, so a scene renders at any size. */
+export interface ShapeObject {
+  shape: Shape;
+  color: Color;
+  size: Size;
+  quadrant: Quadrant;
+  /** Centre, as a fraction of the image width (0 = left edge). */
+  x: number;
+  /** Centre, as a fraction of the image height (0 = top edge). */
+  y: number;
+  /** Half the shape's extent, as a fraction of the image side. */
+  radius: number;
+}
+
+// Radii leave every shape inside its quadrant with a margin, whatever the jitter.
+const RADIUS: Record<Size, number> = { small: 0.1, large: 0.17 };
+const MARGIN = 0.02;
+
+/**
+ * Draw a scene into an RGB buffer (row-major, 3 bytes per pixel, `size`×`size`).
+ * A pixel belongs to a shape when its centre does, so the pixel under each object's
+ * centre (`floor(x·size)`, `floor(y·size)`) always has the object's colour (for
+ * `size` ≥ 16). Pass `out` to reuse a buffer.
+ */
+export function renderScene(
+  objects: readonly ShapeObject[],
+  size: number,
+  out: Uint8Array = new Uint8Array(size * size * 3),
+): Uint8Array {
+  if (out.length !== size * size * 3) {
+    throw new Error(`renderScene: out has ${out.length} bytes, need ${size * size * 3}`);
+  }
+  out.fill(255);
+  for (const o of objects) {
+    const [red, green, blue] = COLOR_RGB[o.color];
+    const cx = o.x * size, cy = o.y * size, r = o.radius * size;
+    // Triangles point up: apex r above the centre, base 0.8·r below, half-base 1.1·r.
+    const apex = cy - r, base = cy + 0.8 * r, halfBase = 1.1 * r;
+    const y0 = Math.max(0, Math.floor(cy - r)), y1 = Math.min(size - 1, Math.ceil(cy + r));
+    const x0 = Math.max(0, Math.floor(cx - halfBase)), x1 = Math.min(size - 1, Math.ceil(cx + halfBase));
+    for (let py = y0; py <= y1; py++) {
+      const dy = py + 0.5 - cy;
+      for (let px = x0; px <= x1; px++) {
+        const dx = px + 0.5 - cx;
+        let inside: boolean;
+        if (o.shape === "circle") inside = dx * dx + dy * dy <= r * r;
+        else if (o.shape === "square") inside = Math.abs(dx) <= 0.8 * r && Math.abs(dy) <= 0.8 * r;
+        else {
+          const t = (py + 0.5 - apex) / (base - apex); // 0 at the apex, 1 at the base
+          inside = t >= 0 && t <= 1 && Math.abs(dx) <= halfBase * t;
+        }
+        if (inside) {
+          const i = (py * size + px) * 3;
+          out[i] = red;
+          out[i + 1] = green;
+          out[i + 2] = blue;
+        }
+      }
+    }
+  }
+  return out;
+}
+
+/** Encode an RGB buffer (e.g. from renderScene) as PNG bytes, with imagescript. */
+export async function encodePng(rgb: Uint8Array, width: number, height: number = width): Promise<Uint8Array> {
+  const image = new Image(width, height);
+  const rgba = image.bitmap;
+  for (let i = 0, j = 0; i < width * height * 3; i += 3, j += 4) {
+    rgba[j] = rgb[i];
+    rgba[j + 1] = rgb[i + 1];
+    rgba[j + 2] = rgb[i + 2];
+    rgba[j + 3] = 255;
+  }
+  return await image.encode();
+}
+
+// ---- The shapes world: questions ------------------------------------------------------------
+//
+// Each scene comes with one question of every kind that makes sense for it (a colour
+// question needs a shape that occurs once, ...). Answers are single words or short
+// phrases, so a small model can learn them and an exact-match score is meaningful.
+
+/** The question kinds. */
+export const QUESTION_KINDS = ["caption", "color", "shape", "count", "exists", "position", "choice"] as const;
+/** A question kind. */
+export type QuestionKind = typeof QUESTION_KINDS[number];
+
+/** A question about a scene, with its answer. */
+export interface ShapesQuestion {
+  kind: QuestionKind;
+  question: string;
+  answer: string;
+  /** The colour–shape pairs ("green circle") the question is about; empty for "How many shapes are there?". */
+  topics: string[];
+}
+
+/** The closing line of a multiple-choice question, as MMStar prompts it. */
+export const CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly.";
+const LETTERS = ["A", "B", "C", "D"] as const;
+const NUMBER_WORDS = ["zero", "one", "two", "three", "four"] as const;
+
+const pairName = (color: Color, shape: Shape) => `${color} ${shape}`;
+const describe = (o: ShapeObject) => `a ${o.size} ${o.color} ${o.shape} in the ${o.quadrant}`;
+
+/** "a large red circle in the top left, a small blue square in the top right and ...". */
+function caption(objects: readonly ShapeObject[]): string {
+  const parts = objects.map(describe);
+  const last = parts.pop()!;
+  return (parts.length > 0 ? `${parts.join(", ")} and ${last}` : last) + ".";
+}
+
+/** MMStar's layout: the question, one "X. option" line per letter, then the instruction; the answer is a letter. */
+function multipleChoice(rng: Rng, base: ShapesQuestion, options: readonly string[]): ShapesQuestion {
+  const order = rng.shuffled(options);
+  const lines = order.map((option, i) => `${LETTERS[i]}. ${option}`);
+  return {
+    kind: "choice",
+    question: [base.question, ...lines, CHOICE_INSTRUCTION].join("\n"),
+    answer: LETTERS[order.indexOf(base.answer)],
+    topics: base.topics,
+  };
+}
+
+/**
+ * The questions of one scene. `focus` restricts them to one object (the `test-novel`
+ * split asks only about its novel object); otherwise no question names a novel pair.
+ */
+function makeQuestions(rng: Rng, objects: readonly ShapeObject[], focus: ShapeObject | undefined): ShapesQuestion[] {
+  const questions: ShapesQuestion[] = [];
+  const count = (keep: (o: ShapeObject) => boolean) => objects.filter(keep).length;
+  const allowedPairs = COLORS.flatMap((c) => SHAPES.map((s) => pairName(c, s))).filter((p) => !NOVEL_PAIRS.includes(p));
+  const presentPairs = [...new Set(objects.map((o) => pairName(o.color, o.shape)))];
+  // Candidates for "the X": objects that the question can name unambiguously.
+  const uniqueShape = objects.filter((o) => count((p) => p.shape === o.shape) === 1);
+  const uniqueColor = objects.filter((o) => count((p) => p.color === o.color) === 1);
+  const uniquePair = objects.filter((o) => count((p) => p.color === o.color && p.shape === o.shape) === 1);
+  const about = (candidates: ShapeObject[]) =>
+    focus ? (candidates.includes(focus) ? focus : undefined) : candidates.length ? rng.pick(candidates) : undefined;
+
+  questions.push({
+    kind: "caption",
+    question: "Describe the image.",
+    answer: caption(objects),
+    topics: presentPairs,
+  });
+
+  const colorOf = about(uniqueShape);
+  const color: ShapesQuestion | undefined = colorOf && {
+    kind: "color",
+    question: `What color is the ${colorOf.shape}?`,
+    answer: colorOf.color,
+    topics: [pairName(colorOf.color, colorOf.shape)],
+  };
+
+  const shapeOf = about(uniqueColor);
+  const shape: ShapesQuestion | undefined = shapeOf && {
+    kind: "shape",
+    question: `What shape is the ${shapeOf.color} object?`,
+    answer: shapeOf.shape,
+    topics: [pairName(shapeOf.color, shapeOf.shape)],
+  };
+  questions.push(...[color, shape].filter((q) => q !== undefined));
+
+  // Counting: all shapes, shapes of one colour, or shapes of one colour and kind. A
+  // test-novel scene holds exactly one novel object, so its count question is "one".
+  const total: ShapesQuestion = {
+    kind: "count",
+    question: "How many shapes are there?",
+    answer: NUMBER_WORDS[objects.length],
+    topics: [],
+  };
+  if (focus) {
+    questions.push({
+      kind: "count",
+      question: `How many ${focus.color} ${focus.shape}s are there?`,
+      answer: "one",
+      topics: [pairName(focus.color, focus.shape)],
+    });
+  } else {
+    questions.push(total);
+    if (rng.next() < 0.5) {
+      const c = rng.pick(COLORS);
+      questions.push({
+        kind: "count",
+        question: `How many ${c} shapes are there?`,
+        answer: NUMBER_WORDS[count((o) => o.color === c)],
+        topics: presentPairs.filter((p) => p.startsWith(c + " ")),
+      });
+    } else {
+      // Half the time a pair that is present, so the answers are not mostly "zero".
+      const pair = rng.next() < 0.5 ? rng.pick(presentPairs) : rng.pick(allowedPairs);
+      const [c, s] = pair.split(" ");
+      questions.push({
+        kind: "count",
+        question: `How many ${c} ${s}s are there?`,
+        answer: NUMBER_WORDS[count((o) => o.color === c && o.shape === s)],
+        topics: [pair],
+      });
+    }
+  }
+
+  // Existence, balanced: "yes" asks about a present pair, "no" about an absent one.
+  const yes = rng.next() < 0.5;
+  let asked: string;
+  if (focus) {
+    // The other novel pair never occurs in a test-novel scene.
+    asked = yes
+      ? pairName(focus.color, focus.shape)
+      : NOVEL_PAIRS.find((p) => p !== pairName(focus.color, focus.shape))!;
+  } else {
+    asked = yes ? rng.pick(presentPairs) : rng.pick(allowedPairs.filter((p) => !presentPairs.includes(p)));
+  }
+  questions.push({
+    kind: "exists",
+    question: `Is there a ${asked}?`,
+    answer: presentPairs.includes(asked) ? "yes" : "no",
+    topics: [asked],
+  });
+
+  const placed = about(uniquePair);
+  const position: ShapesQuestion | undefined = placed && {
+    kind: "position",
+    question: `Where is the ${placed.color} ${placed.shape}?`,
+    answer: placed.quadrant,
+    topics: [pairName(placed.color, placed.shape)],
+  };
+  if (position) questions.push(position);
+
+  // Multiple choice: a colour, position or (not in test-novel) whole-scene count question
+  // with its four possible answers as options.
+  const bases: [ShapesQuestion | undefined, readonly string[]][] = [
+    [color, COLORS],
+    [position, QUADRANTS],
+    [focus ? undefined : total, NUMBER_WORDS.slice(1)],
+  ];
+  const available = bases.filter(([q]) => q !== undefined) as [ShapesQuestion, readonly string[]][];
+  if (available.length) questions.push(multipleChoice(rng, ...rng.pick(available)));
+  return questions;
+}
+
+// ---- The shapes world: examples and datasets --------------------------------------------------
+
+/** One scene of the shapes world with its questions. */
+export interface ShapesExample {
+  split: Split;
+  seed: number;
+  index: number;
+  /** Image side in pixels. */
+  size: number;
+  objects: ShapeObject[];
+  /** The rendered image: `size`×`size` RGB, row-major. */
+  rgb: Uint8Array;
+  questions: ShapesQuestion[];
+}
+
+/** Draw the objects of one scene (without rendering it). */
+function drawObjects(rng: Rng, split: Split): { objects: ShapeObject[]; focus?: ShapeObject } {
+  const n = 1 + rng.int(4);
+  const quadrants = rng.shuffled([0, 1, 2, 3]).slice(0, n).sort();
+  const novelAt = split === "test-novel" ? rng.pick(quadrants) : -1;
+  const objects: ShapeObject[] = [];
+  let focus: ShapeObject | undefined;
+  for (const q of quadrants) {
+    let color: Color, shape: Shape;
+    if (q === novelAt) {
+      [color, shape] = rng.pick(NOVEL_PAIRS).split(" ") as [Color, Shape];
+    } else {
+      // Rejection sampling: 10 of the 12 pairs are allowed.
+      do {
+        color = rng.pick(COLORS);
+        shape = rng.pick(SHAPES);
+      } while (NOVEL_PAIRS.includes(pairName(color, shape)));
+    }
+    const size = rng.pick(SIZES);
+    const radius = RADIUS[size];
+    const jitter = 0.25 - 1.1 * radius - MARGIN; // the triangle's half-base is 1.1·radius
+    const object: ShapeObject = {
+      shape,
+      color,
+      size,
+      quadrant: QUADRANTS[q],
+      x: (q % 2) * 0.5 + 0.25 + (2 * rng.next() - 1) * jitter,
+      y: Math.floor(q / 2) * 0.5 + 0.25 + (2 * rng.next() - 1) * jitter,
+      radius,
+    };
+    objects.push(object);
+    if (q === novelAt) focus = object;
+  }
+  return { objects, focus };
+}
+
+/**
+ * Example `index` of a split: the same (split, seed, index) always gives the same scene
+ * and questions, and the same pixels at a given `size`.
+ */
+export function makeShapesExample(split: Split, seed: number, index: number, size: number): ShapesExample {
+  if (!SPLITS.includes(split)) throw new Error(`unknown split "${split}"; use one of ${SPLITS.join(", ")}`);
+  if (!(Number.isInteger(size) && size >= 16)) throw new Error(`image size must be an integer ≥ 16, got ${size}`);
+  const rng = new Rng(hashString(`shapes/${split}/${seed}/${index}`));
+  const { objects, focus } = drawObjects(rng, split);
+  const questions = makeQuestions(rng, objects, focus);
+  return { split, seed, index, size, objects, rgb: renderScene(objects, size), questions };
+}
+
+/** Examples `start` … `start + count − 1` of a split. */
+export function shapesDataset(
+  { split, seed, count, size, start = 0 }: { split: Split; seed: number; count: number; size: number; start?: number },
+): ShapesExample[] {
+  return Array.from({ length: count }, (_, i) => makeShapesExample(split, seed, start + i, size));
+}
+
+// ---- Tokenizer ------------------------------------------------------------------------------
+//
+// The reference loads SmolLM2's tokenizer and adds `<|image|>` as a new special token,
+// which gets the next free id (49152 = lm_base_vocab_size). Here any tokenizer.json is
+// read by @huggingface/tokenizers, and `<|image|>` is appended the same way when the file
+// lacks it. EOS comes from tokenizer_config.json when there is one (SmolLM2-Instruct:
+// `<|im_end|>`; base SmolLM2: `<|endoftext|>`), else `<|im_end|>`; pad = EOS, as the
+// reference sets `pad_token = eos_token`.
+
+/** The reference's image placeholder token. */
+export const IMAGE_TOKEN = "<|image|>";
+
+/** What the data pipeline and generation need from a tokenizer. */
+export interface ChatTokenizer {
+  /** Token ids of `text`; special tokens written in the text are matched, none are added. Throws on text outside the vocabulary. */
+  encode(text: string): number[];
+  /** The text of `ids`; with `skipSpecialTokens`, `<|im_end|>`, `<|image|>` etc. are left out. */
+  decode(ids: ArrayLike<number>, options?: { skipSpecialTokens?: boolean }): string;
+  /** The id of a token string, if it is one token. */
+  tokenToId(token: string): number | undefined;
+  /** Number of ids, `<|image|>` included (the model's lm_vocab_size). */
+  readonly vocabSize: number;
+  /** Number of ids before `<|image|>` (the model's lm_base_vocab_size). */
+  readonly baseVocabSize: number;
+  readonly imageToken: string;
+  /** = baseVocabSize. */
+  readonly imageTokenId: number;
+  readonly eosToken: string;
+  readonly eosTokenId: number;
+  /** = eosTokenId. */
+  readonly padTokenId: number;
+}
+
+type Json = Record<string, unknown>;
+interface AddedTokenJson {
+  id: number;
+  content: string;
+  special?: boolean;
+}
+
+/** Highest id in a tokenizer.json, over the model's vocabulary and the added tokens. */
+function maxTokenId(tokenizerJson: Json): number {
+  const model = tokenizerJson.model as { vocab?: Record<string, number> | [string, number][] };
+  const vocab = model?.vocab;
+  let max = -1;
+  if (Array.isArray(vocab)) max = vocab.length - 1; // Unigram: [piece, score][] in id order
+  else if (vocab) { for (const id of Object.values(vocab)) max = Math.max(max, id); }
+  for (const t of (tokenizerJson.added_tokens ?? []) as AddedTokenJson[]) max = Math.max(max, t.id);
+  return max;
+}
+
+/**
+ * A ChatTokenizer from parsed tokenizer.json (and tokenizer_config.json) objects.
+ * `eosToken` overrides the config's EOS.
+ */
+export function tokenizerFromJson(
+  tokenizerJson: Json,
+  tokenizerConfig: Json = {},
+  { eosToken }: { eosToken?: string } = {},
+): ChatTokenizer {
+  const added = [...((tokenizerJson.added_tokens ?? []) as AddedTokenJson[])];
+  let vocabSize = maxTokenId(tokenizerJson) + 1;
+  let image = added.find((t) => t.content === IMAGE_TOKEN);
+  if (!image) {
+    image = { id: vocabSize, content: IMAGE_TOKEN, special: true };
+    added.push({ ...image, single_word: false, lstrip: false, rstrip: false, normalized: false } as AddedTokenJson);
+    vocabSize += 1;
+  }
+  if (image.id !== vocabSize - 1) {
+    throw new Error(`${IMAGE_TOKEN} has id ${image.id}; the model expects it last (id ${vocabSize - 1})`);
+  }
+  // Decoding follows transformers: no "clean up" of spaces unless the config asks for it.
+  const config = { clean_up_tokenization_spaces: false, ...tokenizerConfig };
+  const inner = new Tokenizer({ ...tokenizerJson, added_tokens: added }, config);
+
+  const configEos = tokenizerConfig.eos_token;
+  const eos = eosToken ??
+    (typeof configEos === "string" ? configEos : (configEos as { content?: string })?.content) ??
+    "<|im_end|>";
+  const eosId = inner.token_to_id(eos);
+  if (eosId === undefined) throw new Error(`the EOS token ${eos} is not in the tokenizer's vocabulary`);
+
+  return {
+    encode(text: string): number[] {
+      const { ids, tokens } = inner.encode(text, { add_special_tokens: false });
+      const unknown = tokens.filter((_, i) => ids[i] === undefined);
+      if (unknown.length) {
+        throw new Error(`cannot encode ${JSON.stringify(text)}: not in the vocabulary: ${JSON.stringify(unknown)}`);
+      }
+      return ids;
+    },
+    decode(ids: ArrayLike<number>, { skipSpecialTokens = false } = {}): string {
+      // tokenizers.js rejects an empty list; an empty generation decodes to "".
+      return ids.length ? inner.decode(Array.from(ids), { skip_special_tokens: skipSpecialTokens }) : "";
+    },
+    tokenToId: (token: string) => inner.token_to_id(token),
+    vocabSize,
+    baseVocabSize: image.id,
+    imageToken: IMAGE_TOKEN,
+    imageTokenId: image.id,
+    eosToken: eos,
+    eosTokenId: eosId,
+    padTokenId: eosId,
+  };
+}
+
+/**
+ * Load a tokenizer from a directory holding tokenizer.json (+ tokenizer_config.json), or
+ * from the path of a tokenizer.json (its directory's tokenizer_config.json is used if
+ * present). Works for the shapes tokenizer and a real SmolLM2 download alike.
+ */
+export async function loadTokenizer(path: string, options: { eosToken?: string } = {}): Promise<ChatTokenizer> {
+  const isFile = path.endsWith(".json");
+  const dir = isFile ? path.slice(0, Math.max(0, path.lastIndexOf("/"))) || "." : path;
+  const jsonPath = isFile ? path : `${dir}/tokenizer.json`;
+  const readJson = async (p: string): Promise<Json> => {
+    try {
+      return JSON.parse(await Deno.readTextFile(p));
+    } catch (e) {
+      throw new Error(`cannot read tokenizer file ${p}: ${(e as Error).message}`);
+    }
+  };
+  const tokenizerJson = await readJson(jsonPath);
+  let config: Json = {};
+  const configPath = `${dir}/tokenizer_config.json`;
+  try {
+    await Deno.stat(configPath);
+    config = await readJson(configPath);
+  } catch (e) {
+    if (!(e instanceof Deno.errors.NotFound)) throw e;
+  }
+  return tokenizerFromJson(tokenizerJson, config, options);
+}
+
+/** Throw unless the tokenizer's vocabulary is the one the model config was built for. */
+export function checkTokenizerFitsConfig(
+  tokenizer: ChatTokenizer,
+  config: Pick<DataConfig, "lm_base_vocab_size">,
+): void {
+  if (tokenizer.baseVocabSize !== config.lm_base_vocab_size) {
+    throw new Error(
+      `the tokenizer has ${tokenizer.baseVocabSize} tokens before ${IMAGE_TOKEN} but the config's ` +
+        `lm_base_vocab_size is ${config.lm_base_vocab_size}`,
+    );
+  }
+}
+
+// The shapes vocabulary: a word-level tokenizer whose pieces follow the split regex of the
+// fixtures' toy tokenizer (a word keeps its leading space, as in GPT-2-style BPE), with
+// SmolLM2's special-token ids 0, 1, 2 and `<|image|>` last.
+
+const SPLIT_REGEX = "<\\|[a-z_]+\\|>|\\n| ?[A-Za-z]+| ?[0-9]| ?[^\\sA-Za-z0-9]";
+const SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
+
+/** Every text the shapes world or the chat template can produce, with a placeholder for each varying word. */
+function shapesCorpus(): string[] {
+  const values = [...SHAPES, ...SHAPES.map((s) => s + "s"), ...COLORS, ...SIZES, ...QUADRANTS, ...NUMBER_WORDS];
+  const templates = [
+    "user\nassistant\n",
+    "Describe the image.",
+    "a large red circle in the top left, a small blue square in the top right and a circle.",
+    "What color is the circle?",
+    "What shape is the red object?",
+    "How many shapes are there?",
+    "How many red shapes are there?",
+    "How many red circles are there?",
+    "Is there a red circle?",
+    "yes",
+    "no",
+    "Where is the red circle?",
+    ...LETTERS.map((letter) => `\n${letter}. red`),
+    CHOICE_INSTRUCTION,
+  ];
+  // Each value both at the start of a line and after a space.
+  return [...templates, ...values.flatMap((v) => [v, ` ${v}`])];
+}
+
+/**
+ * The shapes tokenizer as a tokenizer.json object (WordLevel model, split pre-tokenizer,
+ * Fuse decoder); `tokenizers/shapes/tokenizer.json` is this, pretty-printed.
+ */
+export function buildShapesTokenizerJson(): Json {
+  const pattern = new RegExp(SPLIT_REGEX, "g");
+  const pieces = new Set<string>();
+  for (const text of shapesCorpus()) for (const [piece] of text.matchAll(pattern)) pieces.add(piece);
+  const words = [...pieces].filter((p) => !SPECIAL_TOKENS.includes(p)).sort();
+  const vocab: Record<string, number> = {};
+  [...SPECIAL_TOKENS, ...words].forEach((piece, id) => vocab[piece] = id);
+  const addedToken = (content: string, id: number) => ({
+    id,
+    content,
+    single_word: false,
+    lstrip: false,
+    rstrip: false,
+    normalized: false,
+    special: true,
+  });
+  return {
+    version: "1.0",
+    truncation: null,
+    padding: null,
+    added_tokens: [
+      ...SPECIAL_TOKENS.map(addedToken),
+      addedToken(IMAGE_TOKEN, SPECIAL_TOKENS.length + words.length),
+    ],
+    normalizer: null,
+    pre_tokenizer: { type: "Split", pattern: { Regex: SPLIT_REGEX }, behavior: "Isolated", invert: false },
+    post_processor: null,
+    decoder: { type: "Fuse" },
+    model: { type: "WordLevel", vocab, unk_token: "<unk>" },
+  };
+}
+
+/** The shapes tokenizer's tokenizer_config.json object: EOS = pad = `<|im_end|>`, the reference's chat template. */
+export function buildShapesTokenizerConfig(): Json {
+  return {
+    tokenizer_class: "PreTrainedTokenizerFast",
+    bos_token: null,
+    eos_token: "<|im_end|>",
+    pad_token: "<|im_end|>",
+    unk_token: null,
+    clean_up_tokenization_spaces: false,
+    model_max_length: 8192,
+    chat_template: CHATML_TEMPLATE,
+  };
+}
+
+/** The files of tokenizers/shapes/, as written to disk. */
+export function shapesTokenizerFiles(): Record<string, string> {
+  return {
+    "tokenizer.json": JSON.stringify(buildShapesTokenizerJson(), null, 2) + "\n",
+    "tokenizer_config.json": JSON.stringify(buildShapesTokenizerConfig(), null, 2) + "\n",
+  };
+}
+
+// ---- Chat template and labels ---------------------------------------------------------------
+
+/** The model-config fields the data pipeline reads (names as in the reference's VLMConfig). */
+export interface DataConfig {
+  /** S: images are resized to S×S. */
+  vit_img_size: number;
+  /** Image tokens per image. */
+  mp_image_token_length: number;
+  /** Training sequences are padded to exactly this; longer ones are dropped. */
+  lm_max_length: number;
+  /** The tokenizer's vocabulary without `<|image|>`. */
+  lm_base_vocab_size: number;
+  lm_chat_template: string;
+}
+
+/**
+ * The reference's lm_chat_template: ChatML without a system turn. Jinja reads `'\n'` in a
+ * string literal as a newline, so a copy with the two characters `\` `n` instead of newline
+ * characters is the same template; applyChatTemplate accepts both.
+ */
+export const CHATML_TEMPLATE =
+  "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+/** A chat message. */
+export interface ChatMessage {
+  role: "user" | "assistant" | "system";
+  content: string;
+}
+
+/**
+ * Render messages with the ChatML template: `<|im_start|>{role}\n{content}<|im_end|>\n`
+ * each, then `<|im_start|>assistant\n` if `addGenerationPrompt`. Only the reference's
+ * template is implemented (this is not a Jinja engine); another `template` throws.
+ */
+export function applyChatTemplate(
+  messages: readonly ChatMessage[],
+  { addGenerationPrompt = false, template = CHATML_TEMPLATE }: { addGenerationPrompt?: boolean; template?: string } =
+    {},
+): string {
+  if (template.replaceAll("\\n", "\n") !== CHATML_TEMPLATE) {
+    throw new Error("only the reference's ChatML lm_chat_template is implemented");
+  }
+  const text = messages.map((m) => `<|im_start|>${m.role}\n${m.content}<|im_end|>\n`).join("");
+  return addGenerationPrompt ? text + "<|im_start|>assistant\n" : text;
+}
+
+/** A tokenised sample before padding: the reference VQADataset's output. */
+export interface EncodedSample {
+  inputIds: number[];
+  /** Next-token targets: labels[t] = inputIds[t+1] where t+1 is an assistant token, else -100. */
+  labels: number[];
+  attentionMask: number[];
+  /** The sample's images, each a [3, S, S] float32 array. */
+  images: Float32Array[];
+}
+
+/** The label value that the loss ignores (PyTorch's cross-entropy default). */
+export const IGNORE_INDEX = -100;
+
+const prefixLengths = new WeakMap<ChatTokenizer, number>();
+
+/**
+ * Tokens of the template before an assistant message's content, `<|im_start|>assistant\n`
+ * (the reference's `_get_prefix_len`: render a dummy assistant message and tokenise what
+ * precedes its content).
+ */
+export function assistantPrefixLength(tokenizer: ChatTokenizer): number {
+  let n = prefixLengths.get(tokenizer);
+  if (n === undefined) {
+    const marker = "xzyvd";
+    const text = applyChatTemplate([{ role: "assistant", content: marker }]);
+    n = tokenizer.encode(text.slice(0, text.indexOf(marker))).length;
+    prefixLengths.set(tokenizer, n);
+  }
+  return n;
+}
+
+/** `count` image placeholders, the reference's `"<|image|>" * (n_images * mp_image_token_length)`. */
+function imagePlaceholders(tokenizer: ChatTokenizer, imageCount: number, imageTokenLength: number): string {
+  return tokenizer.imageToken.repeat(imageCount * imageTokenLength);
+}
+
+/**
+ * Tokenise a conversation the way the reference VQADataset does: image placeholders
+ * prepended to the first user turn, the chat template, a loss mask over each assistant
+ * message's content + `<|im_end|>` + `\n`, and labels shifted by one (the model does
+ * not shift). Images are attached later (see collate); this only counts them.
+ */
+export function encodeConversation(
+  tokenizer: ChatTokenizer,
+  { turns, imageCount }: { turns: readonly { user: string; assistant: string }[]; imageCount: number },
+  imageTokenLength: number,
+): Omit<EncodedSample, "images"> {
+  if (turns.length === 0) throw new Error("a conversation needs at least one turn");
+  const messages: ChatMessage[] = turns.flatMap((t) => [
+    { role: "user" as const, content: t.user },
+    { role: "assistant" as const, content: t.assistant },
+  ]);
+  messages[0].content = imagePlaceholders(tokenizer, imageCount, imageTokenLength) + messages[0].content;
+
+  const inputIds = tokenizer.encode(applyChatTemplate(messages));
+  const prefix = assistantPrefixLength(tokenizer);
+  const trained = new Array<boolean>(inputIds.length).fill(false);
+  let cursor = 0;
+  for (const message of messages) {
+    const segment = tokenizer.encode(applyChatTemplate([message])).length;
+    if (message.role === "assistant") trained.fill(true, cursor + prefix, cursor + segment);
+    cursor += segment;
+  }
+  // The reference assumes message-by-message tokenisation adds up to the whole; say so if not.
+  if (cursor !== inputIds.length) {
+    throw new Error(`the messages tokenise to ${cursor} tokens one by one but ${inputIds.length} together`);
+  }
+  const labels = inputIds.map((_, t) => (t + 1 < inputIds.length && trained[t + 1] ? inputIds[t + 1] : IGNORE_INDEX));
+  return { inputIds, labels, attentionMask: inputIds.map(() => 1) };
+}
+
+/**
+ * Tokenise a generation prompt: one user turn with the image placeholders, then
+ * `<|im_start|>assistant\n` (generate.py and the lmms-eval wrapper do the same).
+ * With `maxLength`, a prompt longer than that throws an Error giving both numbers.
+ */
+export function encodePrompt(
+  tokenizer: ChatTokenizer,
+  question: string,
+  imageCount: number,
+  imageTokenLength: number,
+  maxLength?: number,
+): { inputIds: number[]; attentionMask: number[] } {
+  const content = imagePlaceholders(tokenizer, imageCount, imageTokenLength) + question;
+  const inputIds = tokenizer.encode(applyChatTemplate([{ role: "user", content }], { addGenerationPrompt: true }));
+  if (maxLength !== undefined && inputIds.length > maxLength) {
+    throw new Error(
+      `the prompt is ${inputIds.length} tokens long (${imageCount * imageTokenLength} of them image tokens), ` +
+        `more than the limit of ${maxLength} (lm_max_length)`,
+    );
+  }
+  return { inputIds, attentionMask: inputIds.map(() => 1) };
+}
+
+// ---- Collator -------------------------------------------------------------------------------
+//
+// Left padding everywhere: generation reads the logits of the last column, and the
+// reference pads training batches on the left too (its VQACollator), so RoPE positions
+// of a sample depend on its padding exactly as in the reference.
+
+/** A padded batch, row-major [batchSize, length], images concatenated in sample order. */
+export interface Batch {
+  inputIds: Int32Array;
+  /** -100 on padding, prompts and images. */
+  labels: Int32Array;
+  attentionMask: Int32Array;
+  batchSize: number;
+  length: number;
+  /** [imageCount, 3, S, S]. */
+  images: Float32Array;
+  imageCount: number;
+  /** Images of each sample (how `images` splits per sample). */
+  imageCounts: number[];
+  /** S (0 when the batch has no images). */
+  imageSize: number;
+  /** Samples dropped because they were longer than maxLength. */
+  dropped: number;
+}
+
+/** Concatenate [3, S, S] images and check they all have the same S. */
+function stackImages(perSample: readonly (readonly Float32Array[])[]): { images: Float32Array; imageSize: number } {
+  const all = perSample.flat();
+  const plane = all.length ? all[0].length : 0;
+  const imageSize = Math.round(Math.sqrt(plane / 3));
+  const images = new Float32Array(all.length * plane);
+  all.forEach((image, i) => {
+    if (image.length !== plane || 3 * imageSize * imageSize !== plane) {
+      throw new Error(`image ${i} of the batch has ${image.length} values; expected [3, S, S] = ${plane}`);
+    }
+    images.set(image, i * plane);
+  });
+  return { images, imageSize };
+}
+
+/** Left-pad rows into [B, length] arrays. */
+function leftPad(
+  rows: readonly { inputIds: number[]; labels?: number[]; attentionMask: number[] }[],
+  length: number,
+  padTokenId: number,
+): { inputIds: Int32Array; labels: Int32Array; attentionMask: Int32Array } {
+  const inputIds = new Int32Array(rows.length * length).fill(padTokenId);
+  const labels = new Int32Array(rows.length * length).fill(IGNORE_INDEX);
+  const attentionMask = new Int32Array(rows.length * length);
+  rows.forEach((row, b) => {
+    const offset = b * length + length - row.inputIds.length;
+    inputIds.set(row.inputIds, offset);
+    if (row.labels) labels.set(row.labels, offset);
+    attentionMask.set(row.attentionMask, offset);
+  });
+  return { inputIds, labels, attentionMask };
+}
+
+/**
+ * The reference VQACollator: drop samples longer than `maxLength` (with a warning that
+ * counts them, unless `quiet`), then left-pad every sample to exactly `maxLength`:
+ * input ids with `padTokenId`, labels with -100, attention mask with 0.
+ */
+export function collate(
+  samples: readonly EncodedSample[],
+  { maxLength, padTokenId, quiet = false }: { maxLength: number; padTokenId: number; quiet?: boolean },
+): Batch {
+  const kept = samples.filter((s) => s.inputIds.length <= maxLength);
+  const dropped = samples.length - kept.length;
+  if (dropped && !quiet) {
+    const longest = Math.max(...samples.map((s) => s.inputIds.length));
+    console.warn(
+      `collate: dropped ${dropped} of ${samples.length} samples longer than lm_max_length ${maxLength} ` +
+        `(longest: ${longest} tokens)`,
+    );
+  }
+  const { images, imageSize } = stackImages(kept.map((s) => s.images));
+  return {
+    ...leftPad(kept, maxLength, padTokenId),
+    batchSize: kept.length,
+    length: maxLength,
+    images,
+    imageCount: kept.reduce((n, s) => n + s.images.length, 0),
+    imageCounts: kept.map((s) => s.images.length),
+    imageSize,
+    dropped,
+  };
+}
+
+/**
+ * Batch generation prompts: left-pad to the longest prompt (as lmms-eval's
+ * `padding="longest", padding_side="left"`). With `maxLength`, a prompt longer than
+ * that throws (it would not fit the context), naming the prompt, its length and the limit.
+ */
+export function collatePrompts(
+  prompts: readonly { inputIds: number[]; attentionMask: number[]; images: Float32Array[] }[],
+  { padTokenId, maxLength }: { padTokenId: number; maxLength?: number },
+): Omit<Batch, "labels" | "dropped"> {
+  prompts.forEach((p, i) => {
+    if (maxLength !== undefined && p.inputIds.length > maxLength) {
+      throw new Error(`prompt ${i} is ${p.inputIds.length} tokens long, more than the limit of ${maxLength}`);
+    }
+  });
+  const length = Math.max(0, ...prompts.map((p) => p.inputIds.length));
+  const { inputIds, attentionMask } = leftPad(prompts, length, padTokenId);
+  const { images, imageSize } = stackImages(prompts.map((p) => p.images));
+  return {
+    inputIds,
+    attentionMask,
+    batchSize: prompts.length,
+    length,
+    images,
+    imageCount: prompts.reduce((n, p) => n + p.images.length, 0),
+    imageCounts: prompts.map((p) => p.images.length),
+    imageSize,
+  };
+}
+
+// ---- Image processor ------------------------------------------------------------------------
+//
+// The reference: `image.convert("RGB")`, `Resize((S, S))` (PIL bilinear, aspect ratio not
+// kept), `ToTensor()` (k/255). Pillow's bilinear resize is an antialiased separable
+// convolution in fixed point; resizeBilinearPIL follows Pillow's Resample.c step by step
+// so the result is bit-identical, not merely close.
+
+/** An 8-bit RGB image, row-major, 3 bytes per pixel. */
+export interface RgbImage {
+  rgb: Uint8Array;
+  width: number;
+  height: number;
+}
+
+/**
+ * Decode PNG or JPEG bytes to RGB: alpha dropped (PIL's convert("RGB") does not blend),
+ * grey expanded to three channels. `source` (a path or name) goes into the error message.
+ */
+export async function decodeImage(bytes: Uint8Array, source: string): Promise<RgbImage> {
+  let image: Image;
+  try {
+    const decoded = await Image.decode(bytes);
+    if (!(decoded instanceof Image)) throw new Error("animated images are not supported");
+    image = decoded;
+  } catch (e) {
+    throw new Error(`cannot decode image ${source}: ${(e as Error).message}`);
+  }
+  const { width, height, bitmap } = image;
+  const rgb = new Uint8Array(width * height * 3);
+  for (let i = 0, j = 0; i < rgb.length; i += 3, j += 4) {
+    rgb[i] = bitmap[j];
+    rgb[i + 1] = bitmap[j + 1];
+    rgb[i + 2] = bitmap[j + 2];
+  }
+  return { rgb, width, height };
+}
+
+/** Read and decode an image file; a missing or unreadable file throws an Error naming it. */
+export async function loadImage(path: string): Promise<RgbImage> {
+  let bytes: Uint8Array;
+  try {
+    bytes = await Deno.readFile(path);
+  } catch (e) {
+    const why = e instanceof Deno.errors.NotFound ? "no such file" : (e as Error).message;
+    throw new Error(`cannot read image ${path}: ${why}`);
+  }
+  return decodeImage(bytes, path);
+}
+
+// Pillow's fixed point: weights carry 22 fractional bits (32 − 8 − 2).
+const PRECISION_BITS = 22;
+
+/**
+ * Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for the bilinear (triangle)
+ * filter along one axis: for each output index, the first source index and the
+ * fixed-point weights of its taps.
+ */
+function bilinearCoefficients(inSize: number, outSize: number): { first: Int32Array; weights: Int32Array[] } {
+  const scale = inSize / outSize;
+  const filterScale = Math.max(scale, 1); // antialiasing: widen the filter when shrinking
+  const support = filterScale; // the triangle filter's support is 1
+  const first = new Int32Array(outSize);
+  const weights: Int32Array[] = [];
+  for (let xx = 0; xx < outSize; xx++) {
+    const center = (xx + 0.5) * scale;
+    const xmin = Math.max(0, Math.trunc(center - support + 0.5));
+    const xmax = Math.min(inSize, Math.trunc(center + support + 0.5));
+    const w = new Float64Array(xmax - xmin);
+    let sum = 0;
+    for (let x = 0; x < w.length; x++) {
+      w[x] = Math.max(0, 1 - Math.abs((x + xmin - center + 0.5) * (1 / filterScale)));
+      sum += w[x];
+    }
+    const fixed = new Int32Array(w.length);
+    for (let x = 0; x < w.length; x++) {
+      const k = sum !== 0 ? w[x] / sum : w[x];
+      fixed[x] = Math.trunc(k < 0 ? -0.5 + k * (1 << PRECISION_BITS) : 0.5 + k * (1 << PRECISION_BITS));
+    }
+    first[xx] = xmin;
+    weights.push(fixed);
+  }
+  return { first, weights };
+}
+
+/** Round a fixed-point accumulator (which already holds the +0.5) to a byte, clipping. */
+function clip8(acc: number): number {
+  return acc <= 0 ? 0 : acc >= 255 << PRECISION_BITS ? 255 : acc >> PRECISION_BITS;
+}
+
+/** One resampling pass along x (`horizontal`) or y of an RGB image. */
+function resamplePass(
+  src: Uint8Array,
+  width: number,
+  height: number,
+  outSize: number,
+  horizontal: boolean,
+): Uint8Array {
+  const { first, weights } = bilinearCoefficients(horizontal ? width : height, outSize);
+  const outW = horizontal ? outSize : width, outH = horizontal ? height : outSize;
+  const out = new Uint8Array(outW * outH * 3);
+  const step = horizontal ? 3 : width * 3; // bytes between neighbouring taps
+  for (let y = 0; y < outH; y++) {
+    for (let x = 0; x < outW; x++) {
+      const k = weights[horizontal ? x : y];
+      const base = horizontal ? (y * width + first[x]) * 3 : (first[y] * width + x) * 3;
+      for (let c = 0; c < 3; c++) {
+        let acc = 1 << (PRECISION_BITS - 1);
+        for (let t = 0; t < k.length; t++) acc += src[base + t * step + c] * k[t];
+        out[(y * outW + x) * 3 + c] = clip8(acc);
+      }
+    }
+  }
+  return out;
+}
+
+/**
+ * Resize RGB to `outWidth`×`outHeight` exactly as Pillow's `Image.resize(size, BILINEAR)`:
+ * horizontal pass, round to uint8, vertical pass; an axis whose size does not change is
+ * not resampled.
+ */
+export function resizeBilinearPIL(
+  rgb: Uint8Array,
+  width: number,
+  height: number,
+  outWidth: number,
+  outHeight: number = outWidth,
+): Uint8Array {
+  if (rgb.length !== width * height * 3) throw new Error(`resize: ${rgb.length} bytes is not ${width}×${height} RGB`);
+  let out = rgb, w = width;
+  if (outWidth !== width) {
+    out = resamplePass(out, w, height, outWidth, true);
+    w = outWidth;
+  }
+  if (outHeight !== height) out = resamplePass(out, w, height, outHeight, false);
+  return out === rgb ? rgb.slice() : out;
+}
+
+/** HWC uint8 → CHW float32 k/255, PyTorch's ToTensor (no mean/std normalisation). */
+export function toCHWFloat(
+  rgb: Uint8Array,
+  size: number,
+  out: Float32Array = new Float32Array(3 * size * size),
+): Float32Array {
+  const plane = size * size;
+  for (let i = 0; i < plane; i++) {
+    out[i] = rgb[i * 3] / 255;
+    out[plane + i] = rgb[i * 3 + 1] / 255;
+    out[2 * plane + i] = rgb[i * 3 + 2] / 255;
+  }
+  return out;
+}
+
+/**
+ * The reference image processor: decode (bytes or a file path) → RGB → Pillow bilinear
+ * resize to S×S → [3, S, S] float32 in [0, 1].
+ */
+export async function preprocessImage(
+  input: Uint8Array | string,
+  size: number,
+  source?: string,
+): Promise<Float32Array> {
+  const { rgb, width, height } = typeof input === "string"
+    ? await loadImage(input)
+    : await decodeImage(input, source ?? "<bytes>");
+  return toCHWFloat(resizeBilinearPIL(rgb, width, height, size), size);
+}
+
+// ---- Training batches of the shapes world ---------------------------------------------------
+
+/** Options of shapesBatches. */
+export interface ShapesBatchOptions {
+  split: Split;
+  seed: number;
+  batchSize: number;
+  tokenizer: ChatTokenizer;
+  config: Pick<DataConfig, "vit_img_size" | "mp_image_token_length" | "lm_max_length">;
+  /** Only these question kinds (default: all). */
+  kinds?: readonly QuestionKind[];
+  /** First example index (default 0): resume a run at `step · batchSize`. */
+  start?: number;
+  /** Stop after this many examples (default: never, the world is endless); the last batch may be short. */
+  count?: number;
+}
+
+/**
+ * Collated batches of (image, one question → answer) samples, rendered straight into
+ * float arrays (no PNG round trip). Example i gives sample i: its kind is drawn uniformly
+ * among the kinds its scene has, then one question of that kind, so the stream is fully
+ * determined by (split, seed) and batches can be regenerated from any `start`.
+ */
+export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
+  const { split, seed, batchSize, tokenizer, config, kinds = QUESTION_KINDS, start = 0 } = options;
+  const end = options.count === undefined ? Infinity : start + options.count;
+  const S = config.vit_img_size;
+  for (let first = start; first < end; first += batchSize) {
+    const samples: EncodedSample[] = [];
+    for (let index = first; index < Math.min(first + batchSize, end); index++) {
+      const example = makeShapesExample(split, seed, index, S);
+      const pool = example.questions.filter((q) => kinds.includes(q.kind));
+      if (pool.length === 0) continue; // e.g. only "shape" asked and no colour occurs once
+      const rng = new Rng(hashString(`pick/${split}/${seed}/${index}`));
+      const kind = rng.pick([...new Set(pool.map((q) => q.kind))]);
+      const { question, answer } = rng.pick(pool.filter((q) => q.kind === kind));
+      const encoded = encodeConversation(
+        tokenizer,
+        { turns: [{ user: question, assistant: answer }], imageCount: 1 },
+        config.mp_image_token_length,
+      );
+      samples.push({ ...encoded, images: [toCHWFloat(example.rgb, S)] });
+    }
+    yield collate(samples, { maxLength: config.lm_max_length, padTokenId: tokenizer.padTokenId });
+  }
+}
+
+// ---- main: write the shapes tokenizer -------------------------------------------------------
+
+if (import.meta.main) {
+  const dir = new URL("./tokenizers/shapes/", import.meta.url);
+  await Deno.mkdir(dir, { recursive: true });
+  for (const [name, text] of Object.entries(shapesTokenizerFiles())) {
+    await Deno.writeTextFile(new URL(name, dir), text);
+    console.log(`wrote tokenizers/shapes/${name}`);
+  }
+  const tokenizer = tokenizerFromJson(buildShapesTokenizerJson(), buildShapesTokenizerConfig());
+  console.log(`vocabulary: ${tokenizer.baseVocabSize} tokens + ${IMAGE_TOKEN} = ${tokenizer.vocabSize}`);
+}

@@ -1,0 +1,668 @@
+// Tests of data.ts: the shapes world (determinism, answers that agree with the pixels,
+// the test-novel split), the tokenizers, and the reference pipeline against the
+// nanovlm-tiny-a fixtures (chat template, labels, padding, Pillow's bilinear resize).
+//
+// Run: deno test -A tests/data_test.ts
+
+import assert from "node:assert/strict";
+import { deflateSync } from "node:zlib";
+import { Image } from "imagescript";
+import {
+  applyChatTemplate,
+  assistantPrefixLength,
+  CHATML_TEMPLATE,
+  CHOICE_INSTRUCTION,
+  collate,
+  collatePrompts,
+  COLOR_RGB,
+  COLORS,
+  decodeImage,
+  encodeConversation,
+  encodePng,
+  encodePrompt,
+  IGNORE_INDEX,
+  loadImage,
+  loadTokenizer,
+  makeShapesExample,
+  NOVEL_PAIRS,
+  preprocessImage,
+  QUADRANTS,
+  type ShapeObject,
+  shapesBatches,
+  shapesDataset,
+  type ShapesQuestion,
+  shapesTokenizerFiles,
+  SPLITS,
+  tokenizerFromJson,
+} from "../data.ts";
+import { readSafetensors } from "../runtime.ts";
+
+const FIXTURE = new URL("./fixtures/nanovlm-tiny-a/", import.meta.url);
+const fixturePath = (name: string) => new URL(name, FIXTURE).pathname;
+const NUMBERS = ["zero", "one", "two", "three", "four"];
+
+// ---- An oracle for the shapes world ----
+//
+// The answer to each question worked out from the objects alone (independently of
+// data.ts' question code), and the objects checked against the pixels, so together an
+// answer is shown to agree with the image.
+
+function oracle(question: string, objects: readonly ShapeObject[]): string {
+  const count = (keep: (o: ShapeObject) => boolean) => objects.filter(keep).length;
+  const only = (keep: (o: ShapeObject) => boolean) => {
+    const found = objects.filter(keep);
+    assert.equal(found.length, 1, `"${question}" must name exactly one object`);
+    return found[0];
+  };
+  let m: RegExpMatchArray | null;
+  if (question === "Describe the image.") {
+    const parts = objects.map((o) => `a ${o.size} ${o.color} ${o.shape} in the ${o.quadrant}`);
+    return parts.length === 1 ? `${parts[0]}.` : `${parts.slice(0, -1).join(", ")} and ${parts.at(-1)}.`;
+  }
+  if ((m = question.match(/^What color is the (\w+)\?$/))) return only((o) => o.shape === m![1]).color;
+  if ((m = question.match(/^What shape is the (\w+) object\?$/))) return only((o) => o.color === m![1]).shape;
+  if (question === "How many shapes are there?") return NUMBERS[objects.length];
+  if ((m = question.match(/^How many (\w+) shapes are there\?$/))) return NUMBERS[count((o) => o.color === m![1])];
+  if ((m = question.match(/^How many (\w+) (\w+)s are there\?$/))) {
+    return NUMBERS[count((o) => o.color === m![1] && o.shape === m![2])];
+  }
+  if ((m = question.match(/^Is there a (\w+) (\w+)\?$/))) {
+    return count((o) => o.color === m![1] && o.shape === m![2]) ? "yes" : "no";
+  }
+  if ((m = question.match(/^Where is the (\w+) (\w+)\?$/))) {
+    return only((o) => o.color === m![1] && o.shape === m![2]).quadrant;
+  }
+  throw new Error(`no oracle for "${question}"`);
+}
+
+/** Every pixel is white or the colour of the object in its quadrant, and each object's centre has its colour. */
+function checkPixels(rgb: Uint8Array, size: number, objects: readonly ShapeObject[]) {
+  const half = size / 2;
+  for (let y = 0; y < size; y++) {
+    for (let x = 0; x < size; x++) {
+      const i = (y * size + x) * 3;
+      const px = [rgb[i], rgb[i + 1], rgb[i + 2]];
+      if (px.every((v) => v === 255)) continue;
+      const quadrant = QUADRANTS[(y < half ? 0 : 2) + (x < half ? 0 : 1)];
+      const owner = objects.find((o) => o.quadrant === quadrant);
+      assert.ok(owner, `pixel (${x}, ${y}) is coloured but no object is in the ${quadrant}`);
+      assert.deepEqual(px, [...COLOR_RGB[owner.color]]);
+    }
+  }
+  for (const o of objects) {
+    const x = Math.floor(o.x * size), y = Math.floor(o.y * size), i = (y * size + x) * 3;
+    assert.deepEqual([rgb[i], rgb[i + 1], rgb[i + 2]], [...COLOR_RGB[o.color]], `centre of the ${o.color} ${o.shape}`);
+  }
+  assert.equal(new Set(objects.map((o) => o.quadrant)).size, objects.length, "one object per quadrant");
+}
+
+/** The option a multiple-choice answer letter points at, and the base question. */
+function parseChoice(q: ShapesQuestion): { base: string; options: string[]; picked: string } {
+  const lines = q.question.split("\n");
+  assert.equal(lines.length, 6);
+  assert.equal(lines[5], CHOICE_INSTRUCTION);
+  const options = lines.slice(1, 5).map((line, i) => {
+    assert.ok(line.startsWith(`${"ABCD"[i]}. `), line);
+    return line.slice(3);
+  });
+  assert.match(q.answer, /^[ABCD]$/);
+  return { base: lines[0], options, picked: options["ABCD".indexOf(q.answer)] };
+}
+
+// ---- The shapes world ----
+
+Deno.test("shapes: same (split, seed, index) gives the same bytes; another seed gives another scene", async () => {
+  for (const split of SPLITS) {
+    for (let index = 0; index < 20; index++) {
+      const a = makeShapesExample(split, 7, index, 48), b = makeShapesExample(split, 7, index, 48);
+      assert.deepEqual(a.rgb, b.rgb);
+      assert.deepEqual(a.questions, b.questions);
+      assert.deepEqual(a.objects, b.objects);
+    }
+    const differ = Array.from({ length: 20 }, (_, i) => i).filter((i) =>
+      makeShapesExample(split, 7, i, 48).rgb.some((v, j) => v !== makeShapesExample(split, 8, i, 48).rgb[j])
+    );
+    assert.equal(differ.length, 20, `${split}: seed 8 differs from seed 7 at every index`);
+  }
+  // The same scene at another size; PNG bytes are deterministic too.
+  assert.deepEqual(makeShapesExample("train", 1, 3, 32).objects, makeShapesExample("train", 1, 3, 64).objects);
+  const ex = makeShapesExample("train", 1, 3, 32);
+  assert.deepEqual(await encodePng(ex.rgb, 32), await encodePng(makeShapesExample("train", 1, 3, 32).rgb, 32));
+  // Splits are different streams.
+  assert.notDeepEqual(makeShapesExample("train", 1, 0, 32).objects, makeShapesExample("val", 1, 0, 32).objects);
+});
+
+Deno.test("shapes: every answer agrees with the objects, and the objects with the pixels", () => {
+  const kinds = new Map<string, number>();
+  for (const size of [32, 64]) {
+    for (const split of SPLITS) {
+      for (const ex of shapesDataset({ split, seed: 3, count: 150, size })) {
+        assert.ok(ex.objects.length >= 1 && ex.objects.length <= 4);
+        checkPixels(ex.rgb, size, ex.objects);
+        for (const q of ex.questions) {
+          kinds.set(q.kind, (kinds.get(q.kind) ?? 0) + 1);
+          if (q.kind === "choice") {
+            const { base, options, picked } = parseChoice(q);
+            assert.equal(picked, oracle(base, ex.objects), q.question);
+            assert.equal(new Set(options).size, 4);
+          } else {
+            assert.equal(q.answer, oracle(q.question, ex.objects), q.question);
+          }
+        }
+        // The caption and the count are always asked.
+        assert.ok(ex.questions.some((q) => q.kind === "caption"));
+      }
+    }
+  }
+  for (const kind of ["caption", "color", "shape", "count", "exists", "position", "choice"]) {
+    assert.ok((kinds.get(kind) ?? 0) > 50, `kind ${kind} asked ${kinds.get(kind)} times`);
+  }
+});
+
+Deno.test("shapes: yellow triangle and green circle occur only in test-novel, and every test-novel question is about one", () => {
+  const isNovel = (o: ShapeObject) => NOVEL_PAIRS.includes(`${o.color} ${o.shape}`);
+  for (const split of ["train", "val", "test"] as const) {
+    for (const ex of shapesDataset({ split, seed: 11, count: 400, size: 32 })) {
+      assert.ok(!ex.objects.some(isNovel), `${split} ${ex.index} draws a novel pair`);
+      for (const q of ex.questions) {
+        assert.ok(!q.topics.some((t) => NOVEL_PAIRS.includes(t)), q.question);
+        for (const pair of NOVEL_PAIRS) assert.ok(!`${q.question} ${q.answer}`.includes(pair), q.question);
+      }
+    }
+  }
+  const seenPairs = new Set<string>();
+  for (const ex of shapesDataset({ split: "test-novel", seed: 11, count: 400, size: 32 })) {
+    assert.equal(ex.objects.filter(isNovel).length, 1);
+    for (const q of ex.questions) {
+      assert.ok(
+        q.topics.some((t) => NOVEL_PAIRS.includes(t)),
+        `test-novel question not about a novel pair: ${q.question}`,
+      );
+      q.topics.filter((t) => NOVEL_PAIRS.includes(t)).forEach((t) => seenPairs.add(t));
+    }
+  }
+  assert.deepEqual([...seenPairs].sort(), [...NOVEL_PAIRS].sort());
+});
+
+Deno.test("shapes: existence answers are balanced, multiple-choice letters are spread", () => {
+  for (const split of ["train", "test-novel"] as const) {
+    const exists = shapesDataset({ split, seed: 5, count: 400, size: 32 })
+      .flatMap((ex) => ex.questions.filter((q) => q.kind === "exists"));
+    assert.equal(exists.length, 400);
+    const yes = exists.filter((q) => q.answer === "yes").length / exists.length;
+    assert.ok(yes > 0.42 && yes < 0.58, `${split}: ${(100 * yes).toFixed(1)} % yes`);
+  }
+  const letters = shapesDataset({ split: "train", seed: 5, count: 400, size: 32 })
+    .flatMap((ex) => ex.questions.filter((q) => q.kind === "choice").map((q) => q.answer));
+  for (const letter of "ABCD") {
+    const share = letters.filter((l) => l === letter).length / letters.length;
+    assert.ok(share > 0.15 && share < 0.35, `${letter}: ${(100 * share).toFixed(1)} %`);
+  }
+});
+
+Deno.test("shapes: rendering 1000 images of 64×64 (with their questions) takes well under a second", () => {
+  makeShapesExample("train", 0, 0, 64); // warm up the JIT
+  const t0 = performance.now();
+  for (let i = 0; i < 1000; i++) makeShapesExample("train", 0, i, 64);
+  const ms = performance.now() - t0;
+  console.log(`    1000 examples at 64×64: ${ms.toFixed(0)} ms`);
+  assert.ok(ms < 1000);
+});
+
+Deno.test("shapes: encodePng gives a PNG that decodes back to the same pixels", async () => {
+  const ex = makeShapesExample("test", 2, 9, 40);
+  const png = await encodePng(ex.rgb, 40);
+  const back = await decodeImage(png, "scene.png");
+  assert.deepEqual([back.width, back.height], [40, 40]);
+  assert.deepEqual(back.rgb, ex.rgb);
+});
+
+// ---- Tokenizers ----
+
+const SHAPES_DIR = new URL("../tokenizers/shapes/", import.meta.url).pathname;
+
+Deno.test("tokenizer: the committed tokenizers/shapes files are what buildShapesTokenizerJson() builds", async () => {
+  for (const [name, text] of Object.entries(shapesTokenizerFiles())) {
+    assert.equal(await Deno.readTextFile(SHAPES_DIR + name), text, `${name} is stale: run deno run -A data.ts`);
+  }
+});
+
+Deno.test("tokenizer: shapes vocabulary has SmolLM2's special ids, <|image|> last, EOS = pad = <|im_end|>", async () => {
+  const tok = await loadTokenizer(SHAPES_DIR);
+  assert.equal(tok.tokenToId("<|endoftext|>"), 0);
+  assert.equal(tok.tokenToId("<|im_start|>"), 1);
+  assert.equal(tok.tokenToId("<|im_end|>"), 2);
+  assert.equal(tok.imageTokenId, tok.baseVocabSize);
+  assert.equal(tok.vocabSize, tok.baseVocabSize + 1);
+  assert.equal(tok.tokenToId("<|image|>"), tok.vocabSize - 1);
+  assert.equal(tok.eosTokenId, 2);
+  assert.equal(tok.padTokenId, 2);
+  assert.equal(assistantPrefixLength(tok), 3);
+  // The path of the tokenizer.json itself works too.
+  assert.equal((await loadTokenizer(SHAPES_DIR + "tokenizer.json")).vocabSize, tok.vocabSize);
+  console.log(`    shapes vocabulary: ${tok.baseVocabSize} + <|image|> = ${tok.vocabSize}`);
+});
+
+Deno.test("tokenizer: every question and answer of every split round-trips, with no unknown tokens", async () => {
+  const tok = await loadTokenizer(SHAPES_DIR);
+  let texts = 0;
+  for (const split of SPLITS) {
+    for (const ex of shapesDataset({ split, seed: 9, count: 300, size: 32 })) {
+      for (const { question, answer } of ex.questions) {
+        for (const text of [question, answer]) {
+          assert.equal(tok.decode(tok.encode(text)), text); // encode throws on unknown pieces
+          texts++;
+        }
+        const { inputIds } = encodeConversation(
+          tok,
+          { turns: [{ user: question, assistant: answer }], imageCount: 1 },
+          4,
+        );
+        const full = applyChatTemplate([{ role: "user", content: "<|image|>".repeat(4) + question }, {
+          role: "assistant",
+          content: answer,
+        }]);
+        assert.equal(tok.decode(inputIds), full);
+        assert.equal(tok.decode(inputIds, { skipSpecialTokens: true }), `user\n${question}\nassistant\n${answer}\n`);
+      }
+    }
+  }
+  assert.ok(texts > 5000);
+  assert.throws(() => tok.encode("Is there a purple circle?"), /not in the vocabulary: \[" purple"\]/);
+  assert.equal(tok.decode([]), "");
+});
+
+/** GPT-2's byte → printable character map (what ByteLevel BPE vocabularies are written in). */
+function bytesToUnicode(): string[] {
+  const printable = (b: number) => (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174 && b <= 255);
+  let next = 256;
+  return Array.from({ length: 256 }, (_, b) => String.fromCharCode(printable(b) ? b : next++));
+}
+
+Deno.test("tokenizer: a SmolLM2-style byte-level BPE tokenizer.json gets <|image|> appended as the next id", async () => {
+  // SmolLM2's layout: 17 special tokens at ids 0–16, then the byte alphabet and merges,
+  // Digits + ByteLevel pre-tokenizer, ByteLevel decoder, no <|image|>.
+  const specials = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<repo_name>",
+    "<reponame>",
+    "<file_sep>",
+    "<filename>",
+    "<gh_stars>",
+    "<issue_start>",
+    "<issue_comment>",
+    "<issue_closed>",
+    "<jupyter_start>",
+    "<jupyter_text>",
+    "<jupyter_code>",
+    "<jupyter_output>",
+    "<jupyter_script>",
+    "<empty_output>",
+  ];
+  const vocab: Record<string, number> = {};
+  const add = (piece: string) => vocab[piece] ??= Object.keys(vocab).length;
+  specials.forEach(add);
+  bytesToUnicode().forEach(add);
+  const merges: string[] = [];
+  for (const word of ["assistant", "user", "Ġcolor"]) {
+    const chars = [...word.replace("Ġ", "\u0120")];
+    let piece = chars[0];
+    for (const c of chars.slice(1)) {
+      merges.push(`${piece} ${c}`);
+      piece += c;
+      add(piece);
+    }
+  }
+  const json = {
+    version: "1.0",
+    added_tokens: specials.map((content, id) => ({
+      id,
+      content,
+      single_word: false,
+      lstrip: false,
+      rstrip: false,
+      normalized: false,
+      special: true,
+    })),
+    normalizer: null,
+    pre_tokenizer: {
+      type: "Sequence",
+      pretokenizers: [
+        { type: "Digits", individual_digits: true },
+        { type: "ByteLevel", add_prefix_space: false, trim_offsets: true, use_regex: true },
+      ],
+    },
+    post_processor: { type: "ByteLevel", add_prefix_space: true, trim_offsets: false, use_regex: true },
+    decoder: { type: "ByteLevel", add_prefix_space: true, trim_offsets: true, use_regex: true },
+    model: {
+      type: "BPE",
+      dropout: null,
+      unk_token: null,
+      continuing_subword_prefix: null,
+      end_of_word_suffix: null,
+      fuse_unk: false,
+      byte_fallback: false,
+      vocab,
+      merges,
+    },
+  };
+  const dir = await Deno.makeTempDir();
+  try {
+    await Deno.writeTextFile(`${dir}/tokenizer.json`, JSON.stringify(json));
+    await Deno.writeTextFile(
+      `${dir}/tokenizer_config.json`,
+      JSON.stringify({ eos_token: "<|im_end|>", clean_up_tokenization_spaces: false }),
+    );
+    const tok = await loadTokenizer(dir);
+    const base = Object.keys(vocab).length;
+    assert.equal(tok.baseVocabSize, base);
+    assert.equal(tok.imageTokenId, base);
+    assert.equal(tok.vocabSize, base + 1);
+    assert.equal(tok.eosTokenId, 2);
+    assert.equal(assistantPrefixLength(tok), 3); // <|im_start|> assistant \n
+    const text = "<|im_start|>user\n<|image|><|image|>What color, 42 wörlds? 🙂<|im_end|>\n";
+    const ids = tok.encode(text);
+    assert.deepEqual(ids.slice(0, 5), [1, vocab["user"], vocab["\u010a"], base, base]);
+    assert.equal(tok.decode(ids), text);
+    assert.equal(tok.decode(ids, { skipSpecialTokens: true }), "user\nWhat color, 42 wörlds? 🙂\n");
+    // Without a tokenizer_config.json, EOS defaults to <|im_end|>; the base model's can be chosen.
+    await Deno.remove(`${dir}/tokenizer_config.json`);
+    assert.equal((await loadTokenizer(`${dir}/tokenizer.json`)).eosTokenId, 2);
+    assert.equal((await loadTokenizer(dir, { eosToken: "<|endoftext|>" })).padTokenId, 0);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+// ---- The reference pipeline against the nanovlm-tiny-a fixtures ----
+
+interface FixtureInputs {
+  tokenizer: {
+    split_regex: string;
+    vocab: Record<string, number>;
+    eos_token: string;
+    chat_template: string;
+    assistant_prefix_len: number;
+  };
+  raw_images: { file: string }[];
+  train_batch: { images: string[]; texts: { user: string; assistant: string }[] }[];
+  gen_batch: { images: string[]; prompt: string }[];
+  gen_single: { images: string[]; prompt: string };
+  decoded: { train_input_ids: string[]; gen_prompts: string[] };
+}
+
+const inputsJson: FixtureInputs = JSON.parse(await Deno.readTextFile(fixturePath("inputs.json")));
+const fixtureConfig = JSON.parse(await Deno.readTextFile(fixturePath("config.json")));
+
+/** The fixtures' toy word-level tokenizer, written as a tokenizer.json. */
+function toyTokenizer() {
+  const { vocab, split_regex, eos_token } = inputsJson.tokenizer;
+  const specials = Object.entries(vocab).filter(([piece]) => /^<\|[a-z_]+\|>$/.test(piece));
+  return tokenizerFromJson({
+    added_tokens: specials.map(([content, id]) => ({
+      id,
+      content,
+      single_word: false,
+      lstrip: false,
+      rstrip: false,
+      normalized: false,
+      special: true,
+    })),
+    normalizer: null,
+    pre_tokenizer: { type: "Split", pattern: { Regex: split_regex }, behavior: "Isolated", invert: false },
+    post_processor: null,
+    decoder: { type: "Fuse" },
+    model: { type: "WordLevel", vocab, unk_token: "<unk>" },
+  }, { eos_token });
+}
+
+const inputs = (await readSafetensors(fixturePath("inputs.safetensors"))).tensors;
+const expected = (await readSafetensors(fixturePath("expected.safetensors"))).tensors;
+const S = fixtureConfig.vit_img_size as number;
+const L = fixtureConfig.mp_image_token_length as number;
+
+Deno.test("fixture: the toy tokenizer matches the reference's ids, prefix length and template", () => {
+  const tok = toyTokenizer();
+  assert.equal(tok.vocabSize, fixtureConfig.lm_vocab_size);
+  assert.equal(tok.baseVocabSize, fixtureConfig.lm_base_vocab_size);
+  assert.equal(tok.imageTokenId, 299);
+  assert.equal(tok.padTokenId, 2);
+  assert.equal(assistantPrefixLength(tok), inputsJson.tokenizer.assistant_prefix_len);
+  assert.equal(fixtureConfig.lm_chat_template, CHATML_TEMPLATE);
+  assert.equal(inputsJson.tokenizer.chat_template, CHATML_TEMPLATE);
+  // The same template with "\n" escapes (as a Jinja source may carry it) is accepted; another is not.
+  assert.equal(
+    applyChatTemplate([{ role: "user", content: "x" }], { template: CHATML_TEMPLATE.replaceAll("\n", "\\n") }),
+    "<|im_start|>user\nx<|im_end|>\n",
+  );
+  assert.throws(() => applyChatTemplate([], { template: "{{ messages }}" }), /only the reference's ChatML/);
+});
+
+Deno.test("fixture: image processor reproduces image_preprocessed.* exactly (Pillow bilinear + ToTensor)", async () => {
+  for (let i = 0; i < inputsJson.raw_images.length; i++) {
+    const got = await preprocessImage(fixturePath(inputsJson.raw_images[i].file), S);
+    const want = expected.get(`image_preprocessed.${i}`)!;
+    assert.deepEqual(want.shape, [3, S, S]);
+    let maxDiff = 0;
+    for (let j = 0; j < got.length; j++) maxDiff = Math.max(maxDiff, Math.abs(got[j] - want.data[j]));
+    assert.equal(maxDiff, 0, `img${i}: max |diff| ${maxDiff * 255}/255`);
+  }
+});
+
+/** Per sample, its images through the image processor. */
+function loadImages(files: string[]): Promise<Float32Array[]> {
+  return Promise.all(files.map((f) => preprocessImage(fixturePath(f), S)));
+}
+
+function assertIds(got: Int32Array, name: string, source = inputs) {
+  const want = source.get(name)!;
+  assert.deepEqual(Array.from(got), Array.from(want.data), name);
+}
+
+Deno.test("fixture: the collator rebuilds the training batch's input_ids, labels and attention_mask exactly", async () => {
+  const tok = toyTokenizer();
+  const samples = await Promise.all(inputsJson.train_batch.map(async (s) => ({
+    ...encodeConversation(tok, { turns: s.texts, imageCount: s.images.length }, L),
+    images: await loadImages(s.images),
+  })));
+  const batch = collate(samples, { maxLength: fixtureConfig.lm_max_length, padTokenId: tok.padTokenId });
+  assert.deepEqual([batch.batchSize, batch.length], inputs.get("input_ids")!.shape);
+  assertIds(batch.inputIds, "input_ids");
+  assertIds(batch.labels, "labels");
+  assertIds(batch.attentionMask, "attention_mask");
+  assert.deepEqual(batch.imageCounts, Array.from(inputs.get("image_counts")!.data));
+  assert.deepEqual(batch.images, inputs.get("images")!.data);
+  for (let b = 0; b < batch.batchSize; b++) {
+    const row = batch.inputIds.subarray(b * batch.length, (b + 1) * batch.length);
+    assert.equal(tok.decode(row), inputsJson.decoded.train_input_ids[b]);
+  }
+});
+
+Deno.test("fixture: generation prompts are left-padded to the longest (gen) or not at all (gen_single)", async () => {
+  const tok = toyTokenizer();
+  const prompts = await Promise.all(inputsJson.gen_batch.map(async (p) => ({
+    ...encodePrompt(tok, p.prompt, p.images.length, L),
+    images: await loadImages(p.images),
+  })));
+  const batch = collatePrompts(prompts, { padTokenId: tok.padTokenId, maxLength: fixtureConfig.lm_max_length });
+  assert.deepEqual([batch.batchSize, batch.length], inputs.get("gen.input_ids")!.shape);
+  assertIds(batch.inputIds, "gen.input_ids");
+  assertIds(batch.attentionMask, "gen.attention_mask");
+  assert.deepEqual(batch.imageCounts, Array.from(inputs.get("gen.image_counts")!.data));
+  assert.deepEqual(batch.images, inputs.get("gen.images")!.data);
+  for (let b = 0; b < batch.batchSize; b++) {
+    assert.equal(
+      tok.decode(batch.inputIds.subarray(b * batch.length, (b + 1) * batch.length)),
+      inputsJson.decoded.gen_prompts[b],
+    );
+  }
+  const single = inputsJson.gen_single;
+  const { inputIds } = encodePrompt(tok, single.prompt, single.images.length, L);
+  assertIds(Int32Array.from(inputIds), "gen_single.input_ids");
+  assert.deepEqual(await loadImages(single.images), [inputs.get("gen_single.images")!.data]);
+});
+
+Deno.test("collator: too-long samples are dropped and counted; a too-long prompt is an error with its length and the limit", () => {
+  const tok = toyTokenizer();
+  const short = {
+    ...encodeConversation(tok, { turns: [{ user: "What is this?", assistant: "A cat." }], imageCount: 1 }, L),
+    images: [new Float32Array(3 * S * S)],
+  };
+  const long = {
+    ...encodeConversation(tok, { turns: [{ user: "What is this?", assistant: "A cat." }], imageCount: 9 }, L),
+    images: [],
+  };
+  const warnings: string[] = [];
+  const warn = console.warn;
+  console.warn = (msg: string) => warnings.push(msg);
+  try {
+    const batch = collate([short, long, short], { maxLength: 48, padTokenId: 2 });
+    assert.equal(batch.batchSize, 2);
+    assert.equal(batch.dropped, 1);
+    assert.equal(batch.imageCount, 2);
+    assert.equal(batch.inputIds.length, 2 * 48);
+  } finally {
+    console.warn = warn;
+  }
+  assert.equal(warnings.length, 1);
+  assert.match(warnings[0], /dropped 1 of 3 samples longer than lm_max_length 48 \(longest: 53 tokens\)/);
+  assert.throws(
+    () => encodePrompt(tok, "What is this?", 12, L, 48),
+    /the prompt is 60 tokens long \(48 of them image tokens\), more than the limit of 48/,
+  );
+  const prompt = { ...encodePrompt(tok, "What is this?", 12, L), images: [] };
+  assert.throws(
+    () => collatePrompts([prompt], { padTokenId: 2, maxLength: 48 }),
+    /prompt 0 is 60 tokens long, more than the limit of 48/,
+  );
+});
+
+// ---- Image decoding and errors ----
+
+/** A minimal PNG encoder for colour types imagescript does not write (grey, grey + alpha). */
+function pngBytes(width: number, height: number, colorType: number, channels: number, pixels: number[]): Uint8Array {
+  const crcTable = Array.from({ length: 256 }, (_, n) => {
+    let c = n;
+    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
+    return c >>> 0;
+  });
+  const crc = (bytes: Uint8Array) => {
+    let c = 0xffffffff;
+    for (const b of bytes) c = crcTable[(c ^ b) & 0xff] ^ (c >>> 8);
+    return (c ^ 0xffffffff) >>> 0;
+  };
+  const chunk = (type: string, data: Uint8Array) => {
+    const out = new Uint8Array(12 + data.length);
+    const view = new DataView(out.buffer);
+    view.setUint32(0, data.length);
+    out.set(new TextEncoder().encode(type), 4);
+    out.set(data, 8);
+    view.setUint32(8 + data.length, crc(out.subarray(4, 8 + data.length)));
+    return out;
+  };
+  const header = new Uint8Array(13);
+  new DataView(header.buffer).setUint32(0, width);
+  new DataView(header.buffer).setUint32(4, height);
+  header.set([8, colorType, 0, 0, 0], 8);
+  const raw = new Uint8Array(height * (1 + width * channels));
+  for (let y = 0; y < height; y++) {
+    raw.set(pixels.slice(y * width * channels, (y + 1) * width * channels), y * (1 + width * channels) + 1);
+  }
+  const parts = [
+    new Uint8Array([137, 80, 78, 71, 13, 10, 26, 10]),
+    chunk("IHDR", header),
+    chunk("IDAT", deflateSync(raw)),
+    chunk("IEND", new Uint8Array()),
+  ];
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  parts.reduce((offset, p) => (out.set(p, offset), offset + p.length), 0);
+  return out;
+}
+
+Deno.test("images: grey is expanded, alpha dropped (not blended), JPEG decoded", async () => {
+  const grey = await decodeImage(pngBytes(2, 1, 0, 1, [0, 200]), "grey.png");
+  assert.deepEqual(Array.from(grey.rgb), [0, 0, 0, 200, 200, 200]);
+  const greyAlpha = await decodeImage(pngBytes(1, 1, 4, 2, [90, 0]), "grey-alpha.png");
+  assert.deepEqual(Array.from(greyAlpha.rgb), [90, 90, 90]);
+  const rgba = await decodeImage(pngBytes(1, 1, 6, 4, [10, 20, 30, 0]), "rgba.png");
+  assert.deepEqual(Array.from(rgba.rgb), [10, 20, 30]);
+
+  const image = new Image(16, 16).fill(Image.rgbaToColor(...COLOR_RGB.blue, 255));
+  const jpeg = await decodeImage(await image.encodeJPEG(95), "blue.jpg");
+  assert.deepEqual([jpeg.width, jpeg.height], [16, 16]);
+  for (let i = 0; i < jpeg.rgb.length; i++) assert.ok(Math.abs(jpeg.rgb[i] - COLOR_RGB.blue[i % 3]) <= 3);
+});
+
+Deno.test("images: a missing or corrupt image file is named in the error", async () => {
+  await assert.rejects(loadImage("no/such/picture.png"), /cannot read image no\/such\/picture\.png: no such file/);
+  await assert.rejects(preprocessImage("no/such/picture.png", 32), /no\/such\/picture\.png/);
+  const dir = await Deno.makeTempDir();
+  try {
+    const bad = `${dir}/broken.png`;
+    const png = await Deno.readFile(fixturePath("raw_images/img0.png"));
+    await Deno.writeFile(bad, png.subarray(0, 100)); // a truncated download
+    await assert.rejects(loadImage(bad), new RegExp(`cannot decode image ${bad}: `));
+    await Deno.writeFile(bad, new TextEncoder().encode("not an image"));
+    await assert.rejects(preprocessImage(bad, 32), new RegExp(`cannot decode image ${bad}: `));
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+// ---- Training batches ----
+
+Deno.test("shapesBatches: deterministic batches whose labels are exactly the answer + <|im_end|> + newline", async () => {
+  const tok = await loadTokenizer(SHAPES_DIR);
+  const config = { vit_img_size: 32, mp_image_token_length: 4, lm_max_length: 96 };
+  const take = (n: number, start = 0) => {
+    const it = shapesBatches({ split: "train", seed: 1, batchSize: 8, tokenizer: tok, config, start });
+    return Array.from({ length: n }, () => it.next().value!);
+  };
+  const [a, b] = [take(3), take(3)];
+  assert.deepEqual(a, b);
+  assert.deepEqual(take(1, 16)[0], a[2]); // resumable from any example index
+
+  for (const batch of a) {
+    assert.equal(batch.batchSize, 8);
+    assert.equal(batch.dropped, 0);
+    assert.equal(batch.images.length, 8 * 3 * 32 * 32);
+    for (let r = 0; r < 8; r++) {
+      const row = (x: Int32Array) => Array.from(x.subarray(r * 96, (r + 1) * 96));
+      const ids = row(batch.inputIds), labels = row(batch.labels);
+      const trained = labels.filter((l) => l !== IGNORE_INDEX);
+      const answer = tok.decode(trained);
+      assert.match(answer, /^[^\n]+<\|im_end\|>\n$/);
+      // labels[t] = ids[t+1] wherever set, and the image tokens are never targets.
+      labels.forEach((l, t) => l !== IGNORE_INDEX && assert.equal(l, ids[t + 1]));
+      assert.equal(ids.filter((id) => id === tok.imageTokenId).length, 4);
+      assert.ok(!trained.includes(tok.imageTokenId));
+    }
+  }
+  // The first image of the first batch is example 0 rendered at 32 px, as floats.
+  const ex = makeShapesExample("train", 1, 0, 32);
+  const first = a[0].images.subarray(0, 3 * 32 * 32);
+  assert.equal(first[0], Math.fround(ex.rgb[0] / 255));
+  assert.equal(first[32 * 32], Math.fround(ex.rgb[1] / 255)); // green plane starts at S·S
+
+  // Kind filter and a finite count.
+  const onlyColor = [
+    ...shapesBatches({ split: "val", seed: 1, batchSize: 4, tokenizer: tok, config, kinds: ["color"], count: 10 }),
+  ];
+  assert.equal(onlyColor.length, 3);
+  for (const batch of onlyColor) {
+    for (let r = 0; r < batch.batchSize; r++) {
+      const answer = tok.decode(
+        Array.from(batch.labels.subarray(r * 96, (r + 1) * 96)).filter((l) => l !== IGNORE_INDEX),
+        { skipSpecialTokens: true },
+      );
+      assert.ok((COLORS as readonly string[]).includes(answer.trim()), answer);
+    }
+  }
+
+  const t0 = performance.now();
+  const it = shapesBatches({ split: "train", seed: 2, batchSize: 32, tokenizer: tok, config });
+  for (let i = 0; i < 10; i++) it.next();
+  console.log(`    shapesBatches: ${((performance.now() - t0) / 10).toFixed(1)} ms per batch of 32 at 32×32`);
+});
