@@ -379,7 +379,7 @@ export interface ShapesExample {
 /** Draw the objects of one scene (without rendering it). */
 function drawObjects(rng: Rng, split: Split): { objects: ShapeObject[]; focus?: ShapeObject } {
   const n = 1 + rng.int(4);
-  const quadrants = rng.shuffled([0, 1, 2, 3]).slice(0, n).sort();
+  const quadrants = rng.shuffled([0, 1, 2, 3]).slice(0, n).sort((a, b) => a - b);
   const novelAt = split === "test-novel" ? rng.pick(quadrants) : -1;
   const objects: ShapeObject[] = [];
   let focus: ShapeObject | undefined;
