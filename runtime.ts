@@ -41,8 +41,7 @@ const NO_ADAPTER_HELP = "WebGPU was requested but navigator.gpu offers no adapte
  * what to install when there is none. On wasm it registers {@link registerWasmKernelFixes}. Safe to call again.
  */
 export async function initBackend(requested?: BackendName, options: { quiet?: boolean } = {}): Promise<BackendName> {
-  const fromEnv = Deno.env.get("NANOVLM_BACKEND") || undefined;
-  const explicit = requested ?? fromEnv;
+  const explicit = requested ?? (Deno.env.get("NANOVLM_BACKEND") || undefined); // an empty variable counts as unset
   if (explicit !== undefined && !BACKENDS.includes(explicit as BackendName)) {
     const source = requested === undefined ? " (from NANOVLM_BACKEND)" : "";
     throw new Error(`unknown backend "${explicit}"${source}: expected one of ${BACKENDS.join(", ")}`);
@@ -131,20 +130,27 @@ function silenceTfjsNodeBanner(): void {
   if (cpu !== null && "firstUse" in cpu) cpu.firstUse = false;
 }
 
-let xdgDirMade = false;
 async function requestAdapter(): Promise<GPUAdapter | null> {
-  // With XDG_RUNTIME_DIR unset (containers, CI) the Vulkan loader prints "error: XDG_RUNTIME_DIR is invalid" twice.
-  // It is harmless but alarming, so give the loader an empty private folder for the life of the process.
-  if (!Deno.env.get("XDG_RUNTIME_DIR") && !xdgDirMade) {
-    xdgDirMade = true;
-    const dir = await Deno.makeTempDir({ prefix: "nanovlm-xdg-" }); // mode 0700, as the loader requires
-    Deno.env.set("XDG_RUNTIME_DIR", dir);
-    globalThis.addEventListener("unload", () => Deno.removeSync(dir, { recursive: true }));
-  }
+  await quietVulkanLoader();
   try {
     return await navigator.gpu?.requestAdapter({ powerPreference: "high-performance" }) ?? null;
   } catch {
     return null;
+  }
+}
+
+// With XDG_RUNTIME_DIR unset (containers, CI), Linux's Vulkan loader prints "error: XDG_RUNTIME_DIR is invalid"
+// twice. It is harmless but alarming, so point the variable at a private folder: one per user, reused by every run,
+// so no process leaves a folder behind. Any failure here just leaves the noise.
+async function quietVulkanLoader(): Promise<void> {
+  if (Deno.build.os !== "linux" || Deno.env.get("XDG_RUNTIME_DIR")) return;
+  const dir = `${Deno.env.get("TMPDIR") ?? "/tmp"}/nanovlm-xdg-${Deno.uid()}`;
+  try {
+    await Deno.mkdir(dir, { recursive: true, mode: 0o700 });
+    const { uid, mode } = await Deno.stat(dir);
+    if (uid === Deno.uid() && (mode! & 0o777) === 0o700) Deno.env.set("XDG_RUNTIME_DIR", dir); // as the loader requires
+  } catch {
+    // Keep the noise.
   }
 }
 
@@ -368,35 +374,23 @@ export function decodeSafetensors(bytes: Uint8Array, source = "<bytes>"): Safete
   const tensors = new Map<string, SafetensorsTensor>();
   for (const [name, entry] of Object.entries(entries)) {
     const { dtype, shape, data_offsets: offsets } = entry as { dtype: string; shape: number[]; data_offsets: number[] };
+    if (!Array.isArray(shape) || !Array.isArray(offsets)) fail(`tensor "${name}" has a malformed header entry`);
     if (!(dtype in DTYPE_BYTES)) fail(`tensor "${name}" has dtype ${dtype}; supported: ${Object.keys(DTYPE_BYTES)}`);
     const [begin, end] = offsets;
-    const count = shape.reduce((p, d) => p * d, 1);
-    if (end - begin !== count * DTYPE_BYTES[dtype as SafetensorsDtype]) {
-      fail(
-        `tensor "${name}" has ${end - begin} bytes, but ${dtype} [${shape}] needs ${
-          count * DTYPE_BYTES[dtype as SafetensorsDtype]
-        }`,
-      );
+    const count = shape.reduce((p, d) => p * d, 1), needed = count * DTYPE_BYTES[dtype as SafetensorsDtype];
+    if (end - begin !== needed) {
+      fail(`tensor "${name}" has ${end - begin} bytes, but ${dtype} [${shape}] needs ${needed}`);
     }
     const raw = bytes.slice(dataStart + begin, dataStart + end).buffer; // a copy: aligned, and ours
-    const data = decodeValues(
-      dtype as SafetensorsDtype,
-      raw,
-      count,
-      () => fail(`tensor "${name}" (I64) has a value outside the int32 range`),
-    );
+    const tooBig = () => fail(`tensor "${name}" (I64) has a value outside the int32 range`);
+    const data = decodeValues(dtype as SafetensorsDtype, raw, count, tooBig);
     tensors.set(name, { dtype, shape, data });
   }
   return { tensors, metadata: metadata as Record<string, string> };
 }
 
 // The format is little-endian, as is every machine Deno runs on, so raw bytes can be viewed directly.
-function decodeValues(
-  dtype: SafetensorsDtype,
-  raw: ArrayBuffer,
-  count: number,
-  outOfRange: () => never,
-): Float32Array | Int32Array {
+function decodeValues(dtype: SafetensorsDtype, raw: ArrayBuffer, count: number, tooBig: () => never) {
   switch (dtype) {
     case "F32":
       return new Float32Array(raw);
@@ -416,7 +410,7 @@ function decodeValues(
       // Each value is a (low, high) pair of int32s; it fits int32 when high is the sign extension of low.
       const pairs = new Int32Array(raw), values = new Int32Array(count);
       for (let i = 0; i < count; i++) {
-        if (pairs[2 * i + 1] !== pairs[2 * i] >> 31) outOfRange();
+        if (pairs[2 * i + 1] !== pairs[2 * i] >> 31) tooBig();
         values[i] = pairs[2 * i];
       }
       return values;

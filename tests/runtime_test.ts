@@ -45,15 +45,19 @@ function assertClose(actual: Float32Array, expected: Float32Array, tolerance: nu
   assert.ok(worst <= tolerance, `${what}: max |difference| ${worst} > ${tolerance}`);
 }
 
-/** Bytes of a one-tensor safetensors file with a header written by hand, to test decoding independently of encoding. */
-function handMade(dtype: string, shape: number[], data: Uint8Array): Uint8Array {
-  const header = new TextEncoder().encode(JSON.stringify({ x: { dtype, shape, data_offsets: [0, data.length] } }));
-  const bytes = new Uint8Array(8 + header.length + data.length);
-  new DataView(bytes.buffer).setBigUint64(0, BigInt(header.length), true);
-  bytes.set(header, 8);
-  bytes.set(data, 8 + header.length);
+/** Bytes of a safetensors file with a header written by hand, to test decoding independently of encoding. */
+function handMade(header: Record<string, unknown>, data: Uint8Array = new Uint8Array()): Uint8Array {
+  const json = new TextEncoder().encode(JSON.stringify(header));
+  const bytes = new Uint8Array(8 + json.length + data.length);
+  new DataView(bytes.buffer).setBigUint64(0, BigInt(json.length), true);
+  bytes.set(json, 8);
+  bytes.set(data, 8 + json.length);
   return bytes;
 }
+
+/** A hand-made file holding one tensor "x". */
+const oneTensor = (dtype: string, shape: number[], data: Uint8Array) =>
+  handMade({ x: { dtype, shape, data_offsets: [0, data.length] } }, data);
 
 const u16Bytes = (values: number[]) => new Uint8Array(Uint16Array.from(values).buffer);
 
@@ -110,12 +114,12 @@ Deno.test("safetensors: the PyTorch-written fixtures decode (I64 ids, F32 weight
 
 Deno.test("safetensors: BF16 and F16 decode to the right floats (subnormals, infinities, NaN, -0)", () => {
   // bfloat16 keeps the top 16 bits of a float32: 0x3F80 is 1, 0xC000 is -2, 0x4049 is 3.140625.
-  const bf16 = decodeSafetensors(handMade("BF16", [4], u16Bytes([0x3F80, 0xC000, 0x4049, 0x0000]))).tensors.get("x")!;
+  const bf16 = decodeSafetensors(oneTensor("BF16", [4], u16Bytes([0x3F80, 0xC000, 0x4049, 0x0000]))).tensors.get("x")!;
   assert.equal(bf16.dtype, "BF16");
   assert.deepEqual([...bf16.data], [1, -2, 3.140625, 0]);
 
   const halves = [0x3C00, 0xC000, 0x7BFF, 0x0400, 0x0001, 0x8000, 0x7C00, 0xFC00, 0x7E00, 0x3555];
-  const f16 = decodeSafetensors(handMade("F16", [2, 5], u16Bytes(halves))).tensors.get("x")!;
+  const f16 = decodeSafetensors(oneTensor("F16", [2, 5], u16Bytes(halves))).tensors.get("x")!;
   assert.deepEqual(f16.shape, [2, 5]);
   const expected = [1, -2, 65504, 2 ** -14, 2 ** -24, -0, Infinity, -Infinity, NaN, 0.333251953125];
   expected.forEach((value, i) => assert.ok(Object.is(f16.data[i], value), `half 0x${halves[i].toString(16)}`));
@@ -123,9 +127,9 @@ Deno.test("safetensors: BF16 and F16 decode to the right floats (subnormals, inf
 
 Deno.test("safetensors: I64 values beyond int32 are refused, naming the file", () => {
   const tooBig = new Uint8Array(BigInt64Array.of(2n ** 31n).buffer);
-  assert.throws(() => decodeSafetensors(handMade("I64", [1], tooBig), "ids.safetensors"), /ids\.safetensors.*int32/);
+  assert.throws(() => decodeSafetensors(oneTensor("I64", [1], tooBig), "ids.safetensors"), /ids\.safetensors.*int32/);
   const fits = new Uint8Array(BigInt64Array.of(-(2n ** 31n), 7n).buffer);
-  assert.deepEqual([...decodeSafetensors(handMade("I64", [2], fits)).tensors.get("x")!.data], [-(2 ** 31), 7]);
+  assert.deepEqual([...decodeSafetensors(oneTensor("I64", [2], fits)).tensors.get("x")!.data], [-(2 ** 31), 7]);
 });
 
 Deno.test("safetensors: every malformed file gets an error that names it", async () => {
@@ -160,12 +164,13 @@ Deno.test("safetensors: every malformed file gets an error that names it", async
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
-  const wrongSize = handMade("F32", [3], new Uint8Array(8));
+  const wrongSize = oneTensor("F32", [3], new Uint8Array(8));
   assert.throws(
     () => decodeSafetensors(wrongSize, "w.safetensors"),
     /w\.safetensors: .*8 bytes, but F32 \[3\] needs 12/,
   );
-  assert.throws(() => decodeSafetensors(handMade("C64", [1], new Uint8Array(8)), "c.st"), /c\.st: .*dtype C64/);
+  assert.throws(() => decodeSafetensors(oneTensor("C64", [1], new Uint8Array(8)), "c.st"), /c\.st: .*dtype C64/);
+  assert.throws(() => decodeSafetensors(handMade({ x: { dtype: "F32" } }), "m.st"), /m\.st: .*malformed/);
 });
 
 // ---- Files ----
