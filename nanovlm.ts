@@ -28,86 +28,54 @@ import { encodeSafetensors, readSafetensors, type SafetensorsFile, writeFileAtom
 
 // ---- Configuration and presets ----------------------------------------------------
 
-/** Every field of the reference `VLMConfig`, in its order (the order of config.json). */
-export interface VLMConfig {
-  vit_hidden_dim: number; // Dv
-  vit_inter_dim: number; // ViT MLP width
-  vit_patch_size: number; // P: the patch embedding's kernel and stride
-  vit_img_size: number; // S: images are resized to S×S
-  vit_n_heads: number;
-  vit_dropout: number; // kept for config compatibility; must be 0 here
-  vit_n_blocks: number;
-  vit_ln_eps: number;
-  vit_cls_flag: boolean; // the CLS path is unusable in the VLM (reference §20.9); must be false
-  vit_model_type: string; // Hugging Face repo of the vision backbone
-  lm_hidden_dim: number; // D
-  lm_inter_dim: number; // SwiGLU width F
-  lm_rms_eps: number;
-  lm_re_base: number; // RoPE base θ
-  lm_max_position_embeddings: number; // RoPE "original max": dynamic scaling beyond it
-  lm_base_vocab_size: number; // the tokenizer's vocabulary; `<|image|>` gets this id
-  extra_token_amount: number; // added special tokens (the image token)
-  lm_vocab_size: number; // lm_base_vocab_size + extra_token_amount
-  lm_n_heads: number; // H
-  lm_n_kv_heads: number; // KV
-  lm_dropout: number; // must be 0 here
-  lm_n_blocks: number;
-  lm_attn_scaling: number; // multiplies RoPE cos and sin
-  lm_max_length: number; // the context: longest sequence for training and generation
-  lm_use_tokens: boolean; // reference LM-only mode; the VLM always feeds embeddings
-  lm_tie_weights: boolean; // the output head reuses the token embedding
-  lm_model_type: string; // Hugging Face repo of the language backbone
-  lm_tokenizer: string;
-  lm_chat_template: string;
-  mp_pixel_shuffle_factor: number; // s
-  mp_image_token_length: number; // L = (S/P/s)²
-  vlm_extra_tokens: Record<string, string>;
-  vlm_load_backbone_weights: boolean;
-  vlm_checkpoint_path: string;
-  hf_repo_name: string;
-}
-
 const CHATML_TEMPLATE =
-  "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+  "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-/** The reference's defaults at 8374ce1 (the 450M backbones' names with 135M-shaped LM fields). */
-export const DEFAULT_CONFIG: Readonly<VLMConfig> = Object.freeze({
-  vit_hidden_dim: 768,
-  vit_inter_dim: 3072,
-  vit_patch_size: 16,
-  vit_img_size: 256,
+// Every field of the reference's VLMConfig, in its order (the order of config.json), with
+// its defaults at 8374ce1: the 450M backbones' names with the 135M-shaped LM fields.
+const defaults = {
+  vit_hidden_dim: 768, // Dv
+  vit_inter_dim: 3072, // ViT MLP width
+  vit_patch_size: 16, // P: the patch embedding's kernel and stride
+  vit_img_size: 256, // S: images are resized to S×S
   vit_n_heads: 12,
-  vit_dropout: 0.0,
+  vit_dropout: 0.0, // kept for config compatibility; must be 0 here
   vit_n_blocks: 12,
   vit_ln_eps: 1e-6,
-  vit_cls_flag: false,
-  vit_model_type: "google/siglip2-base-patch16-256",
-  lm_hidden_dim: 576,
-  lm_inter_dim: 1536,
+  vit_cls_flag: false, // the CLS path is unusable in the VLM (reference §20.9); must be false
+  vit_model_type: "google/siglip2-base-patch16-256", // Hugging Face repo of the vision backbone
+  lm_hidden_dim: 576, // D
+  lm_inter_dim: 1536, // SwiGLU width F
   lm_rms_eps: 1e-5,
-  lm_re_base: 100000,
-  lm_max_position_embeddings: 8192,
-  lm_base_vocab_size: 49152,
-  extra_token_amount: 1,
-  lm_vocab_size: 49153,
-  lm_n_heads: 9,
-  lm_n_kv_heads: 3,
-  lm_dropout: 0.0,
+  lm_re_base: 100000, // RoPE base θ
+  lm_max_position_embeddings: 8192, // RoPE's "original max": dynamic scaling beyond it
+  lm_base_vocab_size: 49152, // the tokenizer's vocabulary; `<|image|>` gets this id
+  extra_token_amount: 1, // added special tokens (the image token)
+  lm_vocab_size: 49153, // lm_base_vocab_size + extra_token_amount
+  lm_n_heads: 9, // H
+  lm_n_kv_heads: 3, // KV
+  lm_dropout: 0.0, // must be 0 here
   lm_n_blocks: 30,
-  lm_attn_scaling: 1.0,
-  lm_max_length: 1024,
-  lm_use_tokens: false,
-  lm_tie_weights: true,
-  lm_model_type: "HuggingFaceTB/SmolLM2-360M-Instruct",
+  lm_attn_scaling: 1.0, // multiplies RoPE cos and sin
+  lm_max_length: 1024, // the context: longest sequence for training and generation
+  lm_use_tokens: false, // the reference's LM-only mode; the VLM always feeds embeddings
+  lm_tie_weights: true, // the output head reuses the token embedding
+  lm_model_type: "HuggingFaceTB/SmolLM2-360M-Instruct", // Hugging Face repo of the language backbone
   lm_tokenizer: "HuggingFaceTB/SmolLM2-360M-Instruct",
   lm_chat_template: CHATML_TEMPLATE,
-  mp_pixel_shuffle_factor: 2,
-  mp_image_token_length: 64,
-  vlm_extra_tokens: { image_token: "<|image|>" },
+  mp_pixel_shuffle_factor: 2, // s
+  mp_image_token_length: 64, // L = (S/P/s)²
+  vlm_extra_tokens: { image_token: "<|image|>" } as Record<string, string>,
   vlm_load_backbone_weights: true,
   vlm_checkpoint_path: "checkpoints",
   hf_repo_name: "nanoVLM",
-});
+};
+
+/** The model's configuration: every field of the reference's `VLMConfig`, same names. */
+export type VLMConfig = typeof defaults;
+
+/** The reference's defaults at 8374ce1. */
+export const DEFAULT_CONFIG: Readonly<VLMConfig> = Object.freeze(defaults);
 
 /** Named configurations. `tiny` is ours: a model that learns the built-in shapes world on a laptop CPU. */
 export const PRESETS: Readonly<Record<string, Readonly<VLMConfig>>> = Object.freeze({
@@ -143,8 +111,8 @@ export const PRESETS: Readonly<Record<string, Readonly<VLMConfig>>> = Object.fre
     lm_n_heads: 4,
     lm_n_kv_heads: 2,
     lm_n_blocks: 3,
-    lm_base_vocab_size: 128,
-    lm_vocab_size: 129,
+    lm_base_vocab_size: 84,
+    lm_vocab_size: 85,
     lm_max_length: 96,
     lm_model_type: "none",
     lm_tokenizer: "tokenizers/shapes",
@@ -913,35 +881,47 @@ export class VisionLanguageModel {
   }
 
   /**
-   * Load nanoVLM-format weights (PyTorch layouts, nanoVLM names). Strict like the
-   * reference: a missing, unexpected or wrongly shaped tensor is an error naming the key
-   * (and both shapes). The tied embedding may be stored under either name.
+   * Copy weights in through a name map: each of our parameters is one tensor of the file
+   * (PyTorch layout), or several concatenated along the first axis (SigLIP's q, k, v). A
+   * missing or wrongly shaped tensor is an error naming the key and both shapes; with
+   * `strict` so is a tensor the map does not use. Nothing is assigned unless all fit.
    */
-  loadStateDict(file: SafetensorsFile, source = "checkpoint"): void {
-    const used = new Set(["decoder.rotary_embd.inv_freq"]); // recomputed, never loaded
+  loadWeights(map: NameMapping[], file: SafetensorsFile, source: string, strict: boolean): void {
+    const specs = new Map(parameterSpecs(this.cfg).map((spec) => [spec.name, spec]));
     const problems: string[] = [];
     const values = new Map<string, tf.Tensor>();
-    for (const spec of parameterSpecs(this.cfg)) {
-      let key = spec.name;
-      if (this.cfg.lm_tie_weights && key === "decoder.token_embedding.weight" && !file.tensors.has(key)) {
-        key = "decoder.head.weight";
-      }
-      const t = file.tensors.get(key);
-      if (!t) {
-        problems.push(`missing tensor ${spec.name}`);
+    for (const { ours, theirs } of map) {
+      const spec = specs.get(ours)!, want = torchShape(spec, this.cfg);
+      const parts = theirs.map((key) => file.tensors.get(key)!);
+      const absent = theirs.filter((_, i) => !parts[i]);
+      if (absent.length) {
+        problems.push(`missing tensor ${absent.join(", ")}`);
         continue;
       }
-      used.add(key);
-      const expected = torchShape(spec, this.cfg);
-      if (t.shape.join() !== expected.join()) {
-        problems.push(`tensor ${key} has shape [${t.shape}] but this config needs [${expected}]`);
+      const rows = parts.reduce((n, t) => n + t.shape[0], 0);
+      const shape = [rows, ...parts[0].shape.slice(1)];
+      // A pretrained embedding lacks the rows of our added tokens (<|image|>): they keep their random init.
+      const extendsRows = !strict && ours === "decoder.token_embedding.weight" && rows < want[0] &&
+        shape[1] === want[1];
+      if (!extendsRows && shape.join() !== want.join() && [1, ...shape].join() !== want.join()) {
+        problems.push(`tensor ${theirs.join(" + ")} has shape [${shape}] but this config needs [${want}]`);
         continue;
       }
-      values.set(spec.name, tf.tidy(() => fromTorchLayout(tf.tensor(t.data, t.shape, "float32"), spec)));
+      values.set(
+        ours,
+        tf.tidy(() => {
+          const joined = tf.concat(parts.map((t) => tf.tensor(t.data, t.shape, "float32")));
+          const full = extendsRows ? tf.concat([joined, this.params.get(ours)!.slice([rows, 0], [-1, -1])]) : joined;
+          return fromTorchLayout(full.reshape(extendsRows ? full.shape : want), spec);
+        }),
+      );
     }
-    if (this.cfg.lm_tie_weights) used.add("decoder.head.weight");
-    const unexpected = [...file.tensors.keys()].filter((k) => !used.has(k));
-    if (unexpected.length) problems.push(`unexpected tensors ${unexpected.join(", ")}`);
+    if (strict) {
+      const used = new Set([...map.flatMap((m) => m.theirs), "decoder.rotary_embd.inv_freq"]); // RoPE: recomputed
+      if (this.cfg.lm_tie_weights) used.add("decoder.head.weight"); // the same tensor as the embedding
+      const unexpected = [...file.tensors.keys()].filter((key) => !used.has(key));
+      if (unexpected.length) problems.push(`unexpected tensors ${unexpected.join(", ")}`);
+    }
     if (problems.length) {
       tf.dispose([...values.values()]);
       throw new Error(`${source} does not fit this model's config:\n  ${problems.join("\n  ")}`);
@@ -973,61 +953,12 @@ export class VisionLanguageModel {
     const file = await readSafetensors(`${dir}/model.safetensors`);
     const model = new VisionLanguageModel(cfg);
     try {
-      model.loadStateDict(file, `${dir}/model.safetensors`);
+      model.loadWeights(nanoVLMNameMap(cfg, file), file, `${dir}/model.safetensors`, true);
     } catch (e) {
       model.dispose();
       throw e;
     }
     return model;
-  }
-
-  /**
-   * Copy a Hugging Face backbone's weights in, through a name map (`siglipNameMap`,
-   * `smolLM2NameMap`). Keys the map does not mention are ignored (a SigLIP file also
-   * holds its text tower); a missing or wrongly shaped tensor is an error.
-   */
-  loadBackbone(map: BackboneMapping[], file: SafetensorsFile, source = "backbone"): void {
-    const specs = new Map(parameterSpecs(this.cfg).map((spec) => [spec.name, spec]));
-    const problems: string[] = [];
-    const values = new Map<string, tf.Tensor>();
-    for (const { ours, theirs } of map) {
-      const spec = specs.get(ours)!, want = torchShape(spec, this.cfg);
-      const parts = theirs.map((key) => file.tensors.get(key));
-      const absent = theirs.filter((_, i) => !parts[i]);
-      if (absent.length) {
-        problems.push(`missing tensor ${absent.join(", ")}`);
-        continue;
-      }
-      // Concatenate along the first axis (SigLIP's separate q, k, v become one qkv).
-      const rows = parts.reduce((n, t) => n + t!.shape[0], 0);
-      const shape = [rows, ...parts[0]!.shape.slice(1)];
-      const data = new Float32Array(shape.reduce((a, b) => a * b, 1));
-      parts.reduce((offset, t) => (data.set(t!.data, offset), offset + t!.data.length), 0);
-      const extendsRows = ours === "decoder.token_embedding.weight" && rows < want[0] && shape[1] === want[1];
-      if (!extendsRows && shape.join() !== want.join() && [1, ...shape].join() !== want.join()) {
-        problems.push(`tensor ${theirs.join(" + ")} has shape [${shape}] but this config needs [${want}]`);
-        continue;
-      }
-      values.set(
-        ours,
-        tf.tidy(() => {
-          const theirsTensor = tf.tensor(data, extendsRows ? shape : want);
-          // The embedding gains rows for the added tokens (<|image|>); they keep their random init.
-          const full = extendsRows
-            ? tf.concat([theirsTensor, this.params.get(ours)!.slice([rows, 0], [-1, -1])])
-            : theirsTensor;
-          return fromTorchLayout(full, spec);
-        }),
-      );
-    }
-    if (problems.length) {
-      tf.dispose([...values.values()]);
-      throw new Error(`${source} does not fit this model's config:\n  ${problems.join("\n  ")}`);
-    }
-    for (const [name, value] of values) {
-      this.params.get(name)!.assign(value);
-      value.dispose();
-    }
   }
 
   /**
@@ -1041,15 +972,11 @@ export class VisionLanguageModel {
     backbones: { vision?: Backbone; language?: Backbone },
     options: { seed?: number } = {},
   ): VisionLanguageModel {
-    const model = new VisionLanguageModel(
-      configWithBackbones(cfg, backbones.vision?.config, backbones.language?.config),
-      options,
-    );
+    const { vision, language } = backbones;
+    const model = new VisionLanguageModel(configWithBackbones(cfg, vision?.config, language?.config), options);
     try {
-      if (backbones.vision) model.loadBackbone(siglipNameMap(model.cfg), backbones.vision.weights, cfg.vit_model_type);
-      if (backbones.language) {
-        model.loadBackbone(smolLM2NameMap(model.cfg), backbones.language.weights, cfg.lm_model_type);
-      }
+      if (vision) model.loadWeights(siglipNameMap(model.cfg), vision.weights, cfg.vit_model_type, false);
+      if (language) model.loadWeights(smolLM2NameMap(model.cfg), language.weights, cfg.lm_model_type, false);
     } catch (e) {
       model.dispose();
       throw e;
@@ -1063,12 +990,20 @@ export class VisionLanguageModel {
   }
 }
 
-// ---- Hugging Face backbones: the name maps ----------------------------------------------
+// ---- Name maps: nanoVLM checkpoints and Hugging Face backbones ------------------------
 //
-// SigLIP and SmolLM2 checkpoints store the same tensors as nanoVLM under other names, in
-// the same PyTorch layouts. Two differences: SigLIP keeps q, k and v separate (we fuse
-// them into qkv_proj, rows in q|k|v order) and its position embedding is [Np, Dv]
-// (ours [1, Np, Dv]); SmolLM2's embedding lacks the row of our added `<|image|>` token.
+// Every checkpoint is read through a name map from our parameter names to the file's.
+// nanoVLM's own files use our names. SigLIP and SmolLM2 checkpoints store the same
+// tensors in the same PyTorch layouts under other names, with three differences: SigLIP
+// keeps q, k and v separate (we fuse them into qkv_proj, rows in q|k|v order), its
+// position embedding is [Np, Dv] (ours [1, Np, Dv]), and SmolLM2's embedding lacks the
+// row of our added `<|image|>` token (which keeps its random init).
+
+/** One of our parameters and the file's tensor(s) it is made of (several: concatenated rows). */
+export interface NameMapping {
+  ours: string;
+  theirs: string[];
+}
 
 /** A pretrained backbone: its Hugging Face config.json (parsed) and its weights. */
 export interface Backbone {
@@ -1076,57 +1011,60 @@ export interface Backbone {
   weights: SafetensorsFile;
 }
 
-/** One of our parameters and the Hugging Face tensor(s) it is made of (several: concatenated rows). */
-export interface BackboneMapping {
-  ours: string;
-  theirs: string[];
+/** nanoVLM's names are ours; a tied embedding is stored as `decoder.head.weight`, as nanoVLM saves it. */
+export function nanoVLMNameMap(cfg: VLMConfig, file: SafetensorsFile): NameMapping[] {
+  return parameterSpecs(cfg).map(({ name }) => {
+    const storedAsHead = cfg.lm_tie_weights && name === "decoder.token_embedding.weight" && !file.tensors.has(name);
+    return { ours: name, theirs: [storedAsHead ? "decoder.head.weight" : name] };
+  });
 }
 
-/** google/siglip-base-patch16-224 and siglip2 names → ours. Everything else in the file (text tower, pooling head, logit scale) is ignored. */
-export function siglipNameMap(cfg: VLMConfig): BackboneMapping[] {
-  const hf = "vision_model", ours = "vision_encoder";
-  const map: BackboneMapping[] = [
-    { ours: `${ours}.patch_embedding.conv.weight`, theirs: [`${hf}.embeddings.patch_embedding.weight`] },
-    { ours: `${ours}.patch_embedding.conv.bias`, theirs: [`${hf}.embeddings.patch_embedding.bias`] },
+/** google/siglip(2)-base-patch16-* names → ours. The rest of the file (text tower, pooling head) is ignored. */
+export function siglipNameMap(cfg: VLMConfig): NameMapping[] {
+  const [ours, hf] = ["vision_encoder", "vision_model"];
+  const map: NameMapping[] = [
     { ours: `${ours}.patch_embedding.position_embedding`, theirs: [`${hf}.embeddings.position_embedding.weight`] },
-    { ours: `${ours}.layer_norm.weight`, theirs: [`${hf}.post_layernorm.weight`] },
-    { ours: `${ours}.layer_norm.bias`, theirs: [`${hf}.post_layernorm.bias`] },
   ];
-  for (let i = 0; i < cfg.vit_n_blocks; i++) {
-    const a = `${ours}.blocks.${i}`, b = `${hf}.encoder.layers.${i}`;
-    for (const kind of ["weight", "bias"]) {
-      map.push(
-        { ours: `${a}.ln1.${kind}`, theirs: [`${b}.layer_norm1.${kind}`] },
-        { ours: `${a}.ln2.${kind}`, theirs: [`${b}.layer_norm2.${kind}`] },
-        { ours: `${a}.mlp.fc1.${kind}`, theirs: [`${b}.mlp.fc1.${kind}`] },
-        { ours: `${a}.mlp.fc2.${kind}`, theirs: [`${b}.mlp.fc2.${kind}`] },
-        { ours: `${a}.attn.out_proj.${kind}`, theirs: [`${b}.self_attn.out_proj.${kind}`] },
-        { ours: `${a}.attn.qkv_proj.${kind}`, theirs: ["q", "k", "v"].map((x) => `${b}.self_attn.${x}_proj.${kind}`) },
-      );
+  for (const kind of ["weight", "bias"]) {
+    map.push(
+      { ours: `${ours}.patch_embedding.conv.${kind}`, theirs: [`${hf}.embeddings.patch_embedding.${kind}`] },
+      { ours: `${ours}.layer_norm.${kind}`, theirs: [`${hf}.post_layernorm.${kind}`] },
+    );
+    for (let i = 0; i < cfg.vit_n_blocks; i++) {
+      const [a, b] = [`${ours}.blocks.${i}`, `${hf}.encoder.layers.${i}`];
+      const pairs = [["ln1", "layer_norm1"], ["ln2", "layer_norm2"], ["mlp.fc1", "mlp.fc1"], ["mlp.fc2", "mlp.fc2"]];
+      pairs.push(["attn.out_proj", "self_attn.out_proj"]);
+      for (const [x, y] of pairs) map.push({ ours: `${a}.${x}.${kind}`, theirs: [`${b}.${y}.${kind}`] });
+      map.push({
+        ours: `${a}.attn.qkv_proj.${kind}`,
+        theirs: ["q", "k", "v"].map((x) => `${b}.self_attn.${x}_proj.${kind}`),
+      });
     }
   }
   return map;
 }
 
 /** HuggingFaceTB/SmolLM2 (Llama) names → ours. Its lm_head is the tied embedding, so no head is read. */
-export function smolLM2NameMap(cfg: VLMConfig): BackboneMapping[] {
-  const map: BackboneMapping[] = [
+export function smolLM2NameMap(cfg: VLMConfig): NameMapping[] {
+  const map: NameMapping[] = [
     { ours: "decoder.token_embedding.weight", theirs: ["model.embed_tokens.weight"] }, // + rows for added tokens
     { ours: "decoder.norm.weight", theirs: ["model.norm.weight"] },
   ];
+  const pairs = [
+    ["attn.q_proj", "self_attn.q_proj"],
+    ["attn.k_proj", "self_attn.k_proj"],
+    ["attn.v_proj", "self_attn.v_proj"],
+    ["attn.out_proj", "self_attn.o_proj"],
+    ["mlp.gate_proj", "mlp.gate_proj"],
+    ["mlp.up_proj", "mlp.up_proj"],
+    ["mlp.down_proj", "mlp.down_proj"],
+    ["norm1", "input_layernorm"],
+    ["norm2", "post_attention_layernorm"],
+  ];
   for (let i = 0; i < cfg.lm_n_blocks; i++) {
-    const a = `decoder.blocks.${i}`, b = `model.layers.${i}`;
-    map.push(
-      { ours: `${a}.attn.q_proj.weight`, theirs: [`${b}.self_attn.q_proj.weight`] },
-      { ours: `${a}.attn.k_proj.weight`, theirs: [`${b}.self_attn.k_proj.weight`] },
-      { ours: `${a}.attn.v_proj.weight`, theirs: [`${b}.self_attn.v_proj.weight`] },
-      { ours: `${a}.attn.out_proj.weight`, theirs: [`${b}.self_attn.o_proj.weight`] },
-      { ours: `${a}.mlp.gate_proj.weight`, theirs: [`${b}.mlp.gate_proj.weight`] },
-      { ours: `${a}.mlp.up_proj.weight`, theirs: [`${b}.mlp.up_proj.weight`] },
-      { ours: `${a}.mlp.down_proj.weight`, theirs: [`${b}.mlp.down_proj.weight`] },
-      { ours: `${a}.norm1.weight`, theirs: [`${b}.input_layernorm.weight`] },
-      { ours: `${a}.norm2.weight`, theirs: [`${b}.post_attention_layernorm.weight`] },
-    );
+    for (const [x, y] of pairs) {
+      map.push({ ours: `decoder.blocks.${i}.${x}.weight`, theirs: [`model.layers.${i}.${y}.weight`] });
+    }
   }
   return map;
 }
@@ -1141,33 +1079,41 @@ export function configWithBackbones(
   vision?: Record<string, unknown>,
   language?: Record<string, unknown>,
 ): VLMConfig {
-  const out = { ...cfg };
+  const out: Record<string, unknown> = { ...cfg };
+  const copy = (from: Record<string, unknown>, fields: [keyof VLMConfig, string, number?][]) => {
+    for (const [ours, theirs, fallback] of fields) out[ours] = from[theirs] ?? fallback;
+  };
   if (vision) {
-    const v = (vision.vision_config ?? vision) as Record<string, number>;
-    out.vit_hidden_dim = v.hidden_size ?? 768;
-    out.vit_inter_dim = v.intermediate_size ?? 3072;
-    out.vit_n_blocks = v.num_hidden_layers ?? 12;
-    out.vit_n_heads = v.num_attention_heads ?? 12;
-    out.vit_img_size = v.image_size ?? 224;
-    out.vit_patch_size = v.patch_size ?? 16;
-    out.vit_ln_eps = v.layer_norm_eps ?? 1e-6;
-    out.vit_dropout = v.attention_dropout ?? 0;
-    out.mp_image_token_length = (out.vit_img_size / out.vit_patch_size / out.mp_pixel_shuffle_factor) ** 2;
+    copy((vision.vision_config ?? vision) as Record<string, unknown>, [
+      ["vit_hidden_dim", "hidden_size", 768],
+      ["vit_inter_dim", "intermediate_size", 3072],
+      ["vit_n_blocks", "num_hidden_layers", 12],
+      ["vit_n_heads", "num_attention_heads", 12],
+      ["vit_img_size", "image_size", 224],
+      ["vit_patch_size", "patch_size", 16],
+      ["vit_ln_eps", "layer_norm_eps", 1e-6],
+      ["vit_dropout", "attention_dropout", 0],
+    ]);
+    const { vit_img_size: S, vit_patch_size: P, mp_pixel_shuffle_factor: s } = out as VLMConfig;
+    out.mp_image_token_length = (S / P / s) ** 2;
   }
   if (language) {
-    const l = language as Record<string, number>;
-    out.lm_hidden_dim = l.hidden_size;
-    out.lm_inter_dim = l.intermediate_size;
-    out.lm_rms_eps = l.rms_norm_eps;
-    out.lm_re_base = l.rope_theta;
-    out.lm_max_position_embeddings = l.max_position_embeddings;
-    out.lm_n_heads = l.num_attention_heads;
-    out.lm_n_kv_heads = l.num_key_value_heads;
-    out.lm_dropout = l.attention_dropout ?? 0;
-    out.lm_n_blocks = l.num_hidden_layers;
-    if (l.vocab_size > out.lm_vocab_size) {
-      throw new Error(`the language backbone has ${l.vocab_size} tokens but lm_vocab_size is ${out.lm_vocab_size}`);
+    copy(language, [
+      ["lm_hidden_dim", "hidden_size"],
+      ["lm_inter_dim", "intermediate_size"],
+      ["lm_rms_eps", "rms_norm_eps"],
+      ["lm_re_base", "rope_theta"],
+      ["lm_max_position_embeddings", "max_position_embeddings"],
+      ["lm_n_heads", "num_attention_heads"],
+      ["lm_n_kv_heads", "num_key_value_heads"],
+      ["lm_dropout", "attention_dropout", 0],
+      ["lm_n_blocks", "num_hidden_layers"],
+    ]);
+    if ((language.vocab_size as number) > cfg.lm_vocab_size) {
+      throw new Error(
+        `the language backbone has ${language.vocab_size} tokens but lm_vocab_size is ${cfg.lm_vocab_size}`,
+      );
     }
   }
-  return out;
+  return out as VLMConfig;
 }
