@@ -22,6 +22,7 @@
 
 import { Tokenizer } from "@huggingface/tokenizers";
 import { Image } from "imagescript";
+import { seededRandom } from "./runtime.ts";
 
 // ---- Deterministic random numbers -----------------------------------------------------------
 //
@@ -43,19 +44,12 @@ function hashString(text: string): number {
   return (h ^ (h >>> 16)) >>> 0;
 }
 
-/** mulberry32: tiny, fast, and good enough for drawing scenes. */
+/** Scene randomness on top of runtime.ts's seeded mulberry32 generator. */
 class Rng {
-  private state: number;
-  constructor(seed: number) {
-    this.state = seed >>> 0;
-  }
   /** A float in [0, 1). */
-  next(): number {
-    this.state = (this.state + 0x6d2b79f5) >>> 0;
-    let t = this.state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  readonly next: () => number;
+  constructor(seed: number) {
+    this.next = seededRandom(seed);
   }
   /** An integer in [0, n). */
   int(n: number): number {

@@ -24,7 +24,7 @@
 //   H query heads   KV key/value heads   hd head size   F MLP width
 
 import * as tf from "@tensorflow/tfjs";
-import { encodeSafetensors, readSafetensors, type SafetensorsFile, writeFileAtomic } from "./runtime.ts";
+import { encodeSafetensors, readSafetensors, type SafetensorsFile, seededRandom, writeFileAtomic } from "./runtime.ts";
 
 // ---- Configuration and presets ----------------------------------------------------
 
@@ -127,28 +127,20 @@ export const PRESETS: Readonly<Record<string, Readonly<VLMConfig>>> = Object.fre
  * names the field and the fix when it does not.
  */
 export function validateConfig(cfg: VLMConfig): void {
-  const fail = (msg: string) => {
-    throw new Error(`invalid config: ${msg}`);
-  };
-  const { vit_img_size: S, vit_patch_size: P, mp_pixel_shuffle_factor: s } = cfg;
-  if (S % P !== 0) fail(`vit_img_size ${S} is not a multiple of vit_patch_size ${P}`);
-  const G = S / P;
-  if (G % s !== 0) {
-    fail(`the ${G}×${G} patch grid is not divisible by mp_pixel_shuffle_factor ${s}`);
-  }
-  const L = (G / s) ** 2;
-  if (cfg.mp_image_token_length !== L) {
-    fail(`mp_image_token_length is ${cfg.mp_image_token_length} but (S/P/s)² = ${L}; set it to ${L}`);
-  }
-  if (cfg.vit_hidden_dim % cfg.vit_n_heads !== 0) fail("vit_hidden_dim must divide by vit_n_heads");
-  if (cfg.lm_hidden_dim % cfg.lm_n_heads !== 0) fail("lm_hidden_dim must divide by lm_n_heads");
-  if ((cfg.lm_hidden_dim / cfg.lm_n_heads) % 2 !== 0) fail("the LM head size must be even (RoPE)");
-  if (cfg.lm_n_heads % cfg.lm_n_kv_heads !== 0) fail("lm_n_heads must be a multiple of lm_n_kv_heads");
-  if (cfg.lm_vocab_size < cfg.lm_base_vocab_size + 1) {
-    fail(`lm_vocab_size ${cfg.lm_vocab_size} leaves no row for <|image|> (id ${cfg.lm_base_vocab_size})`);
-  }
-  if (cfg.vit_cls_flag) fail("vit_cls_flag=true gives a pooled vector the projector cannot use");
-  if (cfg.vit_dropout !== 0 || cfg.lm_dropout !== 0) fail("dropout is not implemented; set it to 0");
+  const { vit_img_size: S, vit_patch_size: P, mp_pixel_shuffle_factor: s, lm_hidden_dim: D, lm_n_heads: H } = cfg;
+  const G = S / P, L = (G / s) ** 2;
+  const rules: [boolean, string][] = [
+    [S % P === 0, `vit_img_size ${S} is not a multiple of vit_patch_size ${P}`],
+    [G % s === 0, `the ${G}×${G} patch grid is not divisible by mp_pixel_shuffle_factor ${s}`],
+    [cfg.mp_image_token_length === L, `mp_image_token_length is ${cfg.mp_image_token_length}, (S/P/s)² is ${L}`],
+    [cfg.vit_hidden_dim % cfg.vit_n_heads === 0, "vit_hidden_dim must be a multiple of vit_n_heads"],
+    [D % H === 0 && (D / H) % 2 === 0, "lm_hidden_dim / lm_n_heads must be a whole, even head size (RoPE)"],
+    [H % cfg.lm_n_kv_heads === 0, "lm_n_heads must be a multiple of lm_n_kv_heads"],
+    [cfg.lm_vocab_size > cfg.lm_base_vocab_size, "lm_vocab_size leaves no row for <|image|> (id lm_base_vocab_size)"],
+    [!cfg.vit_cls_flag, "vit_cls_flag=true gives a pooled vector the projector cannot use"],
+    [cfg.vit_dropout === 0 && cfg.lm_dropout === 0, "dropout is not implemented; set it to 0"],
+  ];
+  for (const [ok, problem] of rules) if (!ok) throw new Error(`invalid config: ${problem}`);
 }
 
 /**
@@ -352,12 +344,8 @@ export function vitBlock(p: Params, cfg: VLMConfig, i: number, x: tf.Tensor): tf
   const eps = cfg.vit_ln_eps;
   x = x.add(vitAttention(p, `${b}.attn`, cfg, layerNorm(x, w("ln1.weight"), w("ln1.bias"), eps)));
   const h = layerNorm(x, w("ln2.weight"), w("ln2.bias"), eps);
-  const mlp = linear(
-    geluTanh(linear(h, w("mlp.fc1.weight"), w("mlp.fc1.bias"))),
-    w("mlp.fc2.weight"),
-    w("mlp.fc2.bias"),
-  );
-  return x.add(mlp) as tf.Tensor3D;
+  const hidden = geluTanh(linear(h, w("mlp.fc1.weight"), w("mlp.fc1.bias"))); // [N, Np, vit_inter_dim]
+  return x.add(linear(hidden, w("mlp.fc2.weight"), w("mlp.fc2.bias"))) as tf.Tensor3D;
 }
 
 /** The whole ViT: every patch token after the final LayerNorm (no CLS, no pooling). images [N,3,S,S] → [N, Np, Dv] */
@@ -408,10 +396,8 @@ export function rotaryEmbedding(cfg: VLMConfig, positions: number[]): { cos: tf.
     const invFreq = tf.pow(tf.scalar(cfg.lm_re_base), exponents).reciprocal().div(scale); // [hd/2]
     const freqs = tf.tensor2d(positions, [positions.length, 1]).mul(invFreq.expandDims(0)); // [T, hd/2]
     const angles = tf.concat([freqs, freqs], -1); // [T, hd]
-    return {
-      cos: tf.cos(angles).mul(cfg.lm_attn_scaling) as tf.Tensor2D,
-      sin: tf.sin(angles).mul(cfg.lm_attn_scaling) as tf.Tensor2D,
-    };
+    const [cos, sin] = [tf.cos(angles), tf.sin(angles)].map((t) => t.mul(cfg.lm_attn_scaling) as tf.Tensor2D);
+    return { cos, sin };
   });
 }
 
@@ -635,18 +621,6 @@ export function softmax(values: ArrayLike<number>, temperature = 1): Float64Arra
   return out;
 }
 
-/** A small seeded random number generator (mulberry32), so `--seed` makes sampling repeatable. */
-export function seededRandom(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
-
 /** Options of `VisionLanguageModel.generate`; the defaults are the reference's. */
 export interface GenerateOptions {
   maxNewTokens?: number; // 5
@@ -714,11 +688,14 @@ export class VisionLanguageModel {
   readonly params: Map<string, tf.Variable>;
   /** End-of-sequence id for generate's EOS rewrite: `<|im_end|>` (2) in SmolLM2's ChatML layout. */
   eosTokenId = 2;
+  /** The id of `<|image|>`: appended after the base vocabulary, as Hugging Face adds special tokens. */
+  readonly imageTokenId: number;
 
   /** A randomly initialised model, drawn as the reference's `_init_weights` (seeded). */
   constructor(cfg: VLMConfig, options: { seed?: number } = {}) {
     validateConfig(cfg);
     this.cfg = { ...cfg };
+    this.imageTokenId = cfg.lm_base_vocab_size;
     const id = modelCount++;
     let seed = options.seed ?? 0;
     this.params = new Map();
@@ -733,16 +710,9 @@ export class VisionLanguageModel {
     }
   }
 
-  /** The id of `<|image|>`: appended after the base vocabulary, as Hugging Face adds special tokens. */
-  get imageTokenId(): number {
-    return this.cfg.lm_base_vocab_size;
-  }
-
   /** Number of trainable scalars (the tied embedding counted once). */
   parameterCount(): number {
-    let n = 0;
-    for (const v of this.params.values()) n += v.size;
-    return n;
+    return [...this.params.values()].reduce((n, v) => n + v.size, 0);
   }
 
   /** Image embeddings for the image-token slots. images [N, 3, S, S] → [N, L, D] */
@@ -869,9 +839,10 @@ export class VisionLanguageModel {
       torchTensor.dispose();
     }
     const hd = this.cfg.lm_hidden_dim / this.cfg.lm_n_heads;
+    const theta = this.cfg.lm_re_base; // inv_freq = 1 / θ^(2i/hd), rounded to float32 like PyTorch
     const invFreq = Float32Array.from(
       { length: hd / 2 },
-      (_, i) => 1 / Math.fround(this.cfg.lm_re_base ** Math.fround((2 * i) / hd)),
+      (_, i) => 1 / Math.fround(theta ** Math.fround((2 * i) / hd)),
     );
     tensors.set("decoder.rotary_embd.inv_freq", { dtype: "F32", shape: [hd / 2], data: invFreq });
     const metadata: Record<string, string> = this.cfg.lm_tie_weights
@@ -961,54 +932,22 @@ export class VisionLanguageModel {
     return model;
   }
 
-  /**
-   * A model built around pretrained backbones: the config takes the backbones' shapes
-   * (as the reference's from_pretrained does), the ViT and decoder weights are loaded,
-   * the projector starts random. Each backbone is its Hugging Face config.json (parsed)
-   * and model.safetensors.
-   */
-  static fromBackbones(
-    cfg: VLMConfig,
-    backbones: { vision?: Backbone; language?: Backbone },
-    options: { seed?: number } = {},
-  ): VisionLanguageModel {
-    const { vision, language } = backbones;
-    const model = new VisionLanguageModel(configWithBackbones(cfg, vision?.config, language?.config), options);
-    try {
-      if (vision) model.loadWeights(siglipNameMap(model.cfg), vision.weights, cfg.vit_model_type, false);
-      if (language) model.loadWeights(smolLM2NameMap(model.cfg), language.weights, cfg.lm_model_type, false);
-    } catch (e) {
-      model.dispose();
-      throw e;
-    }
-    return model;
-  }
-
   /** Free every weight. */
   dispose(): void {
     for (const v of this.params.values()) v.dispose();
   }
 }
 
-// ---- Name maps: nanoVLM checkpoints and Hugging Face backbones ------------------------
+// ---- Name maps ------------------------------------------------------------------------
 //
-// Every checkpoint is read through a name map from our parameter names to the file's.
-// nanoVLM's own files use our names. SigLIP and SmolLM2 checkpoints store the same
-// tensors in the same PyTorch layouts under other names, with three differences: SigLIP
-// keeps q, k and v separate (we fuse them into qkv_proj, rows in q|k|v order), its
-// position embedding is [Np, Dv] (ours [1, Np, Dv]), and SmolLM2's embedding lacks the
-// row of our added `<|image|>` token (which keeps its random init).
+// Every checkpoint is read through a name map from our parameter names to the file's
+// (`loadWeights` above). nanoVLM's own files use our names; the maps for pretrained
+// Hugging Face SigLIP and SmolLM2 files, and their config.json, are in backbones.ts.
 
 /** One of our parameters and the file's tensor(s) it is made of (several: concatenated rows). */
 export interface NameMapping {
   ours: string;
   theirs: string[];
-}
-
-/** A pretrained backbone: its Hugging Face config.json (parsed) and its weights. */
-export interface Backbone {
-  config: Record<string, unknown>;
-  weights: SafetensorsFile;
 }
 
 /** nanoVLM's names are ours; a tied embedding is stored as `decoder.head.weight`, as nanoVLM saves it. */
@@ -1017,103 +956,4 @@ export function nanoVLMNameMap(cfg: VLMConfig, file: SafetensorsFile): NameMappi
     const storedAsHead = cfg.lm_tie_weights && name === "decoder.token_embedding.weight" && !file.tensors.has(name);
     return { ours: name, theirs: [storedAsHead ? "decoder.head.weight" : name] };
   });
-}
-
-/** google/siglip(2)-base-patch16-* names → ours. The rest of the file (text tower, pooling head) is ignored. */
-export function siglipNameMap(cfg: VLMConfig): NameMapping[] {
-  const [ours, hf] = ["vision_encoder", "vision_model"];
-  const map: NameMapping[] = [
-    { ours: `${ours}.patch_embedding.position_embedding`, theirs: [`${hf}.embeddings.position_embedding.weight`] },
-  ];
-  for (const kind of ["weight", "bias"]) {
-    map.push(
-      { ours: `${ours}.patch_embedding.conv.${kind}`, theirs: [`${hf}.embeddings.patch_embedding.${kind}`] },
-      { ours: `${ours}.layer_norm.${kind}`, theirs: [`${hf}.post_layernorm.${kind}`] },
-    );
-    for (let i = 0; i < cfg.vit_n_blocks; i++) {
-      const [a, b] = [`${ours}.blocks.${i}`, `${hf}.encoder.layers.${i}`];
-      const pairs = [["ln1", "layer_norm1"], ["ln2", "layer_norm2"], ["mlp.fc1", "mlp.fc1"], ["mlp.fc2", "mlp.fc2"]];
-      pairs.push(["attn.out_proj", "self_attn.out_proj"]);
-      for (const [x, y] of pairs) map.push({ ours: `${a}.${x}.${kind}`, theirs: [`${b}.${y}.${kind}`] });
-      map.push({
-        ours: `${a}.attn.qkv_proj.${kind}`,
-        theirs: ["q", "k", "v"].map((x) => `${b}.self_attn.${x}_proj.${kind}`),
-      });
-    }
-  }
-  return map;
-}
-
-/** HuggingFaceTB/SmolLM2 (Llama) names → ours. Its lm_head is the tied embedding, so no head is read. */
-export function smolLM2NameMap(cfg: VLMConfig): NameMapping[] {
-  const map: NameMapping[] = [
-    { ours: "decoder.token_embedding.weight", theirs: ["model.embed_tokens.weight"] }, // + rows for added tokens
-    { ours: "decoder.norm.weight", theirs: ["model.norm.weight"] },
-  ];
-  const pairs = [
-    ["attn.q_proj", "self_attn.q_proj"],
-    ["attn.k_proj", "self_attn.k_proj"],
-    ["attn.v_proj", "self_attn.v_proj"],
-    ["attn.out_proj", "self_attn.o_proj"],
-    ["mlp.gate_proj", "mlp.gate_proj"],
-    ["mlp.up_proj", "mlp.up_proj"],
-    ["mlp.down_proj", "mlp.down_proj"],
-    ["norm1", "input_layernorm"],
-    ["norm2", "post_attention_layernorm"],
-  ];
-  for (let i = 0; i < cfg.lm_n_blocks; i++) {
-    for (const [x, y] of pairs) {
-      map.push({ ours: `decoder.blocks.${i}.${x}.weight`, theirs: [`model.layers.${i}.${y}.weight`] });
-    }
-  }
-  return map;
-}
-
-/**
- * The config with the backbones' shapes, read from their Hugging Face config.json as the
- * reference does (SigLIP's may nest them under `vision_config`; omitted fields take
- * SiglipVisionConfig's defaults). mp_image_token_length follows from the image size.
- */
-export function configWithBackbones(
-  cfg: VLMConfig,
-  vision?: Record<string, unknown>,
-  language?: Record<string, unknown>,
-): VLMConfig {
-  const out: Record<string, unknown> = { ...cfg };
-  const copy = (from: Record<string, unknown>, fields: [keyof VLMConfig, string, number?][]) => {
-    for (const [ours, theirs, fallback] of fields) out[ours] = from[theirs] ?? fallback;
-  };
-  if (vision) {
-    copy((vision.vision_config ?? vision) as Record<string, unknown>, [
-      ["vit_hidden_dim", "hidden_size", 768],
-      ["vit_inter_dim", "intermediate_size", 3072],
-      ["vit_n_blocks", "num_hidden_layers", 12],
-      ["vit_n_heads", "num_attention_heads", 12],
-      ["vit_img_size", "image_size", 224],
-      ["vit_patch_size", "patch_size", 16],
-      ["vit_ln_eps", "layer_norm_eps", 1e-6],
-      ["vit_dropout", "attention_dropout", 0],
-    ]);
-    const { vit_img_size: S, vit_patch_size: P, mp_pixel_shuffle_factor: s } = out as VLMConfig;
-    out.mp_image_token_length = (S / P / s) ** 2;
-  }
-  if (language) {
-    copy(language, [
-      ["lm_hidden_dim", "hidden_size"],
-      ["lm_inter_dim", "intermediate_size"],
-      ["lm_rms_eps", "rms_norm_eps"],
-      ["lm_re_base", "rope_theta"],
-      ["lm_max_position_embeddings", "max_position_embeddings"],
-      ["lm_n_heads", "num_attention_heads"],
-      ["lm_n_kv_heads", "num_key_value_heads"],
-      ["lm_dropout", "attention_dropout", 0],
-      ["lm_n_blocks", "num_hidden_layers"],
-    ]);
-    if ((language.vocab_size as number) > cfg.lm_vocab_size) {
-      throw new Error(
-        `the language backbone has ${language.vocab_size} tokens but lm_vocab_size is ${cfg.lm_vocab_size}`,
-      );
-    }
-  }
-  return out as VLMConfig;
 }

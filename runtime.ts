@@ -496,6 +496,20 @@ export function encodeSafetensors(
   return out;
 }
 
+// ---- Random numbers ----
+
+/** A small seeded random number generator (mulberry32), so a seed makes sampling and data repeatable. */
+export function seededRandom(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
 // ---- Files ----
 
 /**

@@ -207,6 +207,22 @@ Deno.test("bad input gets an error that names the problem", async () => {
   model.dispose();
 });
 
+Deno.test("the fixture checkpoint saves back to the same config.json and tensors", async () => {
+  const dir = await Deno.makeTempDir();
+  const model = await VisionLanguageModel.fromPretrained(FIXTURE_DIR);
+  await model.savePretrained(dir);
+  model.dispose();
+  const config = (path: string) => JSON.parse(Deno.readTextFileSync(path));
+  assertEquals(config(`${dir}/config.json`), config(`${FIXTURE_DIR}/config.json`));
+  const [ours, theirs] = [
+    await readSafetensors(`${dir}/model.safetensors`),
+    await readSafetensors(`${FIXTURE_DIR}/model.safetensors`),
+  ];
+  assertEquals([...ours.tensors.keys()].sort(), [...theirs.tensors.keys()].sort());
+  assertEquals(ours.metadata, theirs.metadata);
+  for (const [name, t] of theirs.tensors) assertEquals(maxAbsDiff(ours.tensors.get(name)!.data, t.data), 0, name);
+});
+
 Deno.test("checkpoint problems are named: missing files, truncation, wrong shapes, unknown keys", async () => {
   const dir = await Deno.makeTempDir();
   await assertRejects(() => VisionLanguageModel.fromPretrained(dir), Error, "config.json is missing");

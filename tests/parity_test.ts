@@ -16,7 +16,6 @@ import {
   pixelShuffle,
   replaceImageTokens,
   rotaryEmbedding,
-  smolLM2NameMap,
   softmax,
   topKTopPFilter,
   visionEncoder,
@@ -25,6 +24,7 @@ import {
   type VLMConfig,
 } from "../nanovlm.ts";
 import { initBackend, readSafetensors } from "../runtime.ts";
+import { modelFromBackbones, smolLM2NameMap } from "../backbones.ts";
 import { assertClose, FIXTURE_DIR, loadFixture, maxAbsDiff, toTensor } from "./helpers.ts";
 
 const { inputs, expected } = await loadFixture();
@@ -180,7 +180,7 @@ for (const backend of ["wasm", "cpu"] as const) {
 
     await t.step("loading the Hugging Face SigLIP and SmolLM2 files gives the same weights", async () => {
       const reference = (await readSafetensors(`${FIXTURE_DIR}/model.safetensors`)).tensors;
-      const fromHF = VisionLanguageModel.fromBackbones(cfg, {
+      const fromHF = modelFromBackbones(cfg, {
         vision: {
           config: JSON.parse(await Deno.readTextFile(`${FIXTURE_DIR}/hf_vit_config.json`)),
           weights: await readSafetensors(`${FIXTURE_DIR}/hf_vit.safetensors`),
