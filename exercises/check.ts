@@ -1,0 +1,1145 @@
+// exercises/check.ts: automatic feedback for the classroom exercises.
+//
+//   deno task exercise rms_norm          check exercises/01_rms_norm.ts (also: 01, 1, 01_rms_norm)
+//   deno task exercise all               check every exercise, with a summary
+//   deno task exercise --solutions       check the reference solutions in exercises/solutions/ (CI does)
+//   deno task exercise --list            the exercises in the suggested order
+//   deno task exercise rms_norm --seed 7 repeat a run's random inputs
+//
+// Every check builds fresh random inputs (a new seed each run, printed), prints their
+// shapes, runs the student's function and the project's own implementation (nanovlm.ts,
+// train.ts) on them, and compares element by element. PASS when everything agrees within
+// a small tolerance; otherwise FAIL with the first wrong element (index, got, expected),
+// a hint for the exercise, and — when the answer equals a classic mistake computed on
+// the same inputs — which mistake it is. The expected values always come from the
+// project's code, never from a copy, so the exercises follow the model as it changes.
+//
+// It runs on tfjs' plain JavaScript "cpu" backend: exact, deterministic and fast enough
+// for the small shapes used here. Nothing a student writes can crash it: an unsolved
+// stub, a wrong shape, a thrown error or a module that fails to load are all reported.
+
+import * as tf from "@tensorflow/tfjs";
+import { parseArgs } from "node:util";
+import {
+  applyRotary,
+  attentionBias,
+  decoder,
+  decoderAttention,
+  decoderBlock,
+  type KVCache,
+  linear,
+  lmHead,
+  parameterSpecs,
+  type Params,
+  patchify,
+  pixelShuffle,
+  PRESETS,
+  replaceImageTokens,
+  rmsNorm,
+  rotaryEmbedding,
+  softmax,
+  topKTopPFilter,
+  type VLMConfig,
+} from "../nanovlm.ts";
+import { initBackend, seededRandom } from "../runtime.ts";
+import { TodoError } from "./todo.ts";
+
+// ---- Results -------------------------------------------------------------------------
+
+/** How a check ended. Everything but "pass" is a failure. */
+export type Status =
+  | "pass"
+  | "todo" // the stub still throws TodoError
+  | "missing" // the module does not export the function (or could not be loaded)
+  | "shape" // the result has the wrong type or shape
+  | "wrong" // wrong values (or a missing error, or a missing gradient)
+  | "leak" // right values, but tensors left behind
+  | "error"; // the student's code threw
+
+/** The first element where the student's result and the project's disagree. */
+export interface WrongElement {
+  index: number[];
+  got: number;
+  expected: number;
+}
+
+/** The outcome of one exercise's check. */
+export interface CheckResult {
+  exercise: string;
+  status: Status;
+  passed: boolean;
+  /** The explanation printed after FAIL / TODO (empty on PASS). */
+  message: string;
+  firstWrong?: WrongElement;
+  seed: number;
+}
+
+/** A failed expectation; the runner turns it into a CheckResult. */
+class CheckFailure extends Error {
+  constructor(
+    readonly status: Exclude<Status, "pass" | "todo" | "error">,
+    message: string,
+    readonly options: { firstWrong?: WrongElement; hint?: string } = {},
+  ) {
+    super(message);
+  }
+}
+
+/** An error thrown inside the student's function (as opposed to a bug in this checker). */
+class StudentError extends Error {
+  constructor(readonly functionName: string, readonly error: unknown) {
+    super(String(error));
+  }
+}
+
+// ---- The exercises' shared toolbox ----------------------------------------------------
+
+/** A value compared element by element: a tensor's or an array's data and shape. */
+type Values = { shape: number[]; data: ArrayLike<number> };
+
+/** A classic wrong answer, computed on the same inputs, and what to say when it matches. */
+interface Mistake {
+  message: string;
+  value: () => tf.Tensor | Values;
+}
+
+interface CompareOptions {
+  atol?: number; // default 1e-5
+  rtol?: number; // default 1e-4
+  mistakes?: Mistake[];
+  /** The hint for this comparison, instead of the exercise's general one. */
+  hint?: string;
+  /** Explain an index in the exercise's own terms ("patch 3, channel 1 …"). */
+  explain?: (index: number[]) => string;
+}
+
+const shapeText = (shape: readonly number[]) => `[${shape.join(", ")}]`;
+const numberText = (x: number) => (Number.isFinite(x) ? String(Number(x.toPrecision(6))) : String(x));
+
+/** The data and shape of a tensor or array, or undefined for anything else. */
+async function valuesOf(x: unknown): Promise<Values | undefined> {
+  if (x instanceof tf.Tensor) {
+    if (x.isDisposed) return undefined;
+    return { shape: x.shape, data: await x.data() as ArrayLike<number> };
+  }
+  if (x instanceof Float32Array || x instanceof Float64Array || Array.isArray(x)) {
+    return { shape: [x.length], data: x as ArrayLike<number> };
+  }
+  if (typeof x === "object" && x !== null && "shape" in x && "data" in x) return x as Values;
+  return undefined;
+}
+
+function describe(x: unknown): string {
+  if (x instanceof tf.Tensor) return x.isDisposed ? "a disposed tensor" : `a ${x.dtype} tensor ${shapeText(x.shape)}`;
+  if (x === undefined || x === null) return String(x);
+  if (Array.isArray(x)) return `an array of length ${x.length}`;
+  return `a ${typeof x === "object" ? x.constructor?.name ?? "object" : typeof x}`;
+}
+
+/** Row-major flat index → multi-dimensional index. */
+function unravel(flat: number, shape: number[]): number[] {
+  const index = new Array<number>(shape.length);
+  for (let axis = shape.length - 1; axis >= 0; axis--) {
+    index[axis] = flat % shape[axis];
+    flat = Math.floor(flat / shape[axis]);
+  }
+  return index;
+}
+
+const close = (got: number, expected: number, atol: number, rtol: number) =>
+  got === expected || Math.abs(got - expected) <= atol + rtol * Math.abs(expected); // NaN is never close
+
+/** Whether two value sets agree everywhere. */
+function allClose(a: Values, b: Values, atol: number, rtol: number): boolean {
+  if (shapeText(a.shape) !== shapeText(b.shape)) return false;
+  for (let i = 0; i < a.data.length; i++) if (!close(a.data[i], b.data[i], atol, rtol)) return false;
+  return true;
+}
+
+/**
+ * What one exercise's check uses: seeded random inputs, the student's functions, logging
+ * and the comparison that produces the feedback.
+ */
+class Check {
+  private readonly random: () => number;
+  private caseCount = 0;
+
+  constructor(
+    readonly seed: number,
+    private readonly impl: Record<string, unknown>,
+    private readonly exercise: Exercise,
+    readonly log: (line: string) => void,
+  ) {
+    this.random = seededRandom(seed);
+  }
+
+  /** A random integer in [lo, hi]. */
+  int(lo: number, hi: number): number {
+    return lo + Math.floor(this.random() * (hi - lo + 1));
+  }
+
+  pick<T>(choices: readonly T[]): T {
+    return choices[this.int(0, choices.length - 1)];
+  }
+
+  /** A float32 tensor of normal samples, seeded from this check's seed. */
+  normal(shape: number[], mean = 0, std = 1): tf.Tensor {
+    return tf.randomNormal(shape, mean, std, "float32", this.int(0, 2 ** 31 - 1));
+  }
+
+  uniform(shape: number[], lo = 0, hi = 1): tf.Tensor {
+    return tf.randomUniform(shape, lo, hi, "float32", this.int(0, 2 ** 31 - 1));
+  }
+
+  /** Announce the next case and its inputs. */
+  startCase(description: string): void {
+    this.log(`  case ${++this.caseCount}: ${description}`);
+  }
+
+  /** Call the student's function; its errors become StudentErrors (TodoError passes through). */
+  call(name: string, ...args: unknown[]): unknown {
+    const fn = this.impl[name] as (...args: unknown[]) => unknown;
+    try {
+      return fn(...args);
+    } catch (e) {
+      if (e instanceof TodoError) throw e;
+      throw new StudentError(name, e);
+    }
+  }
+
+  /** The same for a function that may return a Promise. */
+  async callAsync(name: string, ...args: unknown[]): Promise<unknown> {
+    try {
+      return await this.call(name, ...args);
+    } catch (e) {
+      if (e instanceof TodoError || e instanceof StudentError) throw e;
+      throw new StudentError(name, e);
+    }
+  }
+
+  /**
+   * Compare the student's result with the expected one: type, shape, then every element
+   * (|got − expected| ≤ atol + rtol·|expected|; infinities must match exactly).
+   */
+  async expectClose(label: string, got: unknown, expected: tf.Tensor | Values, options: CompareOptions = {}) {
+    const { atol = 1e-5, rtol = 1e-4, hint } = options;
+    const want = (await valuesOf(expected))!;
+    const have = await valuesOf(got);
+    if (have === undefined) {
+      throw new CheckFailure(
+        "shape",
+        `${label} should be a tensor of shape ${shapeText(want.shape)}, got ${describe(got)}`,
+        {
+          hint,
+        },
+      );
+    }
+    if (shapeText(have.shape) !== shapeText(want.shape)) {
+      throw new CheckFailure(
+        "shape",
+        `${label} has shape ${shapeText(have.shape)} but should have shape ${shapeText(want.shape)}`,
+        { hint },
+      );
+    }
+    let first = -1, wrong = 0, worst = 0;
+    for (let i = 0; i < want.data.length; i++) {
+      if (close(have.data[i], want.data[i], atol, rtol)) continue;
+      if (first < 0) first = i;
+      wrong++;
+      const d = Math.abs(have.data[i] - want.data[i]);
+      if (!(d <= worst)) worst = d; // NaN or Infinity counts as the worst
+    }
+    if (first < 0) {
+      let maxDiff = 0;
+      for (let i = 0; i < want.data.length; i++) {
+        const d = Math.abs(have.data[i] - want.data[i]);
+        if (Number.isFinite(d)) maxDiff = Math.max(maxDiff, d);
+      }
+      this.log(`    ✓ ${label} ${shapeText(want.shape)} matches (max |difference| ${maxDiff.toExponential(1)})`);
+      return;
+    }
+    const index = unravel(first, want.shape);
+    const where = options.explain ? ` (${options.explain(index)})` : "";
+    const firstWrong = { index, got: have.data[first], expected: want.data[first] };
+    let message = `${label} ${shapeText(want.shape)}: first wrong element at ${shapeText(index)}${where}: ` +
+      `got ${numberText(firstWrong.got)}, expected ${numberText(firstWrong.expected)} (${this.exercise.reference})\n` +
+      `  ${wrong} of ${want.data.length} elements are wrong; the largest |difference| is ${numberText(worst)}`;
+    for (const mistake of options.mistakes ?? []) {
+      const value = await valuesOf(mistake.value());
+      if (value && allClose(have, value, atol, rtol)) {
+        message += `\n  Your result is exactly what this classic mistake gives: ${mistake.message}`;
+        break;
+      }
+    }
+    throw new CheckFailure("wrong", message, { firstWrong, hint });
+  }
+
+  /** Fail with a message (for checks that are not element comparisons). */
+  fail(status: "wrong" | "shape" | "leak", message: string, hint?: string): never {
+    throw new CheckFailure(status, message, { hint });
+  }
+}
+
+// ---- The exercises ---------------------------------------------------------------------
+
+/** One classroom exercise: the stub the student edits and how it is checked. */
+export interface Exercise {
+  number: string; // "01": the suggested order
+  name: string; // "rms_norm": what `deno task exercise` takes
+  title: string;
+  /** The functions the student writes, exported from the stub. */
+  functions: string[];
+  /** What the result is compared with, e.g. "rmsNorm in nanovlm.ts". */
+  reference: string;
+  minutes: number;
+  /** Printed on a wrong answer unless the failed comparison has its own. */
+  hint: string;
+  run(c: Check): Promise<void>;
+}
+
+/** The file a student edits: exercises/01_rms_norm.ts. */
+export const exerciseFile = (ex: Exercise): string => `${ex.number}_${ex.name}.ts`;
+
+/** A config for the decoder-only checks: tiny preset, other shapes as given. */
+function decoderConfig(H: number, KV: number, hd: number, blocks: number, vocab = 48): VLMConfig {
+  return {
+    ...PRESETS.tiny,
+    lm_hidden_dim: H * hd,
+    lm_n_heads: H,
+    lm_n_kv_heads: KV,
+    lm_inter_dim: 2 * H * hd,
+    lm_n_blocks: blocks,
+    lm_base_vocab_size: vocab - 1,
+    lm_vocab_size: vocab,
+  };
+}
+
+/**
+ * Random decoder weights by nanoVLM name, with scales that keep activations near 1 (the
+ * model's own init, std 0.02, makes every attention map almost uniform, which would let
+ * some mistakes pass): linear weights std 1/√in, norm gains around 1, embeddings std 1.
+ */
+function randomDecoderParams(cfg: VLMConfig, c: Check): Params {
+  const p: Params = new Map();
+  for (const spec of parameterSpecs(cfg)) {
+    if (!spec.name.startsWith("decoder.")) continue;
+    if (spec.layout === "linear") p.set(spec.name, c.normal(spec.shape, 0, 1 / Math.sqrt(spec.shape[0])));
+    else if (spec.init === "ones") p.set(spec.name, c.normal(spec.shape, 1, 0.2));
+    else p.set(spec.name, c.normal(spec.shape));
+  }
+  return p;
+}
+
+const rmsNormExercise: Exercise = {
+  number: "01",
+  name: "rms_norm",
+  title: "RMSNorm",
+  functions: ["rmsNorm"],
+  reference: "rmsNorm in nanovlm.ts",
+  minutes: 10,
+  hint: "Average x² over the last axis only (x.square().mean(-1, true) keeps that axis so it broadcasts), " +
+    "add eps inside the square root, divide x by it, then multiply by weight.",
+  async run(c: Check) {
+    const cases = [
+      { what: "typical activations", rank: 3, scale: 1 },
+      { what: "tiny activations, where eps matters; rank 2", rank: 2, scale: 1e-3 },
+    ];
+    for (const { what, rank, scale } of cases) {
+      const D = c.pick([8, 12, 16]);
+      const shape = rank === 3 ? [c.int(1, 3), c.int(2, 6), D] : [c.int(2, 6), D];
+      const x = c.normal(shape, 0.3 * scale, scale), weight = c.normal([D], 1, 0.3), eps = 1e-5;
+      c.startCase(`x ${shapeText(shape)} (${what}), weight [${D}], eps ${eps} → expecting ${shapeText(shape)}`);
+      const expected = rmsNorm(x, weight, eps);
+      const got = c.call("rmsNorm", x, weight, eps);
+      const meanSquare = () => x.square().mean(-1, true);
+      await c.expectClose("output", got, expected, {
+        mistakes: [
+          {
+            message: "RMSNorm without eps. Add eps inside the square root: sqrt(mean(x²) + eps).",
+            value: () => x.div(meanSquare().sqrt()).mul(weight),
+          },
+          {
+            message: "eps added outside the square root, x / (sqrt(mean(x²)) + eps). It goes inside.",
+            value: () => x.div(meanSquare().sqrt().add(eps)).mul(weight),
+          },
+          {
+            message: "the mean is subtracted first: that is LayerNorm. RMSNorm does not center x.",
+            value: () => {
+              const centered = x.sub(x.mean(-1, true));
+              return centered.div(centered.square().mean(-1, true).add(eps).sqrt()).mul(weight);
+            },
+          },
+          {
+            message: "weight is never applied. Multiply by the learned gain at the end.",
+            value: () => x.div(meanSquare().add(eps).sqrt()),
+          },
+          {
+            message: "the mean runs over every element, not over the last axis: use mean(-1, true).",
+            value: () => x.div(x.square().mean().add(eps).sqrt()).mul(weight),
+          },
+        ],
+      });
+    }
+  },
+};
+
+const patchifyExercise: Exercise = {
+  number: "02",
+  name: "patchify",
+  title: "Patchify",
+  functions: ["patchify"],
+  reference: "patchify in nanovlm.ts",
+  minutes: 20,
+  hint: "Name the axes: reshaping to [N, 3, G, P, G, P] gives (n, c, gy, py, gx, px). The output wants (n, gy, gx) " +
+    "to pick the patch and (c, py, px) inside it: transpose into that order, then reshape to [N, G·G, 3·P·P].",
+  async run(c: Check) {
+    for (let i = 0; i < 2; i++) {
+      const N = c.int(1, 3), P = c.pick([2, 3, 4]), G = c.pick([2, 3, 4]), S = G * P;
+      const images = c.uniform([N, 3, S, S]);
+      c.startCase(`images ${shapeText([N, 3, S, S])}, P = ${P} → expecting ${shapeText([N, G * G, 3 * P * P])}`);
+      const got = c.call("patchify", images, P);
+      const axes = () => images.reshape([N, 3, G, P, G, P]); // (n, c, gy, py, gx, px)
+      await c.expectClose("patches", got, patchify(images, P), {
+        explain: ([n, patch, f]) => {
+          const [ch, py, px] = [Math.floor(f / (P * P)), Math.floor(f / P) % P, f % P];
+          return `image ${n}, patch ${patch} = grid row ${Math.floor(patch / G)}, column ${patch % G}; ` +
+            `feature ${f} = channel ${ch}, row ${py}, column ${px} inside the patch`;
+        },
+        mistakes: [
+          {
+            message: "each patch is flattened channels-last, (row, col, channel). The conv weight is " +
+              "[Dv, 3, P, P], so the order is (channel, row, col).",
+            value: () => axes().transpose([0, 2, 4, 3, 5, 1]).reshape([N, G * G, 3 * P * P]),
+          },
+          {
+            message: "the patches are numbered column by column. Number them row-major: patch gy·G + gx.",
+            value: () => axes().transpose([0, 4, 2, 1, 3, 5]).reshape([N, G * G, 3 * P * P]),
+          },
+          {
+            message: "a plain reshape. It does not cut square patches: each 'patch' is a run of consecutive " +
+              "pixels. Split the image axes, transpose, then reshape.",
+            value: () => images.reshape([N, G * G, 3 * P * P]),
+          },
+        ],
+      });
+    }
+  },
+};
+
+const pixelShuffleExercise: Exercise = {
+  number: "03",
+  name: "pixel_shuffle",
+  title: "Pixel shuffle",
+  functions: ["pixelShuffle"],
+  reference: "pixelShuffle in nanovlm.ts",
+  minutes: 20,
+  hint: "Name the axes: reshaping to [N, G/s, s, G/s, s, Dv] gives (n, oy, sy, ox, sx, d). The output wants " +
+    "(n, oy, ox) to pick the token and (sy, sx, d) inside it: transpose into that order, then reshape.",
+  async run(c: Check) {
+    for (const s of [2, c.pick([2, 3])]) {
+      const N = c.int(1, 2), O = c.int(1, 3), G = O * s, Dv = c.int(2, 5);
+      const x = c.normal([N, G * G, Dv]);
+      c.startCase(
+        `x ${shapeText([N, G * G, Dv])} (a ${G}×${G} patch grid), s = ${s} → expecting ` +
+          shapeText([N, O * O, s * s * Dv]),
+      );
+      const got = c.call("pixelShuffle", x, s);
+      const axes = () => x.reshape([N, O, s, O, s, Dv]); // (n, oy, sy, ox, sx, d)
+      await c.expectClose("tokens", got, pixelShuffle(x, s), {
+        explain: ([n, token, f]) => {
+          const [oy, ox, sy, sx, d] = [
+            Math.floor(token / O),
+            token % O,
+            Math.floor(f / Dv / s),
+            (f / Dv | 0) % s,
+            f % Dv,
+          ];
+          return `image ${n}, token ${token} = block row ${oy}, column ${ox}; feature ${f} = channel ${d} of ` +
+            `the block's patch at row ${sy}, column ${sx}, which is input patch ${(oy * s + sy) * G + ox * s + sx}`;
+        },
+        mistakes: [
+          {
+            message: "a plain reshape. It joins s² patches that are consecutive in the sequence (a strip of " +
+              "one row of the image), not an s×s square.",
+            value: () => x.reshape([N, O * O, s * s * Dv]),
+          },
+          {
+            message: "inside a block the patches are concatenated column by column. Go row by row: " +
+              "patch (sy, sx) of the block comes at position sy·s + sx.",
+            value: () => axes().transpose([0, 1, 3, 4, 2, 5]).reshape([N, O * O, s * s * Dv]),
+          },
+          {
+            message: "the output tokens are numbered column by column. Number them row-major: oy·(G/s) + ox.",
+            value: () => axes().transpose([0, 3, 1, 2, 4, 5]).reshape([N, O * O, s * s * Dv]),
+          },
+        ],
+      });
+    }
+  },
+};
+
+/** The image-token fill in another order, to recognise two classic mistakes. */
+function fillInOrder(
+  ids: number[],
+  [B, T, D]: number[],
+  tokenEmbd: tf.Tensor,
+  imageEmbd: tf.Tensor,
+  imageId: number,
+  order: "restart-per-sample" | "column-major",
+): tf.Tensor {
+  const source = Array.from({ length: B * T }, (_, r) => r); // row of [tokens; images] for each output row
+  let slot = 0;
+  const walk = order === "column-major"
+    ? Array.from({ length: B * T }, (_, i) => (i % B) * T + Math.floor(i / B))
+    : source.slice();
+  for (const r of walk) {
+    if (order === "restart-per-sample" && r % T === 0) slot = 0;
+    if (ids[r] === imageId) source[r] = B * T + slot++;
+  }
+  const rows = tf.concat([tokenEmbd.reshape([B * T, D]), imageEmbd.reshape([-1, D])]);
+  return tf.gather(rows, tf.tensor1d(source, "int32")).reshape([B, T, D]);
+}
+
+const imageTokensExercise: Exercise = {
+  number: "04",
+  name: "image_tokens",
+  title: "Image embeddings into the <|image|> slots",
+  functions: ["replaceImageTokens"],
+  reference: "replaceImageTokens in nanovlm.ts",
+  minutes: 25,
+  hint: "Walk the B·T positions in row-major order (sample by sample) with ONE counter over the image rows — it " +
+    "does not restart for a new sample. A slot takes the next image row; any other position keeps its token row.",
+  async run(c: Check) {
+    const V = 20, IMG = V - 1; // <|image|> is the last id
+    const L = c.int(2, 3), D = c.int(3, 6);
+    const layouts: { what: string; imagesPerSample: number[] }[] = [
+      { what: "random layout", imagesPerSample: Array.from({ length: c.int(1, 3) }, () => c.int(0, 2)) },
+      { what: "no image in sample 0, one in sample 1, two in sample 2", imagesPerSample: [0, 1, 2] },
+      { what: "text only, imageEmbd undefined", imagesPerSample: [0, 0] },
+    ];
+    if (!layouts[0].imagesPerSample.some((n) => n > 0)) layouts[0].imagesPerSample[0] = 1;
+    let gradientCase: { ids: number[]; tokenEmbd: tf.Tensor; imageEmbd: tf.Tensor } | undefined;
+    for (const { what, imagesPerSample } of layouts) {
+      // Each sample: some text, its images' slots at random places, more text; left-padded with id 0.
+      const rows = imagesPerSample.map((n) => {
+        const row: number[] = [];
+        for (let i = 0; i < n; i++) {
+          row.push(...Array.from({ length: c.int(1, 2) }, () => c.int(1, V - 2)), ...Array(L).fill(IMG));
+        }
+        row.push(...Array.from({ length: c.int(1, 3) }, () => c.int(1, V - 2)));
+        return row;
+      });
+      const B = rows.length, T = Math.max(...rows.map((r) => r.length));
+      const ids = rows.flatMap((r) => [...Array(T - r.length).fill(0), ...r]);
+      const N = imagesPerSample.reduce((a, b) => a + b, 0);
+      const tokenEmbd = c.normal([B, T, D]);
+      const imageEmbd = N > 0 ? c.normal([N, L, D]) : undefined;
+      c.startCase(
+        `${what}: ids [${B}·${T}] with ${N * L} slots (images per sample: ${imagesPerSample.join(", ")}), ` +
+          `tokenEmbd ${shapeText([B, T, D])}, imageEmbd ${imageEmbd ? shapeText([N, L, D]) : "undefined"} → ` +
+          `expecting ${shapeText([B, T, D])}`,
+      );
+      const got = c.call("replaceImageTokens", ids, tokenEmbd, imageEmbd, IMG);
+      await c.expectClose("fused embeddings", got, replaceImageTokens(ids, tokenEmbd, imageEmbd, IMG), {
+        explain: ([b, t]) =>
+          ids[b * T + t] === IMG ? `sample ${b}, position ${t}: an <|image|> slot` : `sample ${b}, position ${t}: text`,
+        mistakes: imageEmbd
+          ? [
+            {
+              message: "the image rows restart at image 0 for every sample. Use one counter for the whole batch.",
+              value: () => fillInOrder(ids, [B, T, D], tokenEmbd, imageEmbd, IMG, "restart-per-sample"),
+            },
+            {
+              message: "the slots are filled position by position across the batch (column-major). Fill them " +
+                "sample by sample: all of sample 0's slots first.",
+              value: () => fillInOrder(ids, [B, T, D], tokenEmbd, imageEmbd, IMG, "column-major"),
+            },
+          ]
+          : [],
+      });
+      if (imageEmbd && !gradientCase) gradientCase = { ids, tokenEmbd, imageEmbd };
+    }
+
+    const { ids, tokenEmbd, imageEmbd } = gradientCase!;
+    c.startCase("gradients: training needs d(loss)/d(imageEmbd) to reach the projector and the ViT");
+    const r = c.normal(tokenEmbd.shape);
+    for (const [name, x] of [["imageEmbd", imageEmbd], ["tokenEmbd", tokenEmbd]] as const) {
+      const score = (t: tf.Tensor, i: tf.Tensor) =>
+        (c.call("replaceImageTokens", ids, t, i, IMG) as tf.Tensor).mul(r).sum();
+      let grad: tf.Tensor;
+      try {
+        grad = tf.grad((v: tf.Tensor) => name === "imageEmbd" ? score(tokenEmbd, v) : score(v, imageEmbd))(x);
+      } catch (e) {
+        if (e instanceof TodoError || e instanceof StudentError) throw e;
+        c.fail(
+          "wrong",
+          `the values are right, but no gradient flows back to ${name} (tfjs: ${(e as Error).message})`,
+          "Build the output from the input tensors with tensor ops (slice, concat, stack, gather, where), never " +
+            "from numbers read out of them with data()/dataSync(): those numbers have no gradient.",
+        );
+      }
+      const expected = tf.grad((v: tf.Tensor) =>
+        (name === "imageEmbd" ? replaceImageTokens(ids, tokenEmbd, v, IMG) : replaceImageTokens(ids, v, imageEmbd, IMG))
+          .mul(r).sum()
+      )(x);
+      await c.expectClose(`gradient w.r.t. ${name}`, grad, expected, {
+        hint: "Each slot must use its image row exactly once, and every text position its own token row.",
+      });
+    }
+
+    c.startCase(`a mismatch: ${2 * L - 1} slots but 2 images × ${L} tokens must throw an Error`);
+    const shortIds = [...Array(2 * L - 1).fill(IMG), 1];
+    let threw: unknown;
+    try {
+      c.call("replaceImageTokens", shortIds, c.normal([1, 2 * L, D]), c.normal([2, L, D]), IMG);
+    } catch (e) {
+      if (e instanceof TodoError) throw e;
+      threw = e instanceof StudentError ? e.error : e;
+    }
+    if (threw === undefined) {
+      c.fail(
+        "wrong",
+        `with ${2 * L - 1} <|image|> slots but ${2 * L} image rows your function returned instead of throwing`,
+        "Count the slots first; if the count differs from imageEmbd's N·L rows, throw an Error saying both numbers.",
+      );
+    }
+    c.log(`    ✓ threw: ${threw instanceof Error ? threw.message : String(threw)}`);
+  },
+};
+
+const rotaryExercise: Exercise = {
+  number: "05",
+  name: "rotary",
+  title: "Rotary position embeddings",
+  functions: ["rotaryTables", "applyRotary"],
+  reference: "rotaryEmbedding / applyRotary in nanovlm.ts",
+  minutes: 30,
+  hint: "",
+  async run(c: Check) {
+    const tablesHint = "inv_freq[i] = 1 / base^(2i/hd) for i < hd/2; the angles are positions × inv_freq (an outer " +
+      "product [T, hd/2]); each table is concat([angles, angles], -1): the two halves, not interleaved.";
+    const applyHint = "rotate_half(x) = concat(−x2, x1): the first half becomes −x2, not x2. Pair i is " +
+      "(x_i, x_{i+hd/2}), the two halves of the vector, not neighbours.";
+    // Angles are computed in float32 by nanovlm.ts; a float64 answer differs by up to ~1e-5 at these positions.
+    const tolerance = { atol: 5e-5, rtol: 1e-4 };
+    for (let i = 0; i < 2; i++) {
+      const hd = c.pick([4, 6, 8, 16]), base = c.pick([10000, 100000]), start = c.int(0, 40), T = c.int(1, 6);
+      const positions = Array.from({ length: T }, (_, t) => start + t);
+      const cfg = { ...decoderConfig(1, 1, hd, 1), lm_re_base: base };
+      c.startCase(
+        `tables: positions [${positions.join(", ")}], hd ${hd}, base ${base} → expecting cos, sin ` +
+          shapeText([T, hd]),
+      );
+      const expected = rotaryEmbedding(cfg, positions);
+      const got = c.call("rotaryTables", positions, hd, base) as { cos?: unknown; sin?: unknown } | undefined;
+      if (typeof got !== "object" || got === null || !("cos" in got) || !("sin" in got)) {
+        c.fail("shape", `rotaryTables should return { cos, sin }, got ${describe(got)}`, tablesHint);
+      }
+      const angles = (exponent: (i: number) => number, at: number[], interleave: boolean) => {
+        const half = Array.from({ length: hd / 2 }, (_, i) => 1 / base ** exponent(i));
+        const rows = at.map((p) => {
+          const row = half.map((f) => p * f);
+          return interleave ? row.flatMap((a) => [a, a]) : [...row, ...row];
+        });
+        return tf.tensor2d(rows.flat(), [T, hd]);
+      };
+      for (const part of ["cos", "sin"] as const) {
+        const f = part === "cos" ? tf.cos : tf.sin;
+        await c.expectClose(`${part} table`, got[part], expected[part], {
+          ...tolerance,
+          hint: tablesHint,
+          explain: ([t, j]) => `position ${positions[t]}, column ${j} = frequency ${j % (hd / 2)}`,
+          mistakes: [
+            {
+              message: "the angles are interleaved, [a0, a0, a1, a1, …]. The rotate-half layout repeats the whole " +
+                "half: [a0, a1, …, a0, a1, …].",
+              value: () => f(angles((i) => (2 * i) / hd, positions, true)),
+            },
+            {
+              message: "inv_freq = 1 / base^(i/hd). The exponent is 2i/hd (i counts pairs, 2i dimensions).",
+              value: () => f(angles((i) => i / hd, positions, false)),
+            },
+            {
+              message: "the positions were taken as 0 … T−1. Use the positions you are given: in a decode step " +
+                "the new token sits after the cached ones.",
+              value: () => f(angles((i) => (2 * i) / hd, positions.map((_, t) => t), false)),
+            },
+          ],
+        });
+      }
+    }
+
+    const B = c.int(1, 2), H = c.int(1, 3), T = c.int(1, 5), hd = c.pick([4, 8]);
+    const positions = Array.from({ length: T }, (_, t) => c.int(0, 30) + t);
+    const { cos, sin } = rotaryEmbedding(decoderConfig(1, 1, hd, 1), positions);
+    const x = c.normal([B, H, T, hd]);
+    c.startCase(
+      `rotation: x ${shapeText([B, H, T, hd])}, cos and sin ${shapeText([T, hd])} (from nanovlm.ts) → ` +
+        `expecting ${shapeText([B, H, T, hd])}`,
+    );
+    const got = c.call("applyRotary", x, cos, sin);
+    const [x1, x2] = tf.split(x, 2, -1);
+    await c.expectClose("rotated x", got, applyRotary(x, cos, sin), {
+      hint: applyHint,
+      explain: ([b, h, t, j]) =>
+        `batch ${b}, head ${h}, token ${t}, dimension ${j} (the ${j < hd / 2 ? "first" : "second"} half)`,
+      mistakes: [
+        {
+          message: "rotate_half was concat(x2, −x1): the rotation goes the wrong way. It is concat(−x2, x1).",
+          value: () => x.mul(cos).add(tf.concat([x2, x1.neg()], -1).mul(sin)),
+        },
+        {
+          message: "you rotated neighbouring pairs (x0, x1), (x2, x3), … (the layout of Meta's original Llama " +
+            "code). Hugging Face Llama and nanoVLM pair x_i with x_{i+hd/2}.",
+          value: () => {
+            const pairs = x.reshape([B, H, T, hd / 2, 2]);
+            const [even, odd] = tf.unstack(pairs, -1); // [B, H, T, hd/2]
+            const c2 = cos.slice([0, 0], [T, hd / 2]), s2 = sin.slice([0, 0], [T, hd / 2]);
+            const rotated = [even.mul(c2).sub(odd.mul(s2)), odd.mul(c2).add(even.mul(s2))];
+            return tf.stack(rotated, -1).reshape([B, H, T, hd]);
+          },
+        },
+        {
+          message: "only x·cos: the rotate_half(x)·sin term is missing.",
+          value: () => x.mul(cos),
+        },
+      ],
+    });
+  },
+};
+
+/** Attention with deliberate deviations, to recognise the classic mistakes of exercise 06. */
+function attentionVariant(
+  p: Params,
+  prefix: string,
+  cfg: VLMConfig,
+  x: tf.Tensor,
+  rope: { cos: tf.Tensor; sin: tf.Tensor },
+  change: { noMask?: boolean; tileHeads?: boolean; noScale?: boolean; keysNotRotated?: boolean; softmaxAxis?: number },
+): tf.Tensor {
+  const [B, T] = x.shape;
+  const H = cfg.lm_n_heads, KV = cfg.lm_n_kv_heads, hd = cfg.lm_hidden_dim / H;
+  const w = (k: string) => p.get(`${prefix}.${k}.weight`)!;
+  const heads = (t: tf.Tensor, n: number) => t.reshape([B, T, n, hd]).transpose([0, 2, 1, 3]);
+  const q = applyRotary(heads(linear(x, w("q_proj")), H), rope.cos, rope.sin);
+  let k = heads(linear(x, w("k_proj")), KV);
+  if (!change.keysNotRotated) k = applyRotary(k, rope.cos, rope.sin);
+  const v = heads(linear(x, w("v_proj")), KV);
+  const kvHead = Array.from({ length: H }, (_, h) => change.tileHeads ? h % KV : Math.floor(h / (H / KV)));
+  const index = tf.tensor1d(kvHead, "int32");
+  let scores = tf.matMul(q, tf.gather(k, index, 1), false, true).mul(change.noScale ? 1 : 1 / Math.sqrt(hd));
+  if (!change.noMask) scores = scores.add(attentionBias(undefined, T, T)!.reshape([1, 1, T, T]));
+  const out = tf.matMul(tf.softmax(scores, change.softmaxAxis ?? -1), tf.gather(v, index, 1));
+  return linear(out.transpose([0, 2, 1, 3]).reshape([B, T, H * hd]), w("out_proj"));
+}
+
+const causalAttentionExercise: Exercise = {
+  number: "06",
+  name: "causal_attention",
+  title: "Causal grouped-query attention",
+  functions: ["causalSelfAttention"],
+  reference: "decoderAttention in nanovlm.ts",
+  minutes: 45,
+  hint: "Check each step's shape: q [B, H, T, hd], k and v [B, KV, T, hd]; query head h reads key/value head " +
+    "floor(h / (H/KV)); scores [B, H, T, T] divided by √hd, −Infinity where key j > query i, softmax over the last " +
+    "axis, times v, heads merged back to [B, T, H·hd], then out_proj.",
+  async run(c: Check) {
+    const heads = [c.pick([[4, 2], [6, 2], [6, 3], [8, 2]]), [4, 1], [4, 4]];
+    const names = ["grouped-query", "multi-query: one key/value head", "plain multi-head: KV = H"];
+    for (const [i, [H, KV]] of heads.entries()) {
+      const hd = c.pick([4, 8]), B = c.int(1, 2), T = c.int(3, 7), D = H * hd;
+      const cfg = decoderConfig(H, KV, hd, 1);
+      const p = randomDecoderParams(cfg, c), prefix = "decoder.blocks.0.attn";
+      const x = c.normal([B, T, D]);
+      const rope = rotaryEmbedding(cfg, Array.from({ length: T }, (_, t) => t));
+      c.startCase(
+        `${names[i]}: x ${shapeText([B, T, D])}, H ${H}, KV ${KV}, hd ${hd}; weights q ` +
+          `${shapeText([D, D])}, k and v ${shapeText([D, KV * hd])}, out ${shapeText([D, D])} → expecting ` +
+          shapeText([B, T, D]),
+      );
+      const expected = decoderAttention(p, prefix, cfg, x, rope, attentionBias(undefined, T, T), undefined).out;
+      const got = c.call("causalSelfAttention", p, prefix, cfg, x, rope);
+      const variant = (change: Parameters<typeof attentionVariant>[5]) => () =>
+        attentionVariant(p, prefix, cfg, x, rope, change);
+      await c.expectClose("attention output", got, expected, {
+        explain: ([b, t, d]) => `batch ${b}, token ${t}, channel ${d}` + (t === 0 ? " (token 0 sees only itself)" : ""),
+        mistakes: [
+          {
+            message: "no causal mask, so every token also reads the tokens after it. Before the softmax set the " +
+              "scores to −Infinity where key j > query i.",
+            value: variant({ noMask: true }),
+          },
+          {
+            message: "query head h used key/value head h % KV (tf.tile's order). It should be floor(h / (H/KV)): " +
+              "neighbouring query heads share a key/value head, like PyTorch's repeat_interleave.",
+            value: variant({ tileHeads: true }),
+          },
+          {
+            message: "the scores are not divided by √hd.",
+            value: variant({ noScale: true }),
+          },
+          {
+            message: "the keys were not rotated. RoPE rotates both q and k (never v).",
+            value: variant({ keysNotRotated: true }),
+          },
+          {
+            message: "the softmax runs over the queries (axis −2). It normalises each query's scores over the keys " +
+              "(the last axis).",
+            value: variant({ softmaxAxis: -2 }),
+          },
+        ],
+      });
+    }
+  },
+};
+
+const kvCacheStepExercise: Exercise = {
+  number: "07",
+  name: "kv_cache_step",
+  title: "One decoding step with a KV cache",
+  functions: ["decodeStep"],
+  reference: "decoder + lmHead in nanovlm.ts",
+  minutes: 30,
+  hint: "The new token's position is the number of tokens already cached (the `position` argument). Pass each " +
+    "block its own cache[i] and keep the cache it returns; no attention bias for a single new token; final " +
+    "RMSNorm before lmHead.",
+  async run(c: Check) {
+    const [H, KV] = c.pick([[4, 2], [4, 1], [6, 3]]), hd = 8, blocks = 2, V = 48;
+    const cfg = decoderConfig(H, KV, hd, blocks, V), D = H * hd;
+    const p = randomDecoderParams(cfg, c), E = p.get("decoder.token_embedding.weight")!;
+    const B = c.int(1, 3), T0 = c.int(2, 6);
+    const prompt = tf.tensor2d(Array.from({ length: B * T0 }, () => c.int(0, V - 1)), [B, T0], "int32");
+    const promptEmbd = tf.gather(E, prompt); // [B, T0, D]
+    const { cache } = decoder(p, cfg, promptEmbd); // the prefill: cache[i].k [B, KV, T0, hd]
+    const next = Array.from({ length: B }, () => c.int(0, V - 1));
+    const nextEmbd = tf.gather(E, tf.tensor2d(next, [B, 1], "int32")); // [B, 1, D]
+    const stepAt = (position: number) => {
+      const out = decoder(p, cfg, nextEmbd, undefined, cache, position);
+      return { logits: lmHead(p, cfg, out.hidden.reshape([B, D])), cache: out.cache };
+    };
+    const expected = stepAt(T0);
+
+    // Why a cache is allowed at all: the step gives what recomputing the whole sequence gives.
+    const full = decoder(p, cfg, tf.concat([promptEmbd, nextEmbd], 1)).hidden.slice([0, T0, 0], [B, 1, D]);
+    const recompute = (await tf.max(tf.abs(lmHead(p, cfg, full.reshape([B, D])).sub(expected.logits))).data())[0];
+    c.startCase(
+      `${blocks} blocks, H ${H}, KV ${KV}, hd ${hd}, V ${V}; a prompt of ${T0} tokens is cached ` +
+        `(cache[i].k and .v ${shapeText([B, KV, T0, hd])}); tokenIds [${next.join(", ")}], position ${T0} → ` +
+        `expecting logits ${shapeText([B, V])}, cache ${shapeText([B, KV, T0 + 1, hd])}`,
+    );
+    c.log(
+      `    (the project's cached step equals a full recompute of all ${T0 + 1} tokens: ` +
+        `max |difference| ${recompute.toExponential(1)})`,
+    );
+
+    const given = new Set<tf.Tensor>(cache.flatMap((kv) => [kv.k, kv.v]));
+    const before = tf.memory().numTensors;
+    const got = c.call("decodeStep", p, cfg, next, cache, T0) as { logits?: unknown; cache?: unknown } | undefined;
+    const created = tf.memory().numTensors - before;
+    if (typeof got !== "object" || got === null || !("logits" in got) || !("cache" in got)) {
+      c.fail("shape", `decodeStep should return { logits, cache }, got ${describe(got)}`);
+    }
+    await c.expectClose("logits", got.logits, expected.logits, {
+      explain: ([b, v]) => `sequence ${b}, token id ${v}`,
+      mistakes: [
+        ...[0, T0 - 1, T0 + 1].map((position) => ({
+          message: `the new token was rotated as position ${position}. With ${T0} tokens cached (positions 0 … ` +
+            `${T0 - 1}) it sits at position ${T0}, the \`position\` argument.`,
+          value: () => stepAt(position).logits,
+        })),
+        {
+          message: "the final RMSNorm (decoder.norm.weight) is missing before lmHead.",
+          value: () => {
+            const rope = rotaryEmbedding(cfg, [T0]);
+            let x: tf.Tensor = nextEmbd;
+            for (let i = 0; i < blocks; i++) x = decoderBlock(p, cfg, i, x, rope, undefined, cache[i]).out;
+            return lmHead(p, cfg, x.reshape([B, D]));
+          },
+        },
+      ],
+    });
+    const grown = got.cache as KVCache[];
+    if (!Array.isArray(grown) || grown.length !== blocks) {
+      c.fail(
+        "shape",
+        `the returned cache should be an array of ${blocks} { k, v } (one per block), got ` +
+          describe(grown),
+      );
+    }
+    for (let i = 0; i < blocks; i++) {
+      for (const part of ["k", "v"] as const) {
+        await c.expectClose(`cache[${i}].${part}`, grown[i]?.[part], expected.cache[i][part], {
+          hint: "Keep the cache each decoderBlock returns: the old keys/values with the new token's appended.",
+        });
+      }
+    }
+
+    const returned = new Set(
+      [got.logits, ...grown.flatMap((kv) => [kv.k, kv.v])].filter((t) => !given.has(t as tf.Tensor)),
+    );
+    const leaked = created - returned.size;
+    if (leaked > 0) {
+      c.fail(
+        "leak",
+        `the result is right, but the step left ${leaked} intermediate tensors alive. generate() runs it once per ` +
+          `token: 100 tokens would leak ${100 * leaked} tensors.`,
+        "Wrap the body in tf.tidy(() => { …; return { logits, cache }; }): tidy frees every tensor made inside it " +
+          "except the ones returned.",
+      );
+    }
+    if (leaked < 0) {
+      c.fail(
+        "leak",
+        `the step disposed ${-leaked} tensors it did not create (the cache it was given?).`,
+        "Leave the given cache alone: the caller disposes it once it has the new one.",
+      );
+    }
+    c.log(`    ✓ no tensors leaked (the step created exactly the ${returned.size} tensors it returned)`);
+  },
+};
+
+/** Top-p with Hugging Face's shift, or without always keeping the best token: classic mistakes. */
+function topPVariant(logits: Float32Array, topP: number, change: "hf-shift" | "drop-first"): Float32Array {
+  const out = Float32Array.from(logits);
+  const order = Array.from(logits.keys()).sort((a, b) => logits[b] - logits[a]);
+  const probs = softmax(order.map((i) => logits[i]));
+  let cumulative = 0;
+  for (let rank = 0; rank < order.length; rank++) {
+    const before = cumulative;
+    cumulative += probs[rank];
+    const remove = change === "hf-shift" ? rank > 0 && before > topP : cumulative > topP;
+    if (remove) out[order[rank]] = -Infinity;
+  }
+  return out;
+}
+
+const topPExercise: Exercise = {
+  number: "08",
+  name: "top_p",
+  title: "Top-p (nucleus) filtering",
+  functions: ["topPFilter"],
+  reference: "topKTopPFilter(logits, 0, topP) in nanovlm.ts",
+  minutes: 20,
+  hint: "Sort most likely first; add each token's own probability before comparing (cumulative including itself " +
+    "> topP → −Infinity); never remove the most likely token; return kept logits unchanged; topP = 1 changes nothing.",
+  async run(c: Check) {
+    for (const topP of [c.int(30, 95) / 100, 0.5, 0.05, 1]) {
+      const V = c.int(6, 40);
+      const logits = Float32Array.from(await c.normal([V], 0, 2).data());
+      const original = Float32Array.from(logits);
+      c.startCase(`logits: Float32Array of ${V}, topP ${topP} → expecting a new Float32Array of ${V}`);
+      const expected = topKTopPFilter(logits, 0, topP);
+      const got = c.call("topPFilter", logits, topP);
+      if (logits.some((x, i) => x !== original[i])) {
+        c.fail("wrong", "topPFilter changed the logits it was given.", "Work on a copy: Float32Array.from(logits).");
+      }
+      const order = Array.from(logits.keys()).sort((a, b) => logits[b] - logits[a]);
+      const probs = softmax(order.map((i) => logits[i]));
+      const cumulative = probs.map(((sum) => (p: number) => (sum += p))(0));
+      await c.expectClose("filtered logits", got, { shape: [V], data: expected }, {
+        atol: 1e-6,
+        rtol: 0,
+        explain: ([i]) => {
+          const rank = order.indexOf(i);
+          return `token ${i}: rank ${rank} by probability, p ${probs[rank].toFixed(3)}, cumulative ` +
+            `${cumulative[rank].toFixed(3)} including itself`;
+        },
+        mistakes: [
+          {
+            message: "Hugging Face's rule, which keeps the token that crosses topP (it compares the cumulative " +
+              "probability *before* the token). nanoVLM counts the token itself, so that token is removed.",
+            value: () => ({ shape: [V], data: topPVariant(logits, topP, "hf-shift") }),
+          },
+          {
+            message: "the most likely token was removed too. Always keep it, even when its probability alone " +
+              "is above topP: otherwise nothing is left to sample.",
+            value: () => ({ shape: [V], data: topPVariant(logits, topP, "drop-first") }),
+          },
+        ],
+      });
+    }
+  },
+};
+
+/** Every exercise, in the suggested order. */
+export const EXERCISES: readonly Exercise[] = [
+  rmsNormExercise,
+  patchifyExercise,
+  pixelShuffleExercise,
+  imageTokensExercise,
+  rotaryExercise,
+  causalAttentionExercise,
+  kvCacheStepExercise,
+  topPExercise,
+];
+
+// ---- Running a check ---------------------------------------------------------------------
+
+/** Where a stack trace enters the student's file, e.g. "exercises/01_rms_norm.ts:31:9". */
+function locationIn(error: unknown, file: string): string | undefined {
+  const stack = error instanceof Error ? error.stack ?? "" : "";
+  const match = stack.match(new RegExp(`(exercises/(?:solutions/)?${file.replace(".", "\\.")}:\\d+:\\d+)`));
+  return match?.[1];
+}
+
+/**
+ * Check one exercise against an implementation (the student's module, a solution, or any
+ * object holding the functions). Logs as it goes and never throws.
+ */
+export async function checkExercise(
+  ex: Exercise,
+  impl: Record<string, unknown>,
+  options: { seed?: number; log?: (line: string) => void; fileLabel?: string } = {},
+): Promise<CheckResult> {
+  const seed = options.seed ?? Math.floor(Math.random() * 1_000_000);
+  const log = options.log ?? console.log;
+  const file = options.fileLabel ?? `exercises/${exerciseFile(ex)}`;
+  log(`${ex.number} ${ex.name}: ${ex.title} (${file})`);
+  log(`  seed ${seed} (repeat these inputs with --seed ${seed})`);
+  const result = (status: Status, message = "", firstWrong?: WrongElement): CheckResult => {
+    const verdict = status === "pass" ? "PASS" : status === "todo" ? "TODO" : "FAIL";
+    log(`${verdict} ${ex.number} ${ex.name}${message ? `: ${message}` : ""}`);
+    return { exercise: ex.name, status, passed: status === "pass", message, firstWrong, seed };
+  };
+
+  tf.engine().startScope(); // every tensor made during the check is freed at the end
+  try {
+    const absent = ex.functions.filter((name) => typeof impl[name] !== "function");
+    if (absent.length) {
+      return result(
+        "missing",
+        `${file} does not export ${absent.map((name) => `a function ${name}`).join(" and ")}. Keep the ` +
+          `stub's \`export function\` line${absent.length > 1 ? "s" : ""} and name${absent.length > 1 ? "s" : ""}.`,
+      );
+    }
+    await ex.run(new Check(seed, impl, ex, log));
+    return result("pass");
+  } catch (e) {
+    if (e instanceof TodoError) {
+      return result(
+        "todo",
+        `not written yet: ${e.message}\n  Replace the \`throw new TodoError(…)\` in ${file} with your code, then ` +
+          `run \`deno task exercise ${ex.name}\` again.`,
+      );
+    }
+    if (e instanceof CheckFailure) {
+      const hint = e.options.hint ?? ex.hint;
+      return result(e.status, e.message + (hint ? `\n  hint: ${hint}` : ""), e.options.firstWrong);
+    }
+    if (e instanceof StudentError) {
+      const inner = e.error instanceof Error ? `${e.error.name}: ${e.error.message}` : String(e.error);
+      const at = locationIn(e.error, exerciseFile(ex));
+      return result(
+        "error",
+        `your ${e.functionName} threw ${inner}${at ? `\n  at ${at}` : ""}` + (ex.hint ? `\n  hint: ${ex.hint}` : ""),
+      );
+    }
+    return result("error", `the check itself failed, which is a bug in exercises/check.ts: ${(e as Error).stack ?? e}`);
+  } finally {
+    tf.engine().endScope();
+  }
+}
+
+/** Import the student's stub or the reference solution of an exercise. */
+export function loadExercise(ex: Exercise, solution: boolean): Promise<Record<string, unknown>> {
+  return import(new URL(`./${solution ? "solutions/" : ""}${exerciseFile(ex)}`, import.meta.url).href);
+}
+
+/** Load and check one exercise; a module that fails to load is reported, not thrown. */
+export async function runExercise(
+  ex: Exercise,
+  options: { solution?: boolean; seed?: number; log?: (line: string) => void } = {},
+): Promise<CheckResult> {
+  const fileLabel = `exercises/${options.solution ? "solutions/" : ""}${exerciseFile(ex)}`;
+  let impl: Record<string, unknown>;
+  try {
+    impl = await loadExercise(ex, options.solution ?? false);
+  } catch (e) {
+    const log = options.log ?? console.log;
+    const message = `could not load ${fileLabel}: ${(e as Error).message ?? e}`;
+    log(`FAIL ${ex.number} ${ex.name}: ${message}`);
+    return { exercise: ex.name, status: "missing", passed: false, message, seed: options.seed ?? 0 };
+  }
+  return checkExercise(ex, impl, { ...options, fileLabel });
+}
+
+/** An exercise by name ("rms_norm"), number ("01", "1"), file name or path; undefined if none. */
+export function findExercise(query: string): Exercise | undefined {
+  const q = query.replace(/^.*\//, "").replace(/\.ts$/, "");
+  return EXERCISES.find((ex) =>
+    q === ex.name || q === ex.number || q === String(Number(ex.number)) || q === `${ex.number}_${ex.name}`
+  );
+}
+
+// ---- Command line --------------------------------------------------------------------------
+
+const USAGE = `usage: deno task exercise <name>...      check your exercises (e.g. rms_norm, 01, or all)
+       deno task exercise --solutions       check the reference solutions (all, or the names given)
+       deno task exercise --list            list the exercises
+options: --seed N   repeat the random inputs of an earlier run`;
+
+function listing(): string {
+  const rows = EXERCISES.map((ex) =>
+    `  ${ex.number}  ${ex.name.padEnd(18)} ${ex.title.padEnd(44)} ~${ex.minutes} min   exercises/${exerciseFile(ex)}`
+  );
+  return ["Exercises, in the suggested order (teachers: exercises/README.md):", ...rows].join("\n");
+}
+
+/** The command line: returns the exit status (0 all passed, 1 something failed, 2 bad usage). */
+export async function main(args: string[]): Promise<number> {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      options: {
+        solutions: { type: "boolean" },
+        list: { type: "boolean" },
+        seed: { type: "string" },
+        help: { type: "boolean", short: "h" },
+      },
+      allowPositionals: true,
+    });
+  } catch (e) {
+    console.error(`${(e as Error).message}\n${USAGE}`);
+    return 2;
+  }
+  const { values, positionals } = parsed;
+  if (values.help || values.list || (positionals.length === 0 && !values.solutions)) {
+    console.log(values.list ? listing() : `${USAGE}\n\n${listing()}`);
+    return 0;
+  }
+  const seed = values.seed === undefined ? undefined : Number(values.seed);
+  if (seed !== undefined && !Number.isInteger(seed)) {
+    console.error(`--seed must be an integer, got "${values.seed}"`);
+    return 2;
+  }
+  const chosen: Exercise[] = [];
+  for (const name of positionals.length && !positionals.includes("all") ? positionals : EXERCISES.map((e) => e.name)) {
+    const ex = findExercise(name);
+    if (!ex) {
+      console.error(`unknown exercise "${name}"\n${listing()}`);
+      return 2;
+    }
+    chosen.push(ex);
+  }
+
+  await initBackend("cpu", { quiet: true });
+  const results: CheckResult[] = [];
+  for (const ex of chosen) {
+    if (results.length) console.log("");
+    results.push(await runExercise(ex, { solution: values.solutions, seed }));
+  }
+  if (results.length > 1) {
+    const count = (s: (r: CheckResult) => boolean) => results.filter(s).length;
+    console.log(
+      `\n${count((r) => r.passed)} of ${results.length} passed` +
+        (values.solutions ? " (reference solutions)" : `, ${count((r) => r.status === "todo")} not started`) +
+        (count((r) => !r.passed)
+          ? `; failing: ${results.filter((r) => !r.passed).map((r) => r.exercise).join(", ")}`
+          : ""),
+    );
+  }
+  return results.every((r) => r.passed) ? 0 : 1;
+}
+
+if (import.meta.main) Deno.exit(await main(Deno.args));
