@@ -408,13 +408,19 @@ export function applyRotary(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor): tf.Te
   return x.mul(cos).add(rotatedHalf.mul(sin));
 }
 
-/** float32's most negative value: the reference's padding penalty. Finite, so fully padded rows stay finite. */
-const FLOAT32_MIN = -3.4028234663852886e38;
+/**
+ * What a hidden key adds to its score. The reference adds float32's most negative value
+ * for padding and -inf for the future; on a row that hides every key (a padded query)
+ * both make tfjs-webgpu's softmax return NaN, which then reaches real rows through
+ * 0·NaN in the next layer. Any value below about -1e10 gives real rows the same
+ * probabilities (exactly 0 for hidden keys), and -1e30 stays finite when added twice.
+ */
+const HIDDEN = -1e30;
 
 /**
  * The additive attention bias [B or 1, 1, 1, T, Tk] (shaped for the grouped scores
- * below): causal (-inf above the diagonal) when T new tokens attend to exactly those
- * T tokens, plus FLOAT32_MIN on padded keys when an attention mask [B, Tk] is given.
+ * below): causal (HIDDEN above the diagonal) when T new tokens attend to exactly those
+ * T tokens, plus HIDDEN on padded keys when an attention mask [B, Tk] is given.
  * A single decoding step needs no causal mask: the new token may see everything cached.
  */
 export function attentionBias(attentionMask: tf.Tensor | undefined, T: number, Tk: number): tf.Tensor | undefined {
@@ -423,12 +429,12 @@ export function attentionBias(attentionMask: tf.Tensor | undefined, T: number, T
     let bias: tf.Tensor = tf.zeros([1, T, Tk]);
     if (T === Tk && T > 1) {
       const causal = tf.linalg.bandPart(tf.ones([T, T]), -1, 0); // 1 on and below the diagonal
-      bias = tf.where(causal.equal(1), bias, tf.fill([1, T, Tk], -Infinity));
+      bias = tf.where(causal.equal(1), bias, tf.fill([1, T, Tk], HIDDEN));
     }
     if (attentionMask !== undefined) {
       const Tm = attentionMask.shape[1]!;
       const mask = attentionMask.slice([0, Tm - Tk], [-1, Tk]).toFloat(); // the last Tk columns
-      bias = bias.add(tf.scalar(1).sub(mask).mul(FLOAT32_MIN).expandDims(1)); // [B, T, Tk]
+      bias = bias.add(tf.scalar(1).sub(mask).mul(HIDDEN).expandDims(1)); // [B, T, Tk]
     }
     return bias.reshape([bias.shape[0], 1, 1, T, Tk]);
   });
@@ -634,13 +640,18 @@ export interface GenerateOptions {
   onToken?: (ids: Int32Array, step: number) => void;
 }
 
+// Host copies of ids already read. WebGPU can read a tensor made from JS values synchronously only until its
+// first use uploads it, and tensors never change, so each one is read once (a second forward on the same ids).
+const hostIds = new WeakMap<tf.Tensor, Int32Array>();
+
 /** Read int32 token ids on the host (they are small) to find the image slots. */
 function readIds(inputIds: tf.Tensor): Int32Array {
   if (inputIds.dtype !== "int32" || inputIds.rank !== 2) {
     throw new Error(`inputIds must be an int32 [B, T] tensor; got ${inputIds.dtype} [${inputIds.shape}]`);
   }
   try {
-    return inputIds.dataSync() as Int32Array;
+    if (!hostIds.has(inputIds)) hostIds.set(inputIds, inputIds.dataSync() as Int32Array);
+    return hostIds.get(inputIds)!;
   } catch (e) {
     // WebGPU under Deno cannot read synchronously once a tensor lives on the GPU.
     throw new Error(

@@ -105,6 +105,70 @@ async function activate(name: BackendName): Promise<void> {
   // setBackend reports a failed initialisation by returning false (after a console warning), not by throwing.
   if (!await tf.setBackend(name)) throw new Error(`the tfjs "${name}" backend failed to initialise`);
   await tf.ready();
+  if (name === "webgpu") {
+    registerWebGPUKernelFixes();
+    guardWebGPUBindingSize();
+  }
+}
+
+let webgpuFixesRegistered = false;
+
+/**
+ * tfjs-webgpu's AddN binds every input to one shader, and the device allows 8 storage buffers per shader
+ * (WebGPU's default, which tfjs keeps): with more than 7 inputs it silently returns the sum of the first 7.
+ * `tf.addN` over all gradients (a global norm) is exactly that case, so sum at most 7 at a time. Idempotent.
+ */
+export function registerWebGPUKernelFixes(): void {
+  if (webgpuFixesRegistered) return;
+  webgpuFixesRegistered = true;
+  const stock = tf.getKernel("AddN", "webgpu");
+  if (stock === undefined) return; // this tfjs has no webgpu backend
+  const maxInputs = 7;
+  const addN = (args: KernelArgs): TensorInfo => {
+    const inputs = args.inputs as unknown as TensorInfo[];
+    if (inputs.length <= maxInputs) return stock.kernelFunc(args) as TensorInfo;
+    const partials: TensorInfo[] = [];
+    for (let i = 0; i < inputs.length; i += maxInputs) {
+      partials.push(addN({ ...args, inputs: inputs.slice(i, i + maxInputs) as unknown as tf.NamedTensorInfoMap }));
+    }
+    const sum = addN({ ...args, inputs: partials as unknown as tf.NamedTensorInfoMap });
+    for (const partial of partials) (args.backend as tf.KernelBackend).disposeData(partial.dataId);
+    return sum;
+  };
+  tf.unregisterKernel("AddN", "webgpu");
+  tf.registerKernel({ ...stock, kernelFunc: addN });
+}
+
+/** The WebGPU device's limit on one storage binding, in bytes (the largest tensor it can compute with), or null. */
+export function webgpuBindingLimit(): number | null {
+  if (tf.getBackend() !== "webgpu") return null;
+  return (tf.backend() as unknown as { device: GPUDevice }).device.limits.maxStorageBufferBindingSize;
+}
+
+interface WebGPUBufferManager {
+  acquireBuffer(size: number, usage: number, ...rest: unknown[]): GPUBuffer;
+  guarded?: boolean;
+}
+
+// tfjs-webgpu binds each tensor's whole buffer as one storage binding. A tensor larger than the device's
+// maxStorageBufferBindingSize is not refused: its kernels silently compute zeros (seen on llvmpipe with 144 MiB).
+// So allocating such a buffer becomes an error that says what to do.
+function guardWebGPUBindingSize(): void {
+  const manager = (tf.backend() as unknown as { bufferManager: WebGPUBufferManager }).bufferManager;
+  if (manager.guarded) return;
+  manager.guarded = true;
+  const limit = webgpuBindingLimit()!, acquire = manager.acquireBuffer.bind(manager);
+  const mib = (bytes: number) => `${(bytes / 2 ** 20).toFixed(1)} MiB`;
+  manager.acquireBuffer = (size, usage, ...rest) => {
+    if ((usage & GPUBufferUsage.STORAGE) && size > limit) {
+      throw new Error(
+        `a ${mib(size)} tensor exceeds this WebGPU device's maxStorageBufferBindingSize (${mib(limit)}): ` +
+          `tfjs-webgpu would compute zeros with it. Use a smaller batch or sequence (the logits are B·T·V floats), ` +
+          `a GPU with a larger limit (NVIDIA's is usually 2-4 GiB), or NANOVLM_BACKEND=wasm.`,
+      );
+    }
+    return acquire(size, usage, ...rest);
+  };
 }
 
 let wasmPathsSet = false;

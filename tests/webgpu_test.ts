@@ -1,0 +1,91 @@
+// The WebGPU path: parity with the PyTorch reference on whatever adapter Deno finds (Mesa's
+// llvmpipe software adapter in CI: `apt-get install mesa-vulkan-drivers`), and the guard
+// against tensors larger than one storage binding. Tests run one process per file, so
+// this file owns its backend. Without any adapter, the tests check the error that says
+// what to install instead.
+
+import * as tf from "@tensorflow/tfjs";
+import * as assert from "node:assert/strict";
+import { configFromJSON, VisionLanguageModel } from "../nanovlm.ts";
+import { initBackend, webgpuBindingLimit } from "../runtime.ts";
+import { assertClose, FIXTURE_DIR, loadFixture, toTensor } from "./helpers.ts";
+
+const { inputs, expected } = await loadFixture();
+const get = (name: string) => inputs.get(name) ?? expected.get(name)!;
+
+/** initBackend("webgpu"), or the Error it throws when this machine has no adapter. */
+async function tryWebGPU(): Promise<Error | null> {
+  try {
+    await initBackend("webgpu", { quiet: true });
+    return null;
+  } catch (e) {
+    return e as Error;
+  }
+}
+const noAdapter = await tryWebGPU();
+
+// The WebGPU device keeps Deno's internal async work alive after a test; that is not a leak of ours.
+const gpuTest = (name: string, fn: () => Promise<void>) =>
+  Deno.test({ name, sanitizeOps: false, sanitizeResources: false, fn });
+
+gpuTest("webgpu: forward logits, loss, gradients and greedy ids match PyTorch nanoVLM", async () => {
+  if (noAdapter) {
+    // No adapter at all: the request must fail with the advice, not fall back silently.
+    assert.match(noAdapter.message, /mesa-vulkan-drivers/);
+    assert.match(noAdapter.message, /NVIDIA driver and libvulkan1/);
+    return;
+  }
+  assert.equal(tf.getBackend(), "webgpu");
+  const cfg = configFromJSON(JSON.parse(await Deno.readTextFile(`${FIXTURE_DIR}/config.json`)));
+  const model = await VisionLanguageModel.fromPretrained(FIXTURE_DIR);
+  assert.equal(model.cfg.lm_vocab_size, cfg.lm_vocab_size);
+  const [inputIds, images, mask, labels] = ["input_ids", "images", "attention_mask", "labels"].map((n) =>
+    toTensor(get(n))
+  );
+  const rowMask = get("attention_mask").data;
+
+  const { logits, loss } = model.forward(inputIds, images, mask, labels);
+  await assertClose("lm.logits on webgpu", logits, get("lm.logits"), 1e-4, rowMask);
+  await assertClose("loss on webgpu", loss!.reshape([1]), get("loss"));
+
+  const { value, grads } = tf.variableGrads(() => model.forward(inputIds, images, mask, labels).loss!);
+  const norm = tf.tidy(() => tf.addN(Object.values(grads).map((g) => g.square().sum())).sqrt().reshape([1]));
+  await assertClose("train.step1.grad_norm on webgpu", norm, get("train.step1.grad_norm"));
+
+  const ids = await model.generate(
+    toTensor(get("gen.input_ids")),
+    toTensor(get("gen.images")),
+    toTensor(get("gen.attention_mask")),
+    { maxNewTokens: 8, greedy: true },
+  );
+  assert.deepEqual(Array.from(await ids.data()), Array.from(get("gen.greedy_ids_kv").data));
+  tf.dispose([logits, loss!, value, norm, ids, inputIds, images, mask, labels, ...Object.values(grads)]);
+  model.dispose();
+});
+
+gpuTest("webgpu: a tensor larger than one storage binding is an error, not zeros", async () => {
+  if (noAdapter) {
+    assert.equal(webgpuBindingLimit(), null, "no WebGPU backend, so no limit to report");
+    return;
+  }
+  const limit = webgpuBindingLimit()!;
+  assert.ok(limit >= 2 ** 27, `WebGPU guarantees at least 128 MiB per binding, got ${limit}`);
+  // Going over a 4 GiB limit would need a 4 GiB tensor; software adapters have 128 MiB, where it is cheap.
+  if (limit > 2 ** 30) return;
+  const floats = limit / 4 + 1024;
+  assert.throws(() => tf.tidy(() => tf.ones([floats]).mul(2)), /maxStorageBufferBindingSize/);
+  // The backend still works afterwards.
+  const ok = tf.tidy(() => tf.ones([1000]).mul(3).sum());
+  assert.deepEqual(Array.from(await ok.data()), [3000]);
+  ok.dispose();
+});
+
+gpuTest(
+  "webgpu: tf.addN over more inputs than one shader can bind (a global gradient norm) sums them all",
+  async () => {
+    if (noAdapter) return; // the first test has checked the error
+    const sum = tf.tidy(() => tf.addN(Array.from({ length: 40 }, (_, i) => tf.scalar(i + 1))));
+    assert.deepEqual(Array.from(await sum.data()), [820]); // stock tfjs-webgpu: 28, the first 7
+    sum.dispose();
+  },
+);
