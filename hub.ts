@@ -410,7 +410,7 @@ async function fetchInto(
         throw new TypeError(`the download broke off after ${have} of ${meta.size} bytes (${(e as Error).message})`);
       }
       if (chunk.done) break;
-      await file.write(chunk.value);
+      for (let written = 0; written < chunk.value.length;) written += await file.write(chunk.value.subarray(written));
       have += chunk.value.length;
       progress(have, meta.size);
     }
