@@ -5,6 +5,8 @@
  * - Kernel fixes for tfjs' wasm backend, without which training on wasm is 10× slower or impossible
  *   (a transposed or batched `BatchMatMul` leaves XNNPACK's fast path; `UnsortedSegmentSum`, the gradient of
  *   `tf.gather`, is missing). The measurements are in shared/notes/tfjs-on-deno.md §2 and §9.
+ * - Optionally, a native BLAS (OpenBLAS, Apple Accelerate) behind the wasm backend's matMul, through Deno's FFI: 4× the
+ *   speed of wasm's own (BENCHMARKS.md). Without one installed, everything still runs, on wasm's XNNPACK.
  * - Safetensors bytes: the checkpoint format of PyTorch/Hugging Face, read and written by hand (no maintained npm package).
  * - Atomic file writes, so a crash never leaves half a checkpoint behind.
  *
@@ -84,7 +86,8 @@ export async function initBackend(requested?: BackendName, options: { quiet?: bo
   if (chosen === "webgpu") facts = describeAdapter(adapter!);
   if (chosen === "wasm") {
     const simd = await tf.env().getAsync("WASM_HAS_SIMD_SUPPORT") ? "simd" : "no simd";
-    facts = `${simd}, ${getThreadsCount()} thread${getThreadsCount() === 1 ? "" : "s"}, kernel fixes registered`;
+    facts = `${simd}, ${getThreadsCount()} thread${getThreadsCount() === 1 ? "" : "s"}, kernel fixes registered` +
+      ` | matMul: ${wasmMatMulEngine()}`;
   }
   if (!options.quiet) console.log([`backend: ${chosen}`, facts, why].filter((part) => part !== "").join(" | "));
   return chosen;
@@ -252,6 +255,8 @@ let wasmFixesRegistered = false;
  * 2. Identity: stock wasm copies the buffer; the engine clones every tensor it saves for backprop through
  *    Identity, so sharing the buffer (as the cpu backend does) saves a copy per saved tensor.
  * 3. UnsortedSegmentSum: missing on wasm, and it is the gradient of `tf.gather` (embedding lookups).
+ *
+ * Where a native BLAS can be loaded ({@link loadBlas}), BatchMatMul calls its sgemm on the wasm heap instead.
  */
 export function registerWasmKernelFixes(): void {
   if (wasmFixesRegistered) return;
@@ -266,7 +271,10 @@ export function registerWasmKernelFixes(): void {
   tf.unregisterKernel("BatchMatMul", "wasm");
   tf.unregisterKernel("Identity", "wasm");
   // setupFunc binds the C++ entry point that the stock kernel function calls, so keep it.
-  tf.registerKernel({ ...stockMatMul, kernelFunc: fastBatchMatMul(stockMatMul.kernelFunc, stockTranspose) });
+  const wasmMatMul = fastBatchMatMul(stockMatMul.kernelFunc, stockTranspose);
+  blas = loadBlas();
+  const matMul = blas.gemm ? blasBatchMatMul(blas.gemm, wasmMatMul) : wasmMatMul;
+  tf.registerKernel({ ...stockMatMul, kernelFunc: matMul });
   tf.registerKernel({ kernelName: "Identity", backendName: "wasm", kernelFunc: sharedIdentity });
   tf.registerKernel({ kernelName: "UnsortedSegmentSum", backendName: "wasm", kernelFunc: unsortedSegmentSum });
 }
@@ -348,6 +356,117 @@ function copySlice(backend: BackendWasm, src: TensorInfo, index: number, shape: 
   // Heap views are taken after makeOutput: a malloc may grow the heap, which detaches views made before it.
   backend.typedArrayFromHeap(slice).set(backend.typedArrayFromHeap(src).subarray(index * size, (index + 1) * size));
   return slice;
+}
+
+// ---- Native BLAS behind the wasm matMul (optional) ----
+//
+// Single-threaded wasm SIMD reaches about 22 GFLOP/s on this project's machine; OpenBLAS reaches 80+ on one core of
+// the same CPU (AVX2 and FMA, which wasm cannot express) and can use every core. Deno's FFI hands it pointers into the
+// wasm heap, so the product is written in place: nothing is copied, and transpose flags cost nothing.
+
+/** C = op(A)·op(B) for row-major float32 matrices, op = transpose when the flag is set. A (m, k), B (k, n), C (m, n). */
+type Gemm = (
+  transA: boolean,
+  transB: boolean,
+  m: number,
+  n: number,
+  k: number,
+  a: Float32Array,
+  b: Float32Array,
+  c: Float32Array,
+) => void;
+
+let blas: { gemm?: Gemm; name: string } = { name: "not registered yet" };
+
+const BLAS_LIBRARIES: Partial<Record<typeof Deno.build.os, string[]>> = {
+  linux: ["libopenblas.so.0", "libopenblas.so"], // Debian/Ubuntu: apt-get install libopenblas0-pthread
+  darwin: ["/System/Library/Frameworks/Accelerate.framework/Accelerate", "libopenblas.dylib"],
+  windows: ["libopenblas.dll"],
+};
+
+// CBLAS enums: row-major storage, and "no transpose" / "transpose". FFI types of the C arguments.
+const ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112;
+const I32 = "i32", F32 = "f32", PTR = "buffer";
+
+/** What the wasm backend's matMul runs on: a BLAS library and its thread count, or wasm's own XNNPACK and why. */
+export function wasmMatMulEngine(): string {
+  return blas.name;
+}
+
+/**
+ * Open a BLAS library with FFI: `NANOVLM_BLAS` names one (a path), or is "off"; unset tries OpenBLAS, then Apple's
+ * Accelerate. Any failure (no library, no --allow-ffi) leaves wasm's own matMul, and says why.
+ */
+function loadBlas(): { gemm?: Gemm; name: string } {
+  const setting = Deno.env.get("NANOVLM_BLAS") ?? "";
+  if (setting === "off") return { name: "wasm XNNPACK (NANOVLM_BLAS=off)" };
+  if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") {
+    return { name: "wasm XNNPACK (no --allow-ffi for a native BLAS)" };
+  }
+  for (const path of setting ? [setting] : BLAS_LIBRARIES[Deno.build.os] ?? []) {
+    let lib;
+    try {
+      // cblas_sgemm(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc), and sgemv alike.
+      lib = Deno.dlopen(path, {
+        cblas_sgemm: {
+          parameters: [I32, I32, I32, I32, I32, I32, F32, PTR, I32, PTR, I32, F32, PTR, I32],
+          result: "void",
+        },
+        cblas_sgemv: { parameters: [I32, I32, I32, I32, F32, PTR, I32, PTR, I32, F32, PTR, I32], result: "void" },
+        openblas_get_num_threads: { parameters: [], result: "i32", optional: true },
+      });
+    } catch {
+      continue;
+    }
+    const { cblas_sgemm: sgemm, cblas_sgemv: sgemv, openblas_get_num_threads: threads } = lib.symbols;
+    const gemm: Gemm = (transA, transB, m, n, k, a, b, c) => {
+      if (m === 1) {
+        // One row (a decoding step's logits): a matrix-vector product streams B once, 2-3× faster than sgemm.
+        const [rows, cols] = transB ? [n, k] : [k, n]; // B as stored
+        sgemv(ROW_MAJOR, transB ? NO_TRANS : TRANS, rows, cols, 1, b, cols, a, 1, 0, c, 1);
+      } else {
+        const [lda, ldb] = [transA ? m : k, transB ? k : n]; // row lengths of A and B as stored
+        sgemm(ROW_MAJOR, transA ? TRANS : NO_TRANS, transB ? TRANS : NO_TRANS, m, n, k, 1, a, lda, b, ldb, 0, c, n);
+      }
+    };
+    const count = threads ? `, ${threads()} thread${threads() === 1 ? "" : "s"}` : "";
+    return { gemm, name: `BLAS ${path.split("/").pop()}${count}` };
+  }
+  const hint = Deno.build.os === "linux" ? ": apt-get install libopenblas0-pthread for a 4× faster matMul" : "";
+  return { name: `wasm XNNPACK (no BLAS library found${hint})` };
+}
+
+/** BatchMatMul on the wasm heap with a BLAS gemm: one call per output matrix, or one in all for x·W. */
+function blasBatchMatMul(gemm: Gemm, fallback: tf.KernelFunc): tf.KernelFunc {
+  return (args) => {
+    const backend = args.backend as BackendWasm;
+    const { transposeA, transposeB } = args.attrs as unknown as { transposeA: boolean; transposeB: boolean };
+    const { a, b } = args.inputs as { a: TensorInfo; b: TensorInfo };
+    if (a.dtype !== "float32" || b.dtype !== "float32") return fallback(args); // it throws the usual error
+    const [m, k] = transposeA ? a.shape.slice(-2).reverse() : a.shape.slice(-2); // a: (...batchA, m, k) after op
+    const [kb, n] = transposeB ? b.shape.slice(-2).reverse() : b.shape.slice(-2); // b: (...batchB, k, n) after op
+    tf.util.assert(k === kb, () => `matMul: inner sizes ${k} and ${kb} differ (shapes ${a.shape} and ${b.shape})`);
+    const batchShapeA = a.shape.slice(0, -2), batchShapeB = b.shape.slice(0, -2);
+    const batchShape = tf.broadcast_util.assertAndGetBroadcastShape(batchShapeA, batchShapeB);
+    const out = backend.makeOutput([...batchShape, m, n], "float32");
+    // Views are taken after makeOutput: a malloc may grow the heap, which detaches views made before it.
+    const [A, B, C] = [a, b, out].map((t) => backend.typedArrayFromHeap(t) as Float32Array);
+    if (C.length === 0) return out;
+    if (k === 0) {
+      C.fill(0); // an empty sum; BLAS would reject the leading dimension of 0
+      return out;
+    }
+    if (tf.util.sizeFromShape(batchShapeB) === 1 && !transposeA) {
+      gemm(false, transposeB, C.length / n, n, k, A, B, C); // x·W: a's batch folds into its rows
+      return out;
+    }
+    const indexA = broadcastSource(batchShape, batchShapeA), indexB = broadcastSource(batchShape, batchShapeB);
+    const slice = (x: Float32Array, index: number, size: number) => x.subarray(index * size, (index + 1) * size);
+    for (let i = 0; i < indexA.length; i++) {
+      gemm(transposeA, transposeB, m, n, k, slice(A, indexA[i], m * k), slice(B, indexB[i], k * n), slice(C, i, m * n));
+    }
+    return out;
+  };
 }
 
 function sharedIdentity({ inputs, backend }: KernelArgs): TensorInfo {

@@ -1,0 +1,103 @@
+// The native BLAS behind the wasm backend's matMul (runtime.ts): the same products as the
+// cpu backend in every layout, including the shapes only BLAS sees (one-row products go
+// to sgemv, an empty inner dimension), and the fallback to wasm's own matMul when no
+// library is there or NANOVLM_BLAS=off says so. CI installs libopenblas0-pthread; on a
+// machine without it these tests check the fallback instead.
+
+import * as tf from "@tensorflow/tfjs";
+import * as assert from "node:assert/strict";
+import { initBackend, seededRandom, wasmMatMulEngine } from "../runtime.ts";
+
+const REPO_ROOT = new URL("..", import.meta.url).pathname;
+
+function openBlasInstalled(): boolean {
+  try {
+    Deno.dlopen("libopenblas.so.0", {}).close();
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Run `deno <args>` at the repository root with extra environment; exit status and all output. */
+async function deno(args: string[], env: Record<string, string>): Promise<{ ok: boolean; output: string }> {
+  const { success, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
+    args,
+    cwd: REPO_ROOT,
+    env,
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  return { ok: success, output: new TextDecoder().decode(stdout) + new TextDecoder().decode(stderr) };
+}
+
+Deno.test("wasm matMul says what it runs on: OpenBLAS where installed, else wasm's XNNPACK", async () => {
+  await initBackend("wasm", { quiet: true });
+  if (Deno.build.os === "linux" && openBlasInstalled() && Deno.env.get("NANOVLM_BLAS") === undefined) {
+    assert.match(wasmMatMulEngine(), /^BLAS libopenblas\.so\.0, \d+ threads?$/);
+  } else {
+    assert.match(wasmMatMulEngine(), /^wasm XNNPACK \(.+\)$/);
+  }
+});
+
+Deno.test("wasm matMul with BLAS = cpu, one-row (sgemv) and empty products included", async () => {
+  const random = seededRandom(3);
+  const values = (n: number) => Float32Array.from({ length: n }, () => 2 * random() - 1);
+  // [batch of a, batch of b, m, k, n]
+  const cases: [number[], number[], number, number, number][] = [
+    [[], [], 1, 7, 5], // a decoding step's logits: one row
+    [[3], [3], 1, 4, 6],
+    [[2], [], 1, 8, 3],
+    [[], [], 4, 0, 3], // an empty sum is zero
+    [[2, 1], [1, 3], 3, 5, 2],
+  ];
+  for (const [batchA, batchB, m, k, n] of cases) {
+    for (const transposeA of [false, true]) {
+      for (const transposeB of [false, true]) {
+        const shapeA = [...batchA, ...(transposeA ? [k, m] : [m, k])];
+        const shapeB = [...batchB, ...(transposeB ? [n, k] : [k, n])];
+        const a = values(tf.util.sizeFromShape(shapeA)), b = values(tf.util.sizeFromShape(shapeB));
+        const batch = tf.broadcast_util.assertAndGetBroadcastShape(batchA, batchB);
+        const product = async (backend: "wasm" | "cpu") => {
+          await initBackend(backend, { quiet: true });
+          // The stock cpu kernel broadcasts only a batch of 1, so give it explicitly broadcast inputs.
+          const out = tf.tidy(() =>
+            tf.matMul(
+              tf.broadcastTo(tf.tensor(a, shapeA), [...batch, ...shapeA.slice(-2)]),
+              tf.broadcastTo(tf.tensor(b, shapeB), [...batch, ...shapeB.slice(-2)]),
+              transposeA,
+              transposeB,
+            )
+          );
+          const result = { shape: out.shape, data: await out.data() };
+          out.dispose();
+          return result;
+        };
+        const onWasm = await product("wasm"), onCpu = await product("cpu");
+        const what = `[${shapeA}]·[${shapeB}] tA=${transposeA} tB=${transposeB}`;
+        assert.deepEqual(onWasm.shape, onCpu.shape, what);
+        onWasm.data.forEach((x, i) =>
+          assert.ok(Math.abs(x - onCpu.data[i]) <= 1e-5, `${what}: ${x} vs ${onCpu.data[i]}`)
+        );
+      }
+    }
+  }
+});
+
+Deno.test("NANOVLM_BLAS=off and a missing library fall back to wasm's own matMul, which still passes the matMul tests", async () => {
+  const code = `import { initBackend } from "./runtime.ts"; await initBackend("wasm");`;
+  const off = await deno(["eval", code], { NANOVLM_BLAS: "off", NANOVLM_BACKEND: "" });
+  assert.ok(off.ok, off.output);
+  assert.match(off.output, /matMul: wasm XNNPACK \(NANOVLM_BLAS=off\)/);
+  const missing = await deno(["eval", code], { NANOVLM_BLAS: "/nonexistent/libblas.so" });
+  assert.ok(missing.ok, missing.output);
+  assert.match(missing.output, /matMul: wasm XNNPACK \(no BLAS library found/);
+
+  // runtime_test.ts's BatchMatMul tests, on the fallback path.
+  const tests = await deno(["test", "-A", "--filter", "BatchMatMul", "tests/runtime_test.ts"], {
+    NANOVLM_BLAS: "off",
+    NO_COLOR: "1",
+  });
+  assert.ok(tests.ok, tests.output);
+  assert.match(tests.output, /ok \| 2 passed/);
+});
