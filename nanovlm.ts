@@ -279,10 +279,14 @@ export function layerNorm(x: tf.Tensor, weight: tf.Tensor, bias: tf.Tensor, eps:
   return x.sub(mean).mul(tf.rsqrt(variance.add(eps))).mul(weight).add(bias);
 }
 
-/** GELU, tanh approximation (SigLIP's gelu_pytorch_tanh). x·x·x: `pow` is slow on WASM. */
+/**
+ * GELU, tanh approximation (SigLIP's gelu_pytorch_tanh): 0.5·x·(1 + tanh(u)), written as
+ * x·σ(2u), the same function (1 + tanh(u) = 2σ(2u)), because WASM's sigmoid is 10× faster
+ * than its tanh. u = √(2/π)·(x + 0.044715·x³); x·x·x because `pow` is slow on WASM.
+ */
 export function geluTanh(x: tf.Tensor): tf.Tensor {
-  const inner = x.add(x.mul(x).mul(x).mul(0.044715)).mul(Math.sqrt(2 / Math.PI));
-  return x.mul(0.5).mul(tf.tanh(inner).add(1));
+  const twoU = x.add(x.mul(x).mul(x).mul(0.044715)).mul(2 * Math.sqrt(2 / Math.PI));
+  return x.mul(tf.sigmoid(twoU));
 }
 
 /** RMSNorm: x / sqrt(mean(x²) + eps) · w. No mean subtraction and no bias, unlike LayerNorm. */
