@@ -257,6 +257,8 @@ let wasmFixesRegistered = false;
  * 3. UnsortedSegmentSum: missing on wasm, and it is the gradient of `tf.gather` (embedding lookups).
  *
  * Where a native BLAS can be loaded ({@link loadBlas}), BatchMatMul calls its sgemm on the wasm heap instead.
+ * Six data-movement kernels (Cast, Slice, SplitV, Concat, Transpose, GatherV2) and Sum get faster versions for the
+ * cases a VLM step hits ({@link registerWasmDataMovement}).
  */
 export function registerWasmKernelFixes(): void {
   if (wasmFixesRegistered) return;
@@ -277,6 +279,7 @@ export function registerWasmKernelFixes(): void {
   tf.registerKernel({ ...stockMatMul, kernelFunc: matMul });
   tf.registerKernel({ kernelName: "Identity", backendName: "wasm", kernelFunc: sharedIdentity });
   tf.registerKernel({ kernelName: "UnsortedSegmentSum", backendName: "wasm", kernelFunc: unsortedSegmentSum });
+  registerWasmDataMovement();
 }
 
 function fastBatchMatMul(stockMatMul: tf.KernelFunc, stockTranspose: tf.KernelFunc): tf.KernelFunc {
@@ -298,6 +301,15 @@ function fastBatchMatMul(stockMatMul: tf.KernelFunc, stockTranspose: tf.KernelFu
       return swapped;
     };
     try {
+      // A few rows against a big transposed matrix (a decoding step's logits, h·Eᵀ with E the [V, D] embedding):
+      // transposing E would copy all of it at every token, so compute (E·hᵀ)ᵀ, transposing only the small parts.
+      const rows = tf.util.sizeFromShape(a.shape.slice(0, -1)), [vocab, width] = b.shape;
+      if (transposeB && !transposeA && b.shape.length === 2 && rows * (width + vocab) < vocab * width) {
+        const product = multiply(args, b, swapLastTwo({ ...a, shape: [rows, width] })); // (vocab, rows)
+        temporaries.push(product);
+        const out = stockTranspose({ backend, inputs: { x: product }, attrs: { perm: [1, 0] } }) as TensorInfo;
+        return { ...out, shape: [...a.shape.slice(0, -1), vocab] };
+      }
       // Transposing costs one pass over memory; the naive transposed product costs far more.
       if (transposeA) a = swapLastTwo(a); // a: (...batchA, m, k)
       if (transposeB) b = swapLastTwo(b); // b: (...batchB, k, n)
@@ -307,6 +319,11 @@ function fastBatchMatMul(stockMatMul: tf.KernelFunc, stockTranspose: tf.KernelFu
       const batchShape = tf.broadcast_util.assertAndGetBroadcastShape(batchShapeA, batchShapeB);
       const outShape = [...batchShape, m, n];
       const batchA = tf.util.sizeFromShape(batchShapeA), batchB = tf.util.sizeFromShape(batchShapeB);
+      if (k === 0) { // an empty sum: XNNPACK would leave the output uninitialised
+        const zeros = backend.makeOutput(outShape, "float32");
+        backend.typedArrayFromHeap(zeros).fill(0);
+        return zeros;
+      }
 
       // One matrix on the right (x·W, or dW's dyᵀ·x once transposed): fold a's batch into its rows, one product.
       if (batchB === 1) {
@@ -488,6 +505,164 @@ function unsortedSegmentSum({ inputs, backend, attrs }: KernelArgs): TensorInfo 
     const id = ids[row];
     if (id < 0 || id >= numSegments) continue; // dropped, as the cpu backend and TensorFlow do
     for (let j = 0; j < rowSize; j++) sums[id * rowSize + j] += values[row * rowSize + j];
+  }
+  return out;
+}
+
+// ---- wasm data movement ----
+//
+// After the matMul fixes, a 5.3M-parameter training step still spent about 15% of its kernel time moving data,
+// measured per kernel (BENCHMARKS.md): stock Slice copies its whole input out of the heap before slicing it (SplitV
+// into two halves copied it twice), Concat and Slice allocate a typed-array view per row even for rows of 32 floats,
+// 5-D/6-D transposes (patchify, pixel shuffle) run 60× slower than 4-D ones, Sum over leading axes (every bias
+// gradient) transposes first, GatherV2 copies element by element, and Cast to the same dtype (the gradient of every
+// multiply) copies. Each replacement below handles the float32/int32 cases a VLM step hits and hands anything else
+// to the stock kernel.
+
+type Values = Float32Array | Int32Array | Uint8Array;
+
+/** Copy n values; short runs in a loop, because a subarray view per run costs more than the copy. */
+function copyRun(src: Values, from: number, dst: Values, to: number, n: number): void {
+  if (n < 64) { for (let j = 0; j < n; j++) dst[to + j] = src[from + j]; }
+  else dst.set(src.subarray(from, from + n), to);
+}
+
+/** Register the replacements; each falls back to the stock kernel (passed in) outside the cases it handles. */
+function registerWasmDataMovement(): void {
+  const replace = (name: string, kernel: (args: KernelArgs, stock: tf.KernelFunc) => TensorInfo | TensorInfo[]) => {
+    const config = tf.getKernel(name, "wasm")!;
+    tf.unregisterKernel(name, "wasm");
+    tf.registerKernel({ ...config, kernelFunc: (args) => kernel(args, config.kernelFunc) });
+  };
+  replace("Cast", castSameDtype);
+  replace("Slice", (args, stock) => sliceInPlace(args) ?? stock(args));
+  replace("SplitV", (args, stock) => splitInPlace(args) ?? stock(args));
+  replace("Concat", (args, stock) => concatRows(args) ?? stock(args));
+  replace("Transpose", (args, stock) => transposeHighRank(args) ?? stock(args));
+  replace("Sum", (args, stock) => sumLeadingAxes(args) ?? stock(args));
+  replace("GatherV2", (args, stock) => gatherRows(args) ?? stock(args));
+}
+
+const heap = (backend: unknown, t: TensorInfo) => (backend as BackendWasm).typedArrayFromHeap(t) as Values;
+const makeOutput = (backend: unknown, shape: number[], dtype: tf.DataType) =>
+  (backend as BackendWasm).makeOutput(shape, dtype);
+const numeric = (...ts: TensorInfo[]) => ts.every((t) => t.dtype !== "string" && t.dtype !== "complex64");
+
+/** A cast to the tensor's own dtype shares the buffer, as Identity does. */
+function castSameDtype(args: KernelArgs, stock: tf.KernelFunc): TensorInfo {
+  const { x } = args.inputs as { x: TensorInfo };
+  if (x.dtype !== (args.attrs as unknown as { dtype: string }).dtype) return stock(args) as TensorInfo;
+  return sharedIdentity(args);
+}
+
+/** Slice read in place; rows of the last axis copied one run at a time. */
+function sliceInPlace({ inputs, attrs, backend }: KernelArgs): TensorInfo | null {
+  const { x } = inputs as { x: TensorInfo };
+  if (!numeric(x)) return null;
+  const requested = attrs as unknown as { begin: number[]; size: number[] };
+  const [begin, size] = tf.slice_util.parseSliceParams(x as tf.Tensor, requested.begin, requested.size);
+  const out = makeOutput(backend, size, x.dtype);
+  const total = tf.util.sizeFromShape(size);
+  if (total === 0) return out;
+  const src = heap(backend, x), dst = heap(backend, out); // views after makeOutput (a malloc may grow the heap)
+  const rank = size.length, run = size[rank - 1], strides = tf.util.computeStrides(x.shape);
+  const index = new Array(rank - 1).fill(0); // position among the rows, an odometer over the leading axes
+  for (let row = 0; row < total / run; row++) {
+    let from = begin[rank - 1];
+    for (let d = 0; d < rank - 1; d++) from += (begin[d] + index[d]) * strides[d];
+    copyRun(src, from, dst, row * run, run);
+    for (let d = rank - 2; d >= 0 && ++index[d] === size[d]; d--) index[d] = 0;
+  }
+  return out;
+}
+
+/** SplitV as one in-place slice per piece (the stock version copies the whole input for each). */
+function splitInPlace(args: KernelArgs): TensorInfo[] | null {
+  const { x } = args.inputs as { x: TensorInfo };
+  if (!numeric(x)) return null;
+  const { numOrSizeSplits, axis } = args.attrs as unknown as { numOrSizeSplits: number | number[]; axis: number };
+  const along = tf.util.parseAxisParam(axis, x.shape)[0];
+  const begin = x.shape.map(() => 0);
+  return tf.backend_util.prepareSplitSize(x as tf.Tensor, numOrSizeSplits, along).map((length) => {
+    const size = x.shape.map((n, d) => d === along ? length : n);
+    const piece = sliceInPlace({ ...args, attrs: { begin: [...begin], size } as unknown as tf.NamedAttrMap })!;
+    begin[along] += length;
+    return piece;
+  });
+}
+
+/** Concat: for each row before the axis, each input's part of it in turn. */
+function concatRows({ inputs, attrs, backend }: KernelArgs): TensorInfo | null {
+  const parts = inputs as unknown as TensorInfo[];
+  if (parts.length < 2 || !numeric(...parts) || parts.some((t) => t.dtype !== parts[0].dtype)) return null;
+  const axis = tf.util.parseAxisParam((attrs as unknown as { axis: number }).axis, parts[0].shape)[0];
+  const out = makeOutput(backend, tf.backend_util.computeOutShape(parts.map((t) => t.shape), axis), parts[0].dtype);
+  const dst = heap(backend, out);
+  const rows = tf.util.sizeFromShape(parts[0].shape.slice(0, axis));
+  const widths = parts.map((t) => tf.util.sizeFromShape(t.shape.slice(axis)));
+  const rowWidth = widths.reduce((a, b) => a + b, 0);
+  let column = 0;
+  parts.forEach((part, i) => {
+    const src = heap(backend, part);
+    for (let row = 0; row < rows; row++) copyRun(src, row * widths[i], dst, row * rowWidth + column, widths[i]);
+    column += widths[i];
+  });
+  return out;
+}
+
+/** Transposes of rank 5 and 6 (stock wasm handles ≤ 4 well): walk the output, read the input with strides. */
+function transposeHighRank({ inputs, attrs, backend }: KernelArgs): TensorInfo | null {
+  const { x } = inputs as { x: TensorInfo };
+  const { perm } = attrs as unknown as { perm: number[] };
+  if (x.shape.length < 5 || !numeric(x)) return null;
+  const outShape = perm.map((p) => x.shape[p]);
+  const out = makeOutput(backend, outShape, x.dtype);
+  const total = tf.util.sizeFromShape(outShape);
+  if (total === 0) return out;
+  const src = heap(backend, x), dst = heap(backend, out);
+  const inStrides = [...tf.util.computeStrides(x.shape), 1];
+  const step = perm.map((p) => inStrides[p]); // how far the input moves per step along each output axis
+  const rank = perm.length, run = outShape[rank - 1], runStep = step[rank - 1];
+  const index = new Array(rank - 1).fill(0);
+  for (let row = 0; row < total / run; row++) {
+    let from = 0;
+    for (let d = 0; d < rank - 1; d++) from += index[d] * step[d];
+    if (runStep === 1) copyRun(src, from, dst, row * run, run); // the last axis stays last (patchify, shuffle)
+    else for (let j = 0; j < run; j++) dst[row * run + j] = src[from + j * runStep];
+    for (let d = rank - 2; d >= 0 && ++index[d] === outShape[d]; d--) index[d] = 0;
+  }
+  return out;
+}
+
+/** Sum over leading axes (a bias or norm-weight gradient: [B, T, D] → [D]) as column sums, in float64. */
+function sumLeadingAxes({ inputs, attrs, backend }: KernelArgs): TensorInfo | null {
+  const { x } = inputs as { x: TensorInfo };
+  const { axis, keepDims } = attrs as unknown as { axis: number | number[]; keepDims: boolean };
+  const axes = tf.util.parseAxisParam(axis, x.shape).sort((a, b) => a - b);
+  if (x.dtype !== "float32" || axes.length === x.shape.length || axes.some((a, i) => a !== i)) return null;
+  const kept = x.shape.slice(axes.length);
+  const out = makeOutput(backend, keepDims ? [...axes.map(() => 1), ...kept] : kept, "float32");
+  const src = heap(backend, x), dst = heap(backend, out);
+  const columns = tf.util.sizeFromShape(kept), sums = new Float64Array(columns);
+  for (let start = 0; start < src.length; start += columns) {
+    for (let j = 0; j < columns; j++) sums[j] += src[start + j];
+  }
+  dst.set(sums);
+  return out;
+}
+
+/** GatherV2 along axis 0 (embedding lookups, image-token fusion): whole rows at a time. */
+function gatherRows({ inputs, attrs, backend }: KernelArgs): TensorInfo | null {
+  const { x, indices } = inputs as { x: TensorInfo; indices: TensorInfo };
+  const { axis, batchDims } = attrs as unknown as { axis: number; batchDims: number };
+  if (!numeric(x) || batchDims !== 0 || tf.util.parseAxisParam(axis, x.shape)[0] !== 0) return null;
+  const out = makeOutput(backend, [...indices.shape, ...x.shape.slice(1)], x.dtype);
+  const src = heap(backend, x), dst = heap(backend, out), ids = heap(backend, indices);
+  const rowSize = tf.util.sizeFromShape(x.shape.slice(1)), rows = x.shape[0];
+  for (let i = 0; i < ids.length; i++) {
+    const id = ids[i];
+    if (!(id >= 0 && id < rows)) throw new Error(`GatherV2: the index value ${id} is not in [0, ${rows - 1}]`);
+    copyRun(src, id * rowSize, dst, i * rowSize, rowSize);
   }
   return out;
 }
