@@ -7,6 +7,7 @@
  *   `tf.gather`, is missing). The measurements are in shared/notes/tfjs-on-deno.md §2 and §9.
  * - Optionally, a native BLAS (OpenBLAS, Apple Accelerate) behind the wasm backend's matMul, through Deno's FFI: 4× the
  *   speed of wasm's own (BENCHMARKS.md). Without one installed, everything still runs, on wasm's XNNPACK.
+ * - Activation checkpointing (`recomputeInBackward`): backprop through a block keeps only its inputs.
  * - Safetensors bytes: the checkpoint format of PyTorch/Hugging Face, read and written by hand (no maintained npm package).
  * - Atomic file writes, so a crash never leaves half a checkpoint behind.
  *
@@ -516,8 +517,8 @@ function unsortedSegmentSum({ inputs, backend, attrs }: KernelArgs): TensorInfo 
 // into two halves copied it twice), Concat and Slice allocate a typed-array view per row even for rows of 32 floats,
 // 5-D/6-D transposes (patchify, pixel shuffle) run 60× slower than 4-D ones, Sum over leading axes (every bias
 // gradient) transposes first, GatherV2 copies element by element, and Cast to the same dtype (the gradient of every
-// multiply) copies. Each replacement below handles the float32/int32 cases a VLM step hits and hands anything else
-// to the stock kernel.
+// multiply) copies, as does a transpose that moves nothing (in nanovlm-222m's embedding gradient: 113 MB). Each
+// replacement below handles the float32/int32 cases a VLM step hits and hands anything else to the stock kernel.
 
 type Values = Float32Array | Int32Array | Uint8Array;
 
@@ -538,7 +539,7 @@ function registerWasmDataMovement(): void {
   replace("Slice", (args, stock) => sliceInPlace(args) ?? stock(args));
   replace("SplitV", (args, stock) => splitInPlace(args) ?? stock(args));
   replace("Concat", (args, stock) => concatRows(args) ?? stock(args));
-  replace("Transpose", (args, stock) => transposeHighRank(args) ?? stock(args));
+  replace("Transpose", (args, stock) => transposeFast(args) ?? stock(args));
   replace("Sum", (args, stock) => sumLeadingAxes(args) ?? stock(args));
   replace("GatherV2", (args, stock) => gatherRows(args) ?? stock(args));
 }
@@ -610,10 +611,19 @@ function concatRows({ inputs, attrs, backend }: KernelArgs): TensorInfo | null {
   return out;
 }
 
-/** Transposes of rank 5 and 6 (stock wasm handles ≤ 4 well): walk the output, read the input with strides. */
-function transposeHighRank({ inputs, attrs, backend }: KernelArgs): TensorInfo | null {
-  const { x } = inputs as { x: TensorInfo };
-  const { perm } = attrs as unknown as { perm: number[] };
+/**
+ * Transposes that only move size-1 axes share the buffer (stock wasm copies them: the gradient of the 113 MB
+ * embedding lookup goes through one). Those of rank 5 and 6 (stock wasm handles ≤ 4 well) walk the output and
+ * read the input with strides.
+ */
+function transposeFast(args: KernelArgs): TensorInfo | null {
+  const { x } = args.inputs as { x: TensorInfo };
+  const { perm } = args.attrs as unknown as { perm: number[] };
+  const moved = perm.filter((p) => x.shape[p] !== 1); // the order of the axes that hold data
+  if (moved.every((p, i) => i === 0 || p > moved[i - 1])) {
+    return { ...sharedIdentity(args), shape: perm.map((p) => x.shape[p]) };
+  }
+  const { backend } = args;
   if (x.shape.length < 5 || !numeric(x)) return null;
   const outShape = perm.map((p) => x.shape[p]);
   const out = makeOutput(backend, outShape, x.dtype);
@@ -665,6 +675,40 @@ function gatherRows({ inputs, attrs, backend }: KernelArgs): TensorInfo | null {
     copyRun(src, id * rowSize, dst, i * rowSize, rowSize);
   }
   return out;
+}
+
+// ---- Activation checkpointing ----
+
+/**
+ * `f(...inputs)`, computed so that backpropagation keeps only `inputs` instead of every activation inside `f`: the
+ * backward pass runs `f` again under a tape of its own and differentiates that (activation checkpointing, Chen et al.
+ * 2016, arXiv:1604.06174). One extra forward buys the memory: per transformer block, only its input stays alive until
+ * the backward pass, which is what lets the 222M preset train inside the wasm backend's 4 GiB heap (notes §3, §9.4).
+ * The gradients are exactly the plain ones (the same kernels on the same values); without a tape it is just `f`.
+ *
+ * `f` must be a pure function of `inputs`, and every input must reach its result: each tensor it reads — weights,
+ * RoPE tables, masks — has to be one of `inputs`, both to get a gradient (a weight read from the closure would get
+ * none: tfjs records `f` as one operation) and because a captured tensor may be disposed before backward runs.
+ */
+export function recomputeInBackward<T extends tf.Tensor>(f: (...inputs: tf.Tensor[]) => T, inputs: tf.Tensor[]): T {
+  const run = tf.customGrad((...args: (tf.Tensor | tf.GradSaveFunc)[]) => {
+    const xs = args.slice(0, -1) as tf.Tensor[], save = args.at(-1) as tf.GradSaveFunc;
+    save(xs); // kept (as shared views) until backward; tfjs runs f in a tidy, off the tape, so nothing else is
+    return {
+      value: f(...xs),
+      gradFunc: (dy: T, saved: tf.Tensor[]) => {
+        // tf.grads starts a tape of its own and clears the engine's active tape when it ends, which would crash the
+        // outer backward pass that is calling us: put the outer tape back.
+        const engine = tf.engine().state, outerTape = engine.activeTape;
+        try {
+          return tf.grads((...ys: tf.Tensor[]) => f(...ys))(saved, dy);
+        } finally {
+          engine.activeTape = outerTape;
+        }
+      },
+    };
+  });
+  return run(...inputs);
 }
 
 // ---- Safetensors ----

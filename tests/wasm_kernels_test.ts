@@ -108,3 +108,17 @@ Deno.test("wasm GatherV2 and Cast = cpu; an index out of range is an error", asy
   assert.deepEqual(Array.from(await cast.data()), [1, 2, 3]);
   cast.dispose();
 });
+
+Deno.test("wasm Transpose that moves only size-1 axes = cpu, and shares its input's buffer", async () => {
+  const x = values([3, 1, 4]);
+  await sameOnWasmAndCpu("identity perm", () => tf.transpose(tf.tensor2d(x, [3, 4]), [0, 1]));
+  await sameOnWasmAndCpu("size-1 axis moved", () => tf.transpose(tf.tensor3d(x, [3, 1, 4]), [1, 0, 2]));
+  await initBackend("wasm", { quiet: true });
+  const source = tf.tensor3d(x, [3, 1, 4]);
+  const before = tf.engine().backend.numDataIds();
+  const moved = tf.transpose(source, [0, 2, 1]);
+  assert.equal(tf.engine().backend.numDataIds(), before, "no new buffer");
+  source.dispose();
+  assert.deepEqual(Array.from(await moved.data()), Array.from(x));
+  moved.dispose();
+});
