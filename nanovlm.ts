@@ -25,6 +25,7 @@
 
 import * as tf from "@tensorflow/tfjs";
 import { encodeSafetensors, readSafetensors, type SafetensorsFile, seededRandom, writeFileAtomic } from "./runtime.ts";
+import { recomputeInBackward } from "./runtime.ts";
 
 // ---- Configuration and presets ----------------------------------------------------
 
@@ -294,6 +295,13 @@ export function rmsNorm(x: tf.Tensor, weight: tf.Tensor, eps: number): tf.Tensor
   return x.mul(tf.rsqrt(x.square().mean(-1, true).add(eps))).mul(weight);
 }
 
+/** Block `prefix`, checkpointed: backprop keeps only `xs` and its weights, and recomputes the rest (runtime.ts). */
+function checkpointed(p: Params, prefix: string, xs: tf.Tensor[], block: (p: Params, xs: tf.Tensor[]) => tf.Tensor) {
+  const names = [...p.keys()].filter((name) => name.startsWith(`${prefix}.`)), n = xs.length;
+  const run = (...ts: tf.Tensor[]) => block(new Map(names.map((name, j) => [name, ts[n + j]])), ts.slice(0, n));
+  return recomputeInBackward(run, [...xs, ...names.map((name) => p.get(name)!)]) as tf.Tensor3D;
+}
+
 /** Split heads: [B, T, heads·hd] → [B, heads, T, hd]. */
 function splitHeads(x: tf.Tensor, heads: number): tf.Tensor4D {
   const [B, T, width] = x.shape;
@@ -353,9 +361,12 @@ export function vitBlock(p: Params, cfg: VLMConfig, i: number, x: tf.Tensor): tf
 }
 
 /** The whole ViT: every patch token after the final LayerNorm (no CLS, no pooling). images [N,3,S,S] → [N, Np, Dv] */
-export function visionEncoder(p: Params, cfg: VLMConfig, images: tf.Tensor): tf.Tensor3D {
+export function visionEncoder(p: Params, cfg: VLMConfig, images: tf.Tensor, checkpoint = false): tf.Tensor3D {
   let x = patchEmbedding(p, cfg, images);
-  for (let i = 0; i < cfg.vit_n_blocks; i++) x = vitBlock(p, cfg, i, x);
+  for (let i = 0; i < cfg.vit_n_blocks; i++) {
+    const b = `vision_encoder.blocks.${i}`;
+    x = checkpoint ? checkpointed(p, b, [x], (w, [x]) => vitBlock(w, cfg, i, x)) : vitBlock(p, cfg, i, x);
+  }
   const w = (k: string) => p.get(`vision_encoder.layer_norm.${k}`)!;
   return layerNorm(x, w("weight"), w("bias"), cfg.vit_ln_eps) as tf.Tensor3D;
 }
@@ -503,9 +514,9 @@ export function decoderBlock(
 }
 
 /**
- * The decoder over embeddings x [B, T, D] at positions startPos … startPos+T-1 (left
- * padding occupies real positions, as in the reference). Returns the final-RMSNorm
- * hidden states [B, T, D] and the per-block KV cache for the next call.
+ * The decoder over embeddings x [B, T, D] at positions startPos … startPos+T-1 (left padding occupies real positions,
+ * as in the reference). Returns the final-RMSNorm hidden states [B, T, D] and the per-block KV cache for the next
+ * call; `checkpoint` (training) recomputes each block in backward instead of keeping its activations, and no cache.
  */
 export function decoder(
   p: Params,
@@ -514,6 +525,7 @@ export function decoder(
   attentionMask?: tf.Tensor,
   cache?: KVCache[],
   startPos = 0,
+  checkpoint = false,
 ): { hidden: tf.Tensor3D; cache: KVCache[] } {
   const T = x.shape[1]!;
   const Tk = T + (cache ? cache[0].k.shape[2]! : 0);
@@ -521,6 +533,11 @@ export function decoder(
   const bias = attentionBias(attentionMask, T, Tk);
   const newCache: KVCache[] = [];
   for (let i = 0; i < cfg.lm_n_blocks; i++) {
+    if (checkpoint) { // a checkpointed block may read no tensor but its inputs: RoPE tables and mask go in too
+      const run = (w: Params, [x, cos, sin, bias]: tf.Tensor[]) => decoderBlock(w, cfg, i, x, { cos, sin }, bias).out;
+      x = checkpointed(p, `decoder.blocks.${i}`, [x, rope.cos, rope.sin, ...(bias ? [bias] : [])], run);
+      continue;
+    }
     const block = decoderBlock(p, cfg, i, x, rope, bias, cache?.[i]);
     x = block.out;
     newCache.push(block.cache);
@@ -705,6 +722,8 @@ export class VisionLanguageModel {
   eosTokenId = 2;
   /** The id of `<|image|>`: appended after the base vocabulary, as Hugging Face adds special tokens. */
   readonly imageTokenId: number;
+  /** Activation checkpointing in `forward`: backprop keeps one tensor per block and recomputes the rest (§9.4). */
+  checkpointBlocks = false;
 
   /** A randomly initialised model, drawn as the reference's `_init_weights` (seeded). */
   constructor(cfg: VLMConfig, options: { seed?: number } = {}) {
@@ -738,7 +757,8 @@ export class VisionLanguageModel {
         `images must be float32 [N, 3, ${S}, ${S}] (RGB, resized to vit_img_size); got [${images.shape}]`,
       );
     }
-    return modalityProjector(this.params, this.cfg, visionEncoder(this.params, this.cfg, images));
+    const patches = visionEncoder(this.params, this.cfg, images, this.checkpointBlocks); // [N, Np, Dv]
+    return modalityProjector(this.params, this.cfg, patches);
   }
 
   /** Token embeddings with the image embeddings written into the `<|image|>` slots. → [B, T, D] */
@@ -765,7 +785,7 @@ export class VisionLanguageModel {
     this.checkContext(inputIds.shape[1]!, 0);
     return tf.tidy(() => {
       const fused = this.embed(inputIds, images);
-      const { hidden } = decoder(this.params, this.cfg, fused, attentionMask);
+      const { hidden } = decoder(this.params, this.cfg, fused, attentionMask, undefined, 0, this.checkpointBlocks);
       const logits = lmHead(this.params, this.cfg, hidden) as tf.Tensor3D;
       return targets ? { logits, loss: crossEntropy(logits, targets) } : { logits };
     });
