@@ -85,7 +85,7 @@ interface Result {
 
 async function execute(name: string, outDir: string, budget: number): Promise<Result> {
   const start = performance.now();
-  const command = new Deno.Command("jupyter", {
+  const child = new Deno.Command("jupyter", {
     args: [
       "nbconvert",
       "--to=notebook",
@@ -97,21 +97,27 @@ async function execute(name: string, outDir: string, budget: number): Promise<Re
     ],
     cwd: NOTEBOOKS, // the kernel starts in the notebook's folder: `../nanovlm.ts` and `../deno.json` resolve
     env: { JUPYTER_PATH: [NOTEBOOKS, Deno.env.get("JUPYTER_PATH")].filter(Boolean).join(":") },
-    stdout: "piped",
+    stdout: "null",
     stderr: "piped",
-    signal: AbortSignal.timeout(3 * budget * 1000), // a hung kernel must not hang CI
-  });
-  let output: Deno.CommandOutput;
-  try {
-    output = await command.output();
-  } catch (e) {
-    const seconds = (performance.now() - start) / 1000;
-    return { name, seconds, ok: false, problem: `killed after ${seconds.toFixed(0)} s: ${(e as Error).message}` };
-  }
+  }).spawn();
+  // A hung kernel must not hang CI. nbclient's per-cell timeout normally fires first; past 3× the budget we
+  // interrupt nbconvert (SIGINT lets it shut its kernel down), and kill it 15 s later if it is still there.
+  let killed = false;
+  const interrupt = setTimeout(() => {
+    killed = true;
+    child.kill("SIGINT");
+  }, 3 * budget * 1000);
+  const kill = setTimeout(() => child.kill("SIGKILL"), 3 * budget * 1000 + 15_000);
+  const stderrText = new Response(child.stderr).text();
+  const status = await child.status;
+  clearTimeout(interrupt);
+  clearTimeout(kill);
+  // An orphaned kernel could keep the pipe open: wait for the rest of stderr only briefly.
+  const stderr = await Promise.race([stderrText, new Promise<string>((r) => setTimeout(() => r(""), 5000))]);
   const seconds = (performance.now() - start) / 1000;
-  const stderr = new TextDecoder().decode(output.stderr);
-  if (!output.success) {
-    // nbclient prints the failing cell and its error after "CellExecutionError"; show that part.
+  if (killed) return { name, seconds, ok: false, problem: `stopped after ${seconds.toFixed(0)} s (3× the budget)` };
+  if (!status.success) {
+    // nbclient prints the failing cell and its error after "An error occurred…"; show that part.
     const at = stderr.indexOf("An error occurred while executing the following cell");
     return { name, seconds, ok: false, problem: (at >= 0 ? stderr.slice(at) : stderr).trim().slice(-4000) };
   }
