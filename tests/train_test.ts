@@ -1,0 +1,398 @@
+// train.ts: the schedule and two AdamW steps against the PyTorch reference (nanovlm-tiny-a
+// fixture), then the loop's promises: the loss of a fixed batch goes down, a crash while
+// writing a checkpoint leaves the previous one loadable, --resume continues exactly, a
+// NaN stops the run without touching the last good checkpoint, options are type-checked.
+
+import * as tf from "@tensorflow/tfjs";
+import { type Batch, loadTokenizer, shapesBatches } from "../data.ts";
+import { configFromJSON, PRESETS, VisionLanguageModel, type VLMConfig } from "../nanovlm.ts";
+import { initBackend, readSafetensors } from "../runtime.ts";
+import {
+  AdamW,
+  clipGradients,
+  loadCheckpoint,
+  lossCurveSvg,
+  lrSchedule,
+  modelConfig,
+  NonFiniteError,
+  paramGroups,
+  parseTrainArgs,
+  saveCheckpoint,
+  train,
+  type TrainConfig,
+  trainStep,
+  trimPadding,
+} from "../train.ts";
+import { assert, assertEquals, assertMatch, assertRejects, assertThrows } from "./assert.ts";
+import { FIXTURE_DIR, loadFixture, maxAbsDiff } from "./helpers.ts";
+
+await initBackend("wasm", { quiet: true });
+const SHAPES_TOKENIZER = new URL("../tokenizers/shapes", import.meta.url).pathname;
+const { inputs, expected } = await loadFixture();
+const fixture = (name: string) => {
+  const t = inputs.get(name) ?? expected.get(name);
+  if (!t) throw new Error(`fixture has no tensor ${name}`);
+  return t;
+};
+
+// ---- Against the PyTorch reference ----
+
+Deno.test("lrSchedule is the reference's get_lr (fixture train.lr_schedule)", () => {
+  const table = fixture("train.lr_schedule"); // rows [step, get_lr(step, 0.00512, 5000), get_lr(step, 5e-5, 5000)]
+  for (let row = 0; row < table.shape[0]; row++) {
+    const [step, a, b] = Array.from(table.data.subarray(row * 3, row * 3 + 3));
+    for (const [maxLr, want] of [[0.00512, a], [5e-5, b]]) {
+      const got = lrSchedule(step, maxLr, 5000);
+      assert(Math.abs(got - want) <= 1e-6 * maxLr, `step ${step}, max ${maxLr}: ${got} vs ${want}`);
+    }
+  }
+});
+
+/** The fixture's training batch as data.ts collates it. */
+function fixtureBatch(): Batch {
+  const ids = fixture("input_ids"), images = fixture("images");
+  return {
+    inputIds: Int32Array.from(ids.data),
+    labels: Int32Array.from(fixture("labels").data),
+    attentionMask: Int32Array.from(fixture("attention_mask").data),
+    batchSize: ids.shape[0],
+    length: ids.shape[1],
+    images: Float32Array.from(images.data),
+    imageCount: images.shape[0],
+    imageCounts: Array.from(fixture("image_counts").data, Number),
+    imageSize: images.shape[2],
+    dropped: 0,
+  };
+}
+
+// inputs.json train_steps: AdamW defaults, lr_mp 0.01, lr_backbones 0.001, clipping at 1.0. The
+// fixture's README does not say whether the schedule was applied; the parameters after step 1 moved
+// by ≈ 0.01 (MP) and ≈ 0.001 (the rest), which is what a first Adam step does at a constant lr
+// (the schedule would have given lr·1/0.06), so both steps use the constant rates.
+const PROBES = [
+  "MP.proj.weight",
+  "vision_encoder.patch_embedding.position_embedding",
+  "vision_encoder.blocks.0.attn.qkv_proj.weight",
+  "vision_encoder.blocks.1.mlp.fc2.bias",
+  "decoder.token_embedding.weight",
+  "decoder.blocks.0.attn.k_proj.weight",
+  "decoder.norm.weight",
+];
+const LINEAR = new Set([
+  "MP.proj.weight",
+  "vision_encoder.blocks.0.attn.qkv_proj.weight",
+  "decoder.blocks.0.attn.k_proj.weight",
+]);
+const LRS = [0.01, 0.001]; // [mp, backbones]
+
+/** A parameter in PyTorch layout (Linear weights are stored [in, out] here). */
+async function torchValues(model: VisionLanguageModel, name: string): Promise<Float32Array> {
+  const p = model.params.get(name)!;
+  const t = LINEAR.has(name) ? p.transpose() : p.clone();
+  const values = (await t.data()) as Float32Array;
+  t.dispose();
+  return values;
+}
+
+Deno.test("AdamW's update is torch's: the reference's step-1 gradients give its step-1 parameters", async () => {
+  // The optimizer alone, fed the fixture's own gradients (clipped as clip_grad_norm_ does), so no
+  // float noise from our backward pass enters: agreement must be at float32 precision.
+  const model = await VisionLanguageModel.fromPretrained(FIXTURE_DIR);
+  const probes = new Map(PROBES.map((name) => [name, model.params.get(name)!]));
+  const optimizer = new AdamW(probes, [
+    { name: "mp", maxLr: LRS[0], params: ["MP.proj.weight"] },
+    { name: "backbones", maxLr: LRS[1], params: PROBES.slice(1) },
+  ]);
+  const coef = 1 / (fixture("train.step1.grad_norm").data[0] + 1e-6);
+  const grads = new Map(PROBES.map((name) => {
+    const g = fixture(`train.step1.grad.${name}`);
+    const torchGrad = tf.tensor(g.data as Float32Array, g.shape);
+    const ours = LINEAR.has(name) ? torchGrad.transpose() : torchGrad.clone();
+    torchGrad.dispose();
+    return [name, ours.mul(coef)] as const;
+  }));
+  optimizer.step(grads, LRS);
+  for (const name of PROBES) {
+    const diff = maxAbsDiff(await torchValues(model, name), fixture(`train.step1.param.${name}`).data);
+    assert(diff <= 1e-6, `${name}: max |diff| ${diff.toExponential(2)}`);
+  }
+  tf.dispose([...grads.values()]);
+  optimizer.dispose();
+  model.dispose();
+});
+
+Deno.test("two training steps match the reference: loss, gradient norm and parameters", async () => {
+  const model = await VisionLanguageModel.fromPretrained(FIXTURE_DIR);
+  const optimizer = new AdamW(model.params, paramGroups(model, LRS[0], LRS[1]));
+  for (const step of [1, 2]) {
+    const { loss, gradNorm } = await trainStep(model, [fixtureBatch()], optimizer, { lrs: LRS, maxGradNorm: 1 });
+    const [wantLoss, wantNorm] = [
+      fixture(`train.step${step}.loss`).data[0],
+      fixture(`train.step${step}.grad_norm`).data[0],
+    ];
+    assert(Math.abs(loss - wantLoss) <= 1e-4, `step ${step} loss ${loss} vs ${wantLoss}`);
+    assert(Math.abs(gradNorm - wantNorm) <= 1e-4 * wantNorm, `step ${step} grad norm ${gradNorm} vs ${wantNorm}`);
+    for (const name of PROBES) {
+      // Adam divides by √v: where a gradient is ~1e-7 (far below the typical 1e-4), float32 noise in
+      // our backward pass (≈5e-7 absolute, like the reference's own float64 check) changes that
+      // element's step by up to its lr. Those elements (few, listed by the reference's step-1
+      // gradient) may differ by one lr per step; every other element must agree to 1e-5.
+      const ours = await torchValues(model, name), want = fixture(`train.step${step}.param.${name}`).data;
+      const grad = fixture(`train.step1.grad.${name}`).data;
+      const lr = name.startsWith("MP.") ? LRS[0] : LRS[1];
+      let noisy = 0;
+      for (let i = 0; i < ours.length; i++) {
+        const tiny = Math.abs(grad[i]) < 1e-6;
+        noisy += tiny ? 1 : 0;
+        const bound = tiny ? step * lr : 1e-5;
+        assert(Math.abs(ours[i] - want[i]) <= bound, `step ${step} ${name}[${i}]: ${ours[i]} vs ${want[i]}`);
+      }
+      assert(noisy <= 0.01 * ours.length, `${name}: ${noisy} near-zero gradients`);
+    }
+  }
+  optimizer.dispose();
+  model.dispose();
+});
+
+// ---- Pieces ----
+
+Deno.test("clipGradients: torch's clip_grad_norm_ (global norm, scale by max/(norm+1e-6), returns the norm)", async () => {
+  const grads = new Map([["a", tf.tensor1d([3, 0])], ["b", tf.tensor1d([0, 4])]]);
+  assertEquals(await clipGradients(grads, 10), 5); // under the limit: untouched
+  assertEquals(Array.from(await grads.get("a")!.data()), [3, 0]);
+  assertEquals(await clipGradients(grads, 1), 5);
+  const scaled = [...await grads.get("a")!.data(), ...await grads.get("b")!.data()];
+  assert(maxAbsDiff(scaled, [0.6, 0, 0, 0.8]) < 1e-6, `${scaled}`);
+  tf.dispose([...grads.values()]);
+});
+
+Deno.test("paramGroups: MP vs backbones; lr_backbones = 0 leaves the backbones out (frozen)", () => {
+  const model = new VisionLanguageModel(MICRO);
+  const [mp, backbones] = paramGroups(model, 1e-3, 1e-4);
+  assertEquals(mp.params, ["MP.proj.weight"]);
+  assertEquals(backbones.params.length, model.params.size - 1);
+  assertEquals(paramGroups(model, 1e-3, 0).map((g) => g.name), ["mp"]);
+  model.dispose();
+});
+
+Deno.test("trimPadding drops all-padding columns and keeps the loss (RoPE sees only distances)", async () => {
+  const model = await VisionLanguageModel.fromPretrained(FIXTURE_DIR);
+  const full = fixtureBatch(), trimmed = trimPadding(full);
+  assert(trimmed.length < full.length, `${trimmed.length}`);
+  const lossOf = async (b: Batch) => {
+    const ids = tf.tensor2d(b.inputIds, [b.batchSize, b.length], "int32");
+    const mask = tf.tensor2d(b.attentionMask, [b.batchSize, b.length], "int32");
+    const labels = tf.tensor2d(b.labels, [b.batchSize, b.length], "int32");
+    const images = tf.tensor4d(b.images, [b.imageCount, 3, b.imageSize, b.imageSize]);
+    const { logits, loss } = model.forward(ids, images, mask, labels);
+    const value = (await loss!.data())[0];
+    tf.dispose([ids, mask, labels, images, logits, loss!]);
+    return value;
+  };
+  const [a, b] = [await lossOf(full), await lossOf(trimmed)];
+  assert(Math.abs(a - b) < 1e-5, `${a} vs ${b}`);
+  assert(Math.abs(a - fixture("loss").data[0]) < 1e-4);
+  model.dispose();
+});
+
+// ---- Training on a micro model ----
+
+/** A micro model for the shapes tokenizer: 16-px images, one image token, one block each. */
+const MICRO_OVERRIDES: Partial<VLMConfig> = {
+  vit_hidden_dim: 32,
+  vit_inter_dim: 64,
+  vit_n_heads: 2,
+  vit_n_blocks: 1,
+  vit_img_size: 16,
+  mp_image_token_length: 1,
+  lm_hidden_dim: 32,
+  lm_inter_dim: 64,
+  lm_n_heads: 2,
+  lm_n_kv_heads: 1,
+  lm_n_blocks: 1,
+  lm_max_length: 64,
+};
+const MICRO: VLMConfig = modelConfig("tiny", MICRO_OVERRIDES);
+const MICRO_TRAIN: Partial<TrainConfig> = {
+  backend: "wasm",
+  batch_size: 4,
+  max_training_steps: 6,
+  eval_interval: 3,
+  val_samples: 4,
+  val_questions: 4,
+  test_examples: 0,
+  lr_mp: 3e-3,
+  lr_backbones: 3e-3,
+};
+const quiet = { log: () => {} };
+
+Deno.test("the loss of a fixed batch falls during 30 steps, and steps leak no tensors", async () => {
+  const tokenizer = await loadTokenizer(SHAPES_TOKENIZER);
+  const batch = shapesBatches({ split: "train", seed: 3, batchSize: 8, tokenizer, config: MICRO }).next().value!;
+  const model = new VisionLanguageModel(MICRO, { seed: 1 });
+  const optimizer = new AdamW(model.params, paramGroups(model, 3e-3, 3e-3));
+  const losses: number[] = [];
+  let tensorsAfterFirst = 0;
+  for (let step = 0; step < 30; step++) {
+    losses.push((await trainStep(model, [batch], optimizer, { lrs: [3e-3, 3e-3] })).loss);
+    if (step === 0) tensorsAfterFirst = tf.memory().numTensors;
+  }
+  assertEquals(tf.memory().numTensors, tensorsAfterFirst);
+  assert(losses[29] < 0.5 * losses[0], `loss ${losses[0].toFixed(3)} → ${losses[29].toFixed(3)}`);
+  optimizer.dispose();
+  model.dispose();
+});
+
+Deno.test("a non-finite loss throws NonFiniteError and leaves weights and optimizer untouched", async () => {
+  const model = new VisionLanguageModel(MICRO, { seed: 1 });
+  const optimizer = new AdamW(model.params, paramGroups(model, 1e-3, 1e-3));
+  const tokenizer = await loadTokenizer(SHAPES_TOKENIZER);
+  const batch = shapesBatches({ split: "train", seed: 3, batchSize: 2, tokenizer, config: MICRO }).next().value!;
+  batch.images[5] = NaN; // one poisoned pixel
+  const before = await model.params.get("MP.proj.weight")!.data();
+  await assertRejects(() => trainStep(model, [batch], optimizer, { lrs: [1e-3, 1e-3] }), NonFiniteError, "NaN");
+  assertEquals(await model.params.get("MP.proj.weight")!.data(), before);
+  assertEquals(optimizer.stepCount, 0);
+  optimizer.dispose();
+  model.dispose();
+});
+
+async function withTempDir(fn: (dir: string) => Promise<void>): Promise<void> {
+  const dir = await Deno.makeTempDir({ prefix: "nanovlm-train-test-" });
+  try {
+    await fn(dir);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+}
+
+Deno.test("a crash while writing a checkpoint leaves the previous one loadable", async () => {
+  await withTempDir(async (dir) => {
+    const tokenizer = await loadTokenizer(SHAPES_TOKENIZER);
+    const batch = shapesBatches({ split: "train", seed: 3, batchSize: 2, tokenizer, config: MICRO }).next().value!;
+    const model = new VisionLanguageModel(MICRO, { seed: 1 });
+    const optimizer = new AdamW(model.params, paramGroups(model, 1e-3, 1e-3));
+    const state = { step: 1, examples_seen: 2, best_val_loss: null, elapsed_seconds: 1 };
+    await trainStep(model, [batch], optimizer, { lrs: [1e-3, 1e-3] });
+    await saveCheckpoint(`${dir}/latest`, model, { optimizer, state });
+    const saved = await model.params.get("MP.proj.weight")!.data();
+
+    // Step 2, then a "crash" halfway through writing the optimizer file of the new checkpoint.
+    await trainStep(model, [batch], optimizer, { lrs: [1e-3, 1e-3] });
+    const crash = async (path: string, data: Uint8Array | string) => {
+      const bytes = typeof data === "string" ? new TextEncoder().encode(data) : data;
+      await Deno.writeFile(path, bytes.subarray(0, bytes.length >> 1));
+      throw new Error("simulated crash");
+    };
+    await assertRejects(
+      () => saveCheckpoint(`${dir}/latest`, model, { optimizer, state: { ...state, step: 2 } }, { writeFile: crash }),
+      Error,
+      "simulated crash",
+    );
+    const restored = await loadCheckpoint(`${dir}/latest`, 1e-3, 1e-3);
+    assertEquals(restored.state.step, 1);
+    assertEquals(restored.optimizer.stepCount, 1);
+    assertEquals(await restored.model.params.get("MP.proj.weight")!.data(), saved);
+    restored.optimizer.dispose();
+    restored.model.dispose();
+
+    // A crash between the two renames of the swap: latest/ was moved aside and is put back.
+    await Deno.rename(`${dir}/latest`, `${dir}/latest.previous`);
+    await Deno.mkdir(`${dir}/latest.partial`);
+    const again = await loadCheckpoint(`${dir}/latest`, 1e-3, 1e-3);
+    assertEquals(again.state.step, 1);
+    again.optimizer.dispose();
+    again.model.dispose();
+
+    // A folder without its files says which one is missing.
+    await Deno.remove(`${dir}/latest/optimizer.safetensors`);
+    await assertRejects(() => loadCheckpoint(`${dir}/latest`, 1e-3, 1e-3), Error, "optimizer.safetensors is missing");
+    optimizer.dispose();
+    model.dispose();
+  });
+});
+
+Deno.test("--resume continues step count, schedule and data: 3 + 3 steps equal 6 straight", async () => {
+  await withTempDir(async (dir) => {
+    const straight = await train({ ...MICRO_TRAIN, runs_dir: dir, run_name: "straight" }, MICRO_OVERRIDES, quiet);
+    const half = await train({ ...MICRO_TRAIN, runs_dir: dir, run_name: "split", stop_at: 3 }, MICRO_OVERRIDES, quiet);
+    assertEquals(half.steps, 3);
+    const lines: string[] = [];
+    const resumed = await train({ resume: `${dir}/split` }, {}, { log: (l) => lines.push(l) });
+    assert(lines.some((l) => l.startsWith("resuming") && l.includes("at step 3")), lines.join("\n"));
+    assertEquals(resumed.steps, 6);
+    assertEquals(resumed.finalLoss, straight.finalLoss);
+
+    // Identical metrics (losses, learning rates, gradient norms) and identical weights.
+    const metrics = async (run: string) =>
+      (await Deno.readTextFile(`${dir}/${run}/metrics.jsonl`)).trim().split("\n").map((l) => {
+        const { ms: _ms, ...rest } = JSON.parse(l);
+        return rest;
+      });
+    assertEquals(await metrics("split"), await metrics("straight"));
+    const weights = async (run: string) => (await readSafetensors(`${dir}/${run}/latest/model.safetensors`)).tensors;
+    const [a, b] = [await weights("straight"), await weights("split")];
+    for (const [name, t] of a) assertEquals(b.get(name)!.data, t.data, name);
+
+    // The run folder has everything the README promises.
+    for (const file of ["config.json", "train_config.json", "metrics.jsonl", "loss.svg", "best/model.safetensors"]) {
+      await Deno.stat(`${dir}/split/${file}`);
+    }
+    assertEquals(JSON.parse(await Deno.readTextFile(`${dir}/split/latest/trainer_state.json`)).examples_seen, 24);
+  });
+});
+
+Deno.test("a NaN stops the run with the step named; the last good checkpoint stays", async () => {
+  await withTempDir(async (dir) => {
+    const run = `${dir}/nan`;
+    await train({ ...MICRO_TRAIN, runs_dir: dir, run_name: "nan", stop_at: 3 }, MICRO_OVERRIDES, quiet);
+    const good = (await readSafetensors(`${run}/latest/model.safetensors`)).tensors.get("MP.proj.weight")!.data;
+    // Resume with an absurd learning rate: step 4's update makes the weights ~1e37, step 5's loss overflows.
+    const error = await train({ resume: run, lr_mp: 1e38 }, {}, quiet).then(() => undefined, (e) => e);
+    assert(error instanceof NonFiniteError, `${error}`);
+    assertMatch(error.message, /^step 5: loss (NaN|Infinity), gradient norm \S+ is not finite/);
+    assert(error.message.includes(`the last good checkpoint, ${run}/latest, is untouched`), error.message);
+    assertEquals(JSON.parse(await Deno.readTextFile(`${run}/latest/trainer_state.json`)).step, 3);
+    assertEquals((await readSafetensors(`${run}/latest/model.safetensors`)).tensors.get("MP.proj.weight")!.data, good);
+  });
+});
+
+// ---- Options ----
+
+Deno.test("parseTrainArgs: typed --key=value for train and model settings; unknown keys list the valid ones", () => {
+  const { train, model } = parseTrainArgs([
+    "--lr_mp=1e-3",
+    "--batch_size",
+    "8",
+    "--lm_n_blocks=2",
+    "--lm_tie_weights=false",
+  ]);
+  assertEquals(train, { lr_mp: 1e-3, batch_size: 8 });
+  assertEquals(model, { lm_n_blocks: 2, lm_tie_weights: false });
+  assertThrows(() => parseTrainArgs(["--lr=1"]), Error, "Training options: --preset --lr_mp --lr_backbones");
+  assertThrows(() => parseTrainArgs(["--lr=1"]), Error, "--vit_hidden_dim");
+  assertThrows(() => parseTrainArgs(["--lr_mp=fast"]), Error, "--lr_mp=fast: expected a number");
+  assertThrows(() => parseTrainArgs(["--batch_size=2.5"]), Error, "--batch_size=2.5: expected an integer");
+  assertThrows(() => parseTrainArgs(["--vit_cls_flag=yes"]), Error, "expected true or false");
+  assertThrows(() => modelConfig("huge"), Error, 'unknown preset "huge": use one of nanovlm-222m, nanovlm-450m, tiny');
+  assertThrows(() => modelConfig("tiny", { mp_image_token_length: 3 }), Error, "mp_image_token_length is 3");
+});
+
+Deno.test("the tiny preset fits the shapes tokenizer and its longest sample", async () => {
+  const tokenizer = await loadTokenizer(SHAPES_TOKENIZER);
+  const tiny = PRESETS.tiny;
+  assertEquals([tiny.lm_base_vocab_size, tiny.lm_vocab_size], [tokenizer.baseVocabSize, tokenizer.vocabSize]);
+  let dropped = 0;
+  for (const batch of shapesBatches({ split: "train", seed: 0, batchSize: 64, tokenizer, config: tiny, count: 2000 })) {
+    dropped += batch.dropped;
+  }
+  assertEquals(dropped, 0);
+  assert(configFromJSON({ ...tiny }).lm_max_length === tiny.lm_max_length);
+});
+
+Deno.test("lossCurveSvg draws the training line and one dot per eval", () => {
+  const svg = lossCurveSvg([{ step: 1, loss: 3 }, { step: 2, loss: 2 }, { step: 2, val_loss: 2.5 }], "run");
+  assert(svg.startsWith("<svg") && svg.includes("run"));
+  assertEquals(svg.match(/<polyline points="([^"]*)"/)![1].split(" ").length, 2);
+  assertEquals(svg.match(/<circle/g)?.length, 1);
+});

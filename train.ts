@@ -1,0 +1,877 @@
+// train.ts — train a small VLM on one machine: `deno task train`.
+//
+// What this is: nanoVLM's training loop (train.py at 8374ce1, reference §13) for the
+// built-in shapes world: AdamW with two parameter groups (projector vs backbones), the
+// reference's warmup + cosine schedule, gradient accumulation, clipping at 1.0, a val
+// loss and a val accuracy every `eval_interval` steps, checkpoints in nanoVLM's format
+// that survive a crash, and `--resume` that continues a run exactly where it stopped.
+// With no arguments it trains the `tiny` preset from scratch in minutes on a laptop CPU.
+//
+// What this is not: the reference's data mix (the Cauldron, packing), mixed precision,
+// multi-GPU, or lmms-eval. The model is nanovlm.ts, the data data.ts, the answer
+// scoring eval.ts; this file only wires them into a loop.
+//
+// Reusable pieces (exercises, notebooks and benchmarks import them): lrSchedule, AdamW,
+// clipGradients, trainStep, saveCheckpoint / loadCheckpoint, parseTrainArgs, train.
+//
+// Shapes as in nanovlm.ts: B batch, T tokens, N images, S image side, V vocabulary.
+
+import * as tf from "@tensorflow/tfjs";
+import { parseArgs } from "node:util";
+import { type Batch, type ChatTokenizer, checkTokenizerFitsConfig, loadTokenizer, shapesBatches } from "./data.ts";
+import { evaluate, shapesQuestions } from "./eval.ts";
+import { resolveTokenizerPath } from "./generate.ts";
+import { PRESETS, validateConfig, VisionLanguageModel, type VLMConfig } from "./nanovlm.ts";
+import {
+  type BackendName,
+  encodeSafetensors,
+  initBackend,
+  readSafetensors,
+  type SafetensorsTensor,
+  writeFileAtomic,
+} from "./runtime.ts";
+
+// ---- Training configuration -----------------------------------------------------------
+
+/**
+ * Everything about a run that is not the model's shape (the model is a `VLMConfig`).
+ * Names follow the reference's TrainConfig where it has the field.
+ */
+export interface TrainConfig {
+  preset: string; // the model preset (PRESETS) that model-config overrides apply to
+  lr_mp: number; // peak learning rate of the modality projector (MP.*)
+  lr_backbones: number; // peak learning rate of the ViT and the decoder; 0 freezes them
+  batch_size: number; // samples per micro-batch
+  gradient_accumulation_steps: number; // micro-batches per optimizer step
+  max_training_steps: number; // optimizer steps; the schedule spans exactly these
+  max_grad_norm: number; // clip the global gradient norm to this (0 = no clipping)
+  eval_interval: number; // val loss, val accuracy and checkpoints every this many steps
+  val_samples: number; // val-split samples in the val loss (a fixed subset)
+  val_questions: number; // val-split questions answered for the val accuracy (a fixed subset)
+  test_examples: number; // after training, score the questions of this many test and test-novel scenes (0 = skip)
+  seed: number; // model init and data order
+  backend: string; // "webgpu" | "wasm" | "cpu", or "" for the best available
+  runs_dir: string; // runs go to runs_dir/run_name/
+  run_name: string; // "" = the preset and the date
+  resume: string; // a run folder to continue from its latest checkpoint
+  stop_at: number; // stop (with a checkpoint) after this step, to finish later with --resume; 0 = run to the end
+}
+
+/** The defaults: `deno task train` with no arguments (tuned for the shapes world on a 2-core CPU, see README). */
+export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
+  preset: "tiny",
+  lr_mp: 3e-3,
+  lr_backbones: 3e-3,
+  batch_size: 32,
+  gradient_accumulation_steps: 1,
+  max_training_steps: 600,
+  max_grad_norm: 1.0,
+  eval_interval: 100,
+  val_samples: 128,
+  val_questions: 128,
+  test_examples: 300,
+  seed: 0,
+  backend: "",
+  runs_dir: "runs",
+  run_name: "",
+  resume: "",
+  stop_at: 0,
+});
+
+/** A VLMConfig key, a TrainConfig key, or neither. */
+type ConfigValue = string | number | boolean | Record<string, string>;
+
+/**
+ * Parse one `--key=value` against the type of its default: numbers must be finite
+ * (integers where the default is an integer train setting), booleans true/false,
+ * objects JSON. Throws an Error naming the key, the value and the expected type.
+ */
+function parseValue(key: string, raw: string, example: ConfigValue, integer: boolean): ConfigValue {
+  const bad = (what: string) => new Error(`--${key}=${raw}: expected ${what}`);
+  if (typeof example === "number") {
+    const value = Number(raw);
+    if (raw.trim() === "" || !Number.isFinite(value)) throw bad("a number");
+    if (integer && !Number.isInteger(value)) throw bad("an integer");
+    return value;
+  }
+  if (typeof example === "boolean") {
+    if (raw !== "true" && raw !== "false") throw bad("true or false");
+    return raw === "true";
+  }
+  if (typeof example === "object") {
+    try {
+      const value = JSON.parse(raw);
+      if (typeof value === "object" && value !== null && !Array.isArray(value)) return value;
+    } catch {
+      // reported below
+    }
+    throw bad("a JSON object");
+  }
+  return raw;
+}
+
+// Train settings that count things: they must be whole numbers.
+const INTEGER_TRAIN_KEYS = new Set([
+  "batch_size",
+  "gradient_accumulation_steps",
+  "max_training_steps",
+  "eval_interval",
+  "val_samples",
+  "val_questions",
+  "test_examples",
+  "seed",
+  "stop_at",
+]);
+
+/**
+ * Read `--key=value` (or `--key value`) arguments: any TrainConfig key and any VLMConfig
+ * key, each type-checked against its default. Returns only what was given: train
+ * settings to apply to the defaults (or to a resumed run's settings) and model settings
+ * to apply to the preset. An unknown key is an Error that lists every valid key.
+ */
+export function parseTrainArgs(args: string[]): { train: Partial<TrainConfig>; model: Partial<VLMConfig> } {
+  const trainKeys = Object.keys(DEFAULT_TRAIN_CONFIG);
+  const modelKeys = Object.keys(PRESETS.tiny);
+  const options = Object.fromEntries([...trainKeys, ...modelKeys].map((k) => [k, { type: "string" as const }]));
+  let values: Record<string, string | undefined>;
+  try {
+    ({ values } = parseArgs({ args, options, strict: true, allowPositionals: false }));
+  } catch (e) {
+    throw new Error(
+      `${(e as Error).message}\n\nTraining options: ${trainKeys.map((k) => `--${k}`).join(" ")}\n` +
+        `Model options (override the preset): ${modelKeys.map((k) => `--${k}`).join(" ")}`,
+    );
+  }
+  const train: Record<string, ConfigValue> = {}, model: Record<string, ConfigValue> = {};
+  for (const [key, raw] of Object.entries(values)) {
+    if (raw === undefined) continue;
+    if (key in DEFAULT_TRAIN_CONFIG) {
+      const example = DEFAULT_TRAIN_CONFIG[key as keyof TrainConfig];
+      train[key] = parseValue(key, raw, example, INTEGER_TRAIN_KEYS.has(key));
+    } else {
+      model[key] = parseValue(key, raw, PRESETS.tiny[key as keyof VLMConfig], false);
+    }
+  }
+  return { train: train as Partial<TrainConfig>, model: model as Partial<VLMConfig> };
+}
+
+/** The preset with the overrides applied, validated (an unknown preset lists the known ones). */
+export function modelConfig(preset: string, overrides: Partial<VLMConfig> = {}): VLMConfig {
+  const base = PRESETS[preset];
+  if (!base) throw new Error(`unknown preset "${preset}": use one of ${Object.keys(PRESETS).join(", ")}`);
+  const cfg = { ...base, ...overrides };
+  validateConfig(cfg);
+  return cfg;
+}
+
+// ---- Learning-rate schedule ----------------------------------------------------------
+
+/**
+ * The reference's `get_lr`: linear warmup over the first 3% of the steps, then a cosine
+ * from maxLr down to 10% of it at the last step (and 10% after). `step` counts from 0.
+ */
+export function lrSchedule(step: number, maxLr: number, maxSteps: number): number {
+  const minLr = 0.1 * maxLr;
+  const warmup = 0.03 * maxSteps; // a float, as in the reference: 150 for 5000 steps
+  if (step < warmup) return (maxLr * (step + 1)) / warmup;
+  if (step > maxSteps) return minLr;
+  const ratio = (step - warmup) / (maxSteps - warmup);
+  return minLr + 0.5 * (1 + Math.cos(Math.PI * ratio)) * (maxLr - minLr);
+}
+
+// ---- AdamW ---------------------------------------------------------------------------
+//
+// torch.optim.AdamW with its defaults, written out so a reader sees every term. Step t
+// (from 1) for each parameter p with gradient g:
+//   p ← p − lr·wd·p                       decoupled weight decay, on every parameter
+//   m ← β1·m + (1−β1)·g                   first moment
+//   v ← β2·v + (1−β2)·g²                  second moment
+//   p ← p − lr/(1−β1ᵗ) · m / (√v/√(1−β2ᵗ) + ε)   bias-corrected step
+// The reference gives the projector its own, larger learning rate: freshly initialised
+// layers between two (normally pretrained) backbones need to move faster.
+
+/** A named set of parameters sharing one learning rate. */
+export interface ParamGroup {
+  name: string;
+  /** Peak learning rate (the schedule scales it). */
+  maxLr: number;
+  /** nanoVLM parameter names. */
+  params: string[];
+}
+
+/**
+ * The reference's groups: `MP.*` at lr_mp, the vision encoder and the decoder at
+ * lr_backbones. With lr_backbones = 0 the backbones are frozen: they are left out
+ * entirely (no gradient, no weight decay), as the reference sets requires_grad = False.
+ */
+export function paramGroups(model: VisionLanguageModel, lrMp: number, lrBackbones: number): ParamGroup[] {
+  const names = [...model.params.keys()];
+  const groups: ParamGroup[] = [{ name: "mp", maxLr: lrMp, params: names.filter((n) => n.startsWith("MP.")) }];
+  if (lrBackbones > 0) {
+    groups.push({ name: "backbones", maxLr: lrBackbones, params: names.filter((n) => !n.startsWith("MP.")) });
+  }
+  return groups;
+}
+
+/** AdamW options; the defaults are torch's. */
+export interface AdamWOptions {
+  beta1?: number;
+  beta2?: number;
+  eps?: number;
+  weightDecay?: number;
+}
+
+/** torch.optim.AdamW over parameter groups; moments live beside the weights as tf tensors. */
+export class AdamW {
+  readonly groups: ParamGroup[];
+  readonly beta1: number;
+  readonly beta2: number;
+  readonly eps: number;
+  readonly weightDecay: number;
+  /** Optimizer steps taken so far (t of the bias correction is stepCount + 1 during a step). */
+  stepCount = 0;
+  private readonly params: Map<string, tf.Variable>;
+  private readonly expAvg = new Map<string, tf.Tensor>(); // m
+  private readonly expAvgSq = new Map<string, tf.Tensor>(); // v
+
+  constructor(params: Map<string, tf.Variable>, groups: ParamGroup[], options: AdamWOptions = {}) {
+    this.params = params;
+    this.groups = groups;
+    this.beta1 = options.beta1 ?? 0.9;
+    this.beta2 = options.beta2 ?? 0.999;
+    this.eps = options.eps ?? 1e-8;
+    this.weightDecay = options.weightDecay ?? 0.01;
+    for (const name of this.trainable) {
+      const p = params.get(name);
+      if (!p) throw new Error(`AdamW: the model has no parameter ${name}`);
+      this.expAvg.set(name, tf.zerosLike(p));
+      this.expAvgSq.set(name, tf.zerosLike(p));
+    }
+  }
+
+  /** Names of every parameter the optimizer updates, group by group. */
+  get trainable(): string[] {
+    return this.groups.flatMap((g) => g.params);
+  }
+
+  /** The trainable variables, in `trainable` order (for tf.variableGrads). */
+  get variables(): tf.Variable[] {
+    return this.trainable.map((name) => this.params.get(name)!);
+  }
+
+  /** One update with `grads` (by parameter name) and one learning rate per group (same order as `groups`). */
+  step(grads: Map<string, tf.Tensor>, lrs: number[]): void {
+    if (lrs.length !== this.groups.length) throw new Error(`AdamW: ${this.groups.length} groups but ${lrs.length} lrs`);
+    const t = ++this.stepCount;
+    const bc1 = 1 - this.beta1 ** t, bc2Sqrt = Math.sqrt(1 - this.beta2 ** t);
+    this.groups.forEach((group, i) => {
+      const lr = lrs[i];
+      for (const name of group.params) {
+        const p = this.params.get(name)!, g = grads.get(name);
+        if (!g) throw new Error(`AdamW: no gradient for ${name}`);
+        const [m, v] = [this.expAvg.get(name)!, this.expAvgSq.get(name)!];
+        const next = tf.tidy(() => {
+          const decayed = p.mul(1 - lr * this.weightDecay);
+          const m1 = m.mul(this.beta1).add(g.mul(1 - this.beta1));
+          const v1 = v.mul(this.beta2).add(g.square().mul(1 - this.beta2));
+          const denom = v1.sqrt().div(bc2Sqrt).add(this.eps);
+          return { p: decayed.sub(m1.div(denom).mul(lr / bc1)), m: m1, v: v1 };
+        });
+        p.assign(next.p);
+        next.p.dispose();
+        this.expAvg.set(name, next.m);
+        this.expAvgSq.set(name, next.v);
+        tf.dispose([m, v]);
+      }
+    });
+  }
+
+  /** The moments as F32 tensors named `exp_avg.<param>` / `exp_avg_sq.<param>` (torch's names; our layout). */
+  async state(): Promise<Map<string, { dtype: "F32"; shape: number[]; data: Float32Array }>> {
+    const out = new Map<string, { dtype: "F32"; shape: number[]; data: Float32Array }>();
+    for (const [kind, moments] of [["exp_avg", this.expAvg], ["exp_avg_sq", this.expAvgSq]] as const) {
+      for (const [name, t] of moments) {
+        out.set(`${kind}.${name}`, { dtype: "F32", shape: t.shape, data: (await t.data()) as Float32Array });
+      }
+    }
+    return out;
+  }
+
+  /** Restore moments saved by `state` (every trainable parameter's, with matching shapes) and the step count. */
+  loadState(tensors: Map<string, SafetensorsTensor>, stepCount: number, source = "optimizer state"): void {
+    const problems: string[] = [];
+    for (const [kind, moments] of [["exp_avg", this.expAvg], ["exp_avg_sq", this.expAvgSq]] as const) {
+      for (const [name, current] of moments) {
+        const saved = tensors.get(`${kind}.${name}`);
+        if (!saved) problems.push(`missing ${kind}.${name}`);
+        else if (saved.shape.join() !== current.shape.join()) {
+          problems.push(`${kind}.${name} has shape [${saved.shape}], the model needs [${current.shape}]`);
+        }
+      }
+    }
+    if (problems.length) {
+      throw new Error(`${source} does not fit this model and optimizer:\n  ${problems.join("\n  ")}`);
+    }
+    for (const [kind, moments] of [["exp_avg", this.expAvg], ["exp_avg_sq", this.expAvgSq]] as const) {
+      for (const [name, current] of moments) {
+        const saved = tensors.get(`${kind}.${name}`)!;
+        moments.set(name, tf.tensor(saved.data as Float32Array, saved.shape, "float32"));
+        current.dispose();
+      }
+    }
+    this.stepCount = stepCount;
+  }
+
+  /** Free the moments. */
+  dispose(): void {
+    tf.dispose([...this.expAvg.values(), ...this.expAvgSq.values()]);
+    this.expAvg.clear();
+    this.expAvgSq.clear();
+  }
+}
+
+// ---- Gradient clipping -----------------------------------------------------------------
+
+/**
+ * torch.nn.utils.clip_grad_norm_: the L2 norm of all gradients together, and when it
+ * exceeds maxNorm every gradient is scaled by maxNorm / (norm + 1e-6). The map's tensors
+ * are replaced (and the old ones disposed), as torch scales them in place. Returns the
+ * norm before clipping; maxNorm ≤ 0 only measures.
+ */
+export async function clipGradients(grads: Map<string, tf.Tensor>, maxNorm: number): Promise<number> {
+  const normTensor = tf.tidy(() => tf.addN([...grads.values()].map((g) => g.square().sum())).sqrt());
+  const norm = (await normTensor.data())[0];
+  normTensor.dispose();
+  const coef = maxNorm / (norm + 1e-6);
+  if (maxNorm > 0 && coef < 1) {
+    for (const [name, g] of grads) {
+      grads.set(name, g.mul(coef));
+      g.dispose();
+    }
+  }
+  return norm;
+}
+
+// ---- One optimizer step ------------------------------------------------------------------
+
+/** The model's input tensors for a collated batch. Free them with `tf.dispose(Object.values(...))`. */
+export function batchTensors(
+  batch: Batch,
+): { inputIds: tf.Tensor2D; attentionMask: tf.Tensor2D; labels: tf.Tensor2D; images?: tf.Tensor4D } {
+  const [B, T, S] = [batch.batchSize, batch.length, batch.imageSize];
+  return {
+    inputIds: tf.tensor2d(batch.inputIds, [B, T], "int32"),
+    attentionMask: tf.tensor2d(batch.attentionMask, [B, T], "int32"),
+    labels: tf.tensor2d(batch.labels, [B, T], "int32"),
+    images: batch.imageCount ? tf.tensor4d(batch.images, [batch.imageCount, 3, S, S]) : undefined,
+  };
+}
+
+/**
+ * Drop the columns that are padding in every row. Batches come left-padded to
+ * lm_max_length (as the reference's collator does), but padded keys are masked out
+ * and RoPE makes attention depend only on the distance between real tokens, so the
+ * loss is the same (to float noise) and the step is cheaper: T is the batch's longest
+ * sample instead of the context.
+ */
+export function trimPadding(batch: Batch): Batch {
+  const { batchSize: B, length: T } = batch;
+  let first = T; // the first column any row uses
+  for (let b = 0; b < B; b++) {
+    const row = batch.attentionMask.subarray(b * T, (b + 1) * T);
+    const start = row.indexOf(1);
+    if (start !== -1) first = Math.min(first, start);
+  }
+  if (first === 0 || first === T) return batch;
+  const keep = T - first;
+  const cut = (x: Int32Array) => {
+    const out = new Int32Array(B * keep);
+    for (let b = 0; b < B; b++) out.set(x.subarray(b * T + first, (b + 1) * T), b * keep);
+    return out;
+  };
+  return {
+    ...batch,
+    inputIds: cut(batch.inputIds),
+    labels: cut(batch.labels),
+    attentionMask: cut(batch.attentionMask),
+    length: keep,
+  };
+}
+
+/** Raised by trainStep when the loss or the gradient norm is NaN or infinite; the weights are left untouched. */
+export class NonFiniteError extends Error {}
+
+/** What one optimizer step measured. */
+export interface StepResult {
+  /** Mean of the micro-batches' losses. */
+  loss: number;
+  /** Global gradient norm before clipping. */
+  gradNorm: number;
+}
+
+/**
+ * One optimizer step: forward + backward on each micro-batch with its loss divided by
+ * their number (so the summed gradients are the mean, as the reference's
+ * `loss / gradient_accumulation_steps`), clip, then AdamW with one learning rate per
+ * group. If the loss or the gradient norm is not finite, nothing is updated and a
+ * NonFiniteError is thrown. Every tensor it makes is freed.
+ */
+export async function trainStep(
+  model: VisionLanguageModel,
+  microBatches: Batch[],
+  optimizer: AdamW,
+  { lrs, maxGradNorm = 1.0 }: { lrs: number[]; maxGradNorm?: number },
+): Promise<StepResult> {
+  const names = optimizer.trainable, variables = optimizer.variables;
+  const nameOf = new Map(variables.map((v, i) => [v.name, names[i]]));
+  const grads = new Map<string, tf.Tensor>();
+  let lossSum: tf.Tensor = tf.scalar(0);
+  for (const micro of microBatches) {
+    const t = batchTensors(trimPadding(micro));
+    const { value, grads: g } = tf.variableGrads(() => {
+      const { loss } = model.forward(t.inputIds, t.images, t.attentionMask, t.labels);
+      return loss!.div(microBatches.length) as tf.Scalar;
+    }, variables);
+    tf.dispose(Object.values(t));
+    for (const [varName, grad] of Object.entries(g)) {
+      const name = nameOf.get(varName)!, previous = grads.get(name);
+      grads.set(name, previous ? previous.add(grad) : grad);
+      if (previous) tf.dispose([previous, grad]);
+    }
+    const previousLoss = lossSum;
+    lossSum = lossSum.add(value);
+    tf.dispose([previousLoss, value]);
+  }
+  const loss = (await lossSum.data())[0];
+  lossSum.dispose();
+  try {
+    const gradNorm = await clipGradients(grads, maxGradNorm);
+    if (!Number.isFinite(loss) || !Number.isFinite(gradNorm)) {
+      throw new NonFiniteError(`loss ${loss}, gradient norm ${gradNorm}`);
+    }
+    optimizer.step(grads, lrs);
+    return { loss, gradNorm };
+  } finally {
+    tf.dispose([...grads.values()]);
+  }
+}
+
+// ---- Checkpoints ---------------------------------------------------------------------------
+//
+// A checkpoint folder holds nanoVLM's two files (config.json, model.safetensors: loadable
+// by generate.ts, eval.ts and PyTorch nanoVLM) plus what --resume needs: the AdamW
+// moments (optimizer.safetensors) and trainer_state.json (step, data position, best val
+// loss). A crash must never leave a half-written checkpoint where a good one was, so
+// every file goes into `<dir>.partial/` first and the finished folder is swapped in with
+// two renames: `<dir>` → `<dir>.previous`, `<dir>.partial` → `<dir>`. A crash between
+// the renames leaves `<dir>.previous`, which recoverCheckpoint puts back.
+
+/** Where the training loop is: everything besides weights and moments that --resume needs. */
+export interface TrainerState {
+  /** Optimizer steps done. */
+  step: number;
+  /** Training examples consumed: the data stream restarts here (shapesBatches' `start`). */
+  examples_seen: number;
+  /** Best val loss so far (the `best/` checkpoint's), or null before the first eval. */
+  best_val_loss: number | null;
+  /** Seconds spent training so far (for the summary). */
+  elapsed_seconds: number;
+}
+
+/** The files of a resumable checkpoint; the first two alone are a nanoVLM checkpoint. */
+export const CHECKPOINT_FILES = ["config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json"];
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await Deno.lstat(path);
+    return true;
+  } catch (e) {
+    if (e instanceof Deno.errors.NotFound) return false;
+    throw e;
+  }
+}
+
+/** Undo an interrupted swap: if `dir` is missing but `dir.previous` is there, put it back. Drop a stale `.partial`. */
+export async function recoverCheckpoint(dir: string): Promise<void> {
+  if (!await exists(dir) && await exists(`${dir}.previous`)) await Deno.rename(`${dir}.previous`, dir);
+  if (await exists(`${dir}.partial`)) await Deno.remove(`${dir}.partial`, { recursive: true });
+}
+
+/**
+ * Write a checkpoint to `dir` so that a crash at any moment leaves either the old or
+ * the new checkpoint loadable. Without `optimizer` only the nanoVLM files are written
+ * (the `best/` checkpoint). `writeFile` exists for tests that simulate a crash.
+ */
+export async function saveCheckpoint(
+  dir: string,
+  model: VisionLanguageModel,
+  training?: { optimizer: AdamW; state: TrainerState },
+  { writeFile = writeFileAtomic }: { writeFile?: (path: string, data: Uint8Array | string) => Promise<void> } = {},
+): Promise<void> {
+  const partial = `${dir}.partial`, previous = `${dir}.previous`;
+  await recoverCheckpoint(dir);
+  await model.savePretrained(partial);
+  if (training) {
+    await writeFile(`${partial}/optimizer.safetensors`, encodeSafetensors(await training.optimizer.state()));
+    await writeFile(`${partial}/trainer_state.json`, JSON.stringify(training.state, null, 2) + "\n");
+  }
+  if (await exists(dir)) await Deno.rename(dir, previous);
+  await Deno.rename(partial, dir);
+  if (await exists(previous)) await Deno.remove(previous, { recursive: true });
+}
+
+/**
+ * Load a resumable checkpoint: the model, the optimizer (moments restored, groups from
+ * the learning rates given) and the trainer state. A missing file is an Error naming it.
+ */
+export async function loadCheckpoint(
+  dir: string,
+  lrMp: number,
+  lrBackbones: number,
+): Promise<{ model: VisionLanguageModel; optimizer: AdamW; state: TrainerState }> {
+  await recoverCheckpoint(dir);
+  for (const file of CHECKPOINT_FILES) {
+    if (!await exists(`${dir}/${file}`)) throw new Error(`cannot resume from ${dir}: ${file} is missing`);
+  }
+  const model = await VisionLanguageModel.fromPretrained(dir);
+  const optimizer = new AdamW(model.params, paramGroups(model, lrMp, lrBackbones));
+  try {
+    const state = JSON.parse(await Deno.readTextFile(`${dir}/trainer_state.json`)) as TrainerState;
+    const moments = await readSafetensors(`${dir}/optimizer.safetensors`);
+    optimizer.loadState(moments.tensors, state.step, `${dir}/optimizer.safetensors`);
+    return { model, optimizer, state };
+  } catch (e) {
+    optimizer.dispose();
+    model.dispose();
+    throw e;
+  }
+}
+
+// ---- Metrics and the loss curve ---------------------------------------------------------
+
+/** One line of metrics.jsonl: a training step, or an evaluation (val_loss present). */
+export interface MetricsRecord {
+  step: number;
+  loss?: number;
+  lr?: number[];
+  grad_norm?: number;
+  ms?: number;
+  val_loss?: number;
+  val_accuracy?: number;
+}
+
+/**
+ * The loss curve as a self-contained SVG: training loss per step (a line) and val loss
+ * (dots), linear axes from 0. Opens in any browser; notebooks can display it.
+ */
+export function lossCurveSvg(records: readonly MetricsRecord[], title = "loss"): string {
+  const train = records.filter((r) => r.loss !== undefined), val = records.filter((r) => r.val_loss !== undefined);
+  const [W, H, left, right, top, bottom] = [640, 360, 56, 16, 28, 40];
+  const maxStep = Math.max(1, ...records.map((r) => r.step));
+  const maxLoss = Math.max(1e-6, ...train.map((r) => r.loss!), ...val.map((r) => r.val_loss!));
+  const x = (step: number) => (left + (step / maxStep) * (W - left - right)).toFixed(1);
+  const y = (loss: number) => (top + (1 - loss / maxLoss) * (H - top - bottom)).toFixed(1);
+  const ticks = [0, 0.25, 0.5, 0.75, 1].map((f) =>
+    `<line x1="${left}" x2="${W - right}" y1="${y(f * maxLoss)}" y2="${y(f * maxLoss)}" stroke="#ddd"/>` +
+    `<text x="${left - 6}" y="${y(f * maxLoss)}" text-anchor="end" dominant-baseline="middle">` +
+    `${(f * maxLoss).toPrecision(2)}</text>`
+  );
+  const line = train.map((r) => `${x(r.step)},${y(r.loss!)}`).join(" ");
+  const dots = val.map((r) => `<circle cx="${x(r.step)}" cy="${y(r.val_loss!)}" r="3.5" fill="#d62728"/>`);
+  return [
+    `<svg xmlns="http://www.w3.org/2000/svg" width="${W}" height="${H}" font-family="sans-serif" font-size="11">`,
+    `<rect width="${W}" height="${H}" fill="white"/>`,
+    ...ticks,
+    `<text x="${W / 2}" y="18" text-anchor="middle" font-size="13">${title}</text>`,
+    `<text x="${W / 2}" y="${H - 8}" text-anchor="middle">step (max ${maxStep})</text>`,
+    `<polyline points="${line}" fill="none" stroke="#1f77b4" stroke-width="1.2"/>`,
+    ...dots,
+    `<text x="${W - right}" y="18" text-anchor="end"><tspan fill="#1f77b4">— train</tspan>` +
+    `<tspan fill="#d62728"> ● val</tspan></text>`,
+    `</svg>`,
+  ].join("\n") + "\n";
+}
+
+async function readMetrics(path: string): Promise<MetricsRecord[]> {
+  if (!await exists(path)) return [];
+  const text = await Deno.readTextFile(path);
+  return text.split("\n").filter((line) => line.trim()).map((line) => JSON.parse(line));
+}
+
+// ---- Evaluation during training ----------------------------------------------------------
+
+/** Mean loss over fixed batches (forward only). */
+export async function meanLoss(model: VisionLanguageModel, batches: readonly Batch[]): Promise<number> {
+  let total = 0, samples = 0;
+  for (const batch of batches) {
+    const t = batchTensors(trimPadding(batch));
+    const { logits, loss } = model.forward(t.inputIds, t.images, t.attentionMask, t.labels);
+    total += (await loss!.data())[0] * batch.batchSize;
+    samples += batch.batchSize;
+    tf.dispose([logits, loss!, ...Object.values(t)]);
+  }
+  return total / Math.max(1, samples);
+}
+
+// ---- The training loop -------------------------------------------------------------------
+
+/** "3m10s", "45s", "1h02m". */
+export function formatDuration(seconds: number): string {
+  const s = Math.max(0, Math.round(seconds));
+  if (s < 60) return `${s}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m${String(s % 60).padStart(2, "0")}s`;
+  return `${Math.floor(s / 3600)}h${String(Math.floor((s % 3600) / 60)).padStart(2, "0")}m`;
+}
+
+/** What a finished (or stopped) run reports. */
+export interface TrainSummary {
+  runDir: string;
+  steps: number;
+  seconds: number;
+  finalLoss: number;
+  valLoss: number | null;
+  valAccuracy: number | null;
+  /** Accuracy on test and test-novel (all question kinds), when test_examples > 0 and the run finished. */
+  test?: Record<string, { accuracy: number; perKind: Record<string, number> }>;
+}
+
+/** A new run's folder name: the preset and the local date and time. */
+function runName(preset: string): string {
+  const d = new Date(), p = (n: number) => String(n).padStart(2, "0");
+  return `${preset}-${d.getFullYear()}${p(d.getMonth() + 1)}${p(d.getDate())}-${p(d.getHours())}${p(d.getMinutes())}${
+    p(d.getSeconds())
+  }`;
+}
+
+/**
+ * Train (or resume) a run. `trainOverrides` are applied to the defaults (a new run) or
+ * to the run's saved train_config.json (with `resume`); `modelOverrides` to the preset
+ * (new runs only). Prints through `log` (default console.log). Throws NonFiniteError
+ * when the loss or gradient norm stops being finite; the last good checkpoint stays.
+ */
+export async function train(
+  trainOverrides: Partial<TrainConfig> = {},
+  modelOverrides: Partial<VLMConfig> = {},
+  { log = console.log }: { log?: (line: string) => void } = {},
+): Promise<TrainSummary> {
+  // Settings: defaults + overrides, or the resumed run's settings + overrides.
+  let config: TrainConfig = { ...DEFAULT_TRAIN_CONFIG, ...trainOverrides };
+  let runDir: string;
+  if (config.resume) {
+    runDir = config.resume;
+    if (Object.keys(modelOverrides).length) {
+      throw new Error(`a resumed run keeps its model; drop ${Object.keys(modelOverrides).map((k) => `--${k}`)}`);
+    }
+    if (!await exists(`${runDir}/train_config.json`)) {
+      throw new Error(`cannot resume ${runDir}: it has no train_config.json (is it a run folder?)`);
+    }
+    const saved = JSON.parse(await Deno.readTextFile(`${runDir}/train_config.json`)) as TrainConfig;
+    // stop_at is a one-off: a resumed run goes to the end unless told again.
+    config = { ...saved, stop_at: 0, ...trainOverrides, resume: runDir };
+  } else {
+    runDir = `${config.runs_dir}/${config.run_name || runName(config.preset)}`;
+    if (await exists(`${runDir}/latest`) || await exists(`${runDir}/train_config.json`)) {
+      throw new Error(`${runDir} already holds a run: continue it with --resume=${runDir} or pick another --run_name`);
+    }
+  }
+  // initBackend prints its own detailed line; a caller with its own `log` gets just the name.
+  const backend = await initBackend((config.backend || undefined) as BackendName | undefined, {
+    quiet: log !== console.log,
+  });
+  if (log !== console.log) log(`backend: ${backend}`);
+
+  // Model, optimizer and where the loop is.
+  let model: VisionLanguageModel, optimizer: AdamW;
+  let state: TrainerState = { step: 0, examples_seen: 0, best_val_loss: null, elapsed_seconds: 0 };
+  if (config.resume) {
+    ({ model, optimizer, state } = await loadCheckpoint(`${runDir}/latest`, config.lr_mp, config.lr_backbones));
+    log(`resuming ${runDir} at step ${state.step} (${state.examples_seen} examples seen)`);
+  } else {
+    model = new VisionLanguageModel(modelConfig(config.preset, modelOverrides), { seed: config.seed });
+    optimizer = new AdamW(model.params, paramGroups(model, config.lr_mp, config.lr_backbones));
+  }
+  const cfg = model.cfg;
+  const tokenizer = await loadTokenizer(resolveTokenizerPath(cfg.lm_tokenizer));
+  checkTokenizerFitsConfig(tokenizer, cfg);
+  model.eosTokenId = tokenizer.eosTokenId;
+
+  try {
+    await Deno.mkdir(runDir, { recursive: true });
+    await writeFileAtomic(`${runDir}/config.json`, JSON.stringify(cfg, null, 4) + "\n");
+    await writeFileAtomic(`${runDir}/train_config.json`, JSON.stringify(config, null, 2) + "\n");
+    // Steps logged after the checkpoint we resume from happened in a timeline that is gone.
+    const metricsPath = `${runDir}/metrics.jsonl`;
+    const metrics = (await readMetrics(metricsPath)).filter((r) => r.step <= state.step);
+    await writeFileAtomic(metricsPath, metrics.map((r) => JSON.stringify(r) + "\n").join(""));
+
+    const overridden = Object.entries(modelOverrides).map(([k, v]) => `${k}=${JSON.stringify(v)}`);
+    log(`run: ${runDir}`);
+    log(`train config: ${JSON.stringify(config)}`);
+    log(
+      `model: preset ${config.preset}${overridden.length ? ` with ${overridden.join(", ")}` : ""} | ` +
+        `${model.parameterCount().toLocaleString("en-US")} parameters | image ${cfg.vit_img_size}px, ` +
+        `${cfg.mp_image_token_length} image tokens | context ${cfg.lm_max_length} | vocabulary ${cfg.lm_vocab_size}`,
+    );
+    log(`optimizer: AdamW, ${
+      optimizer.groups.map((g) => `${g.name} lr ${g.maxLr} (${g.params.length} tensors)`)
+        .join(", ")
+    }${config.lr_backbones > 0 ? "" : ", backbones frozen"}`);
+
+    return await trainLoop(model, optimizer, state, tokenizer, config, runDir, metrics, log);
+  } finally {
+    optimizer.dispose();
+    model.dispose();
+  }
+}
+
+/** The loop proper: steps, logs, evals, checkpoints; then the summary. */
+async function trainLoop(
+  model: VisionLanguageModel,
+  optimizer: AdamW,
+  state: TrainerState,
+  tokenizer: ChatTokenizer,
+  config: TrainConfig,
+  runDir: string,
+  metrics: MetricsRecord[],
+  log: (line: string) => void,
+): Promise<TrainSummary> {
+  const cfg = model.cfg, maxSteps = config.max_training_steps;
+  const samplesPerStep = config.batch_size * config.gradient_accumulation_steps;
+  const lastStep = config.stop_at > 0 ? Math.min(config.stop_at, maxSteps) : maxSteps;
+  const data = shapesBatches({
+    split: "train",
+    seed: config.seed,
+    batchSize: config.batch_size,
+    tokenizer,
+    config: cfg,
+    start: state.examples_seen,
+  });
+  // Fixed val subsets, the same at every eval and in every run (seed 0).
+  const valBatches = [
+    ...shapesBatches({
+      split: "val",
+      seed: 0,
+      batchSize: config.batch_size,
+      tokenizer,
+      config: cfg,
+      count: config.val_samples,
+    }),
+  ];
+  const valQuestions = shapesQuestions("val", Math.ceil(config.val_questions / 4), cfg.vit_img_size).slice(
+    0,
+    config.val_questions,
+  );
+  const metricsPath = `${runDir}/metrics.jsonl`;
+  const record = async (r: MetricsRecord) => {
+    metrics.push(r);
+    await Deno.writeTextFile(metricsPath, JSON.stringify(r) + "\n", { append: true });
+  };
+
+  let lastLoss = NaN, valLoss: number | null = null, valAccuracy: number | null = null;
+  let sessionSteps = 0, sessionMs = 0;
+  while (state.step < lastStep) {
+    const micro = Array.from({ length: config.gradient_accumulation_steps }, () => data.next().value as Batch);
+    const lrs = optimizer.groups.map((g) => lrSchedule(state.step, g.maxLr, maxSteps));
+    const started = performance.now();
+    let result: StepResult;
+    try {
+      result = await trainStep(model, micro, optimizer, { lrs, maxGradNorm: config.max_grad_norm });
+    } catch (e) {
+      if (!(e instanceof NonFiniteError)) throw e;
+      const kept = await exists(`${runDir}/latest`)
+        ? `the last good checkpoint, ${runDir}/latest, is untouched`
+        : "no checkpoint was written yet";
+      throw new NonFiniteError(
+        `step ${state.step + 1}: ${e.message} is not finite, so training stopped without applying this update; ` +
+          `${kept}. Try a lower --lr_mp / --lr_backbones or --max_grad_norm.`,
+      );
+    }
+    const ms = performance.now() - started;
+    state.step++;
+    state.examples_seen += micro.reduce((n, b) => n + b.batchSize, 0);
+    state.elapsed_seconds += ms / 1000;
+    lastLoss = result.loss;
+    // The first step of a session pays for kernel compilation and warm-up: keep it out of the ETA.
+    if (sessionSteps++ > 0 || lastStep - state.step === 0) sessionMs += ms;
+    const perStep = sessionMs / Math.max(1, sessionSteps - 1) || ms;
+    const lrText = lrs.map((lr) => lr.toExponential(1)).join("/");
+    log(
+      `step ${state.step}/${maxSteps} | loss ${result.loss.toFixed(3)} | lr ${lrText} | ` +
+        `grad ${result.gradNorm.toFixed(2)} | ${ms.toFixed(0)} ms | ${(samplesPerStep / (ms / 1000)).toFixed(1)} ` +
+        `samples/s | ETA ${formatDuration(((lastStep - state.step) * perStep) / 1000)}`,
+    );
+    await record({ step: state.step, loss: result.loss, lr: lrs, grad_norm: result.gradNorm, ms: Math.round(ms) });
+
+    const stopping = state.step === lastStep;
+    if (state.step % config.eval_interval === 0 || stopping) {
+      const evalStart = performance.now();
+      valLoss = await meanLoss(model, valBatches);
+      valAccuracy = (await evaluate(model, tokenizer, valQuestions, { batchSize: 64 })).accuracy;
+      const improved = state.best_val_loss === null || valLoss < state.best_val_loss;
+      if (improved) {
+        state.best_val_loss = valLoss;
+        await saveCheckpoint(`${runDir}/best`, model);
+      }
+      await saveCheckpoint(`${runDir}/latest`, model, { optimizer, state });
+      await record({ step: state.step, val_loss: valLoss, val_accuracy: valAccuracy });
+      await writeFileAtomic(`${runDir}/loss.svg`, lossCurveSvg(metrics, `${runDir}: loss`));
+      log(
+        `eval step ${state.step} | val loss ${valLoss.toFixed(3)}${improved ? " (best, saved)" : ""} | ` +
+          `val accuracy ${(100 * valAccuracy).toFixed(1)}% (${valQuestions.length} questions) | ` +
+          `${((performance.now() - evalStart) / 1000).toFixed(1)} s`,
+      );
+    }
+  }
+
+  const summary: TrainSummary = {
+    runDir,
+    steps: state.step,
+    seconds: state.elapsed_seconds,
+    finalLoss: lastLoss,
+    valLoss,
+    valAccuracy,
+  };
+  if (state.step < maxSteps) {
+    log(`stopped at step ${state.step} of ${maxSteps}; continue with: deno task train --resume=${runDir}`);
+    return summary;
+  }
+  log(
+    `done: ${state.step} steps in ${formatDuration(state.elapsed_seconds)} of training | final loss ` +
+      `${lastLoss.toFixed(3)} | best val loss ${state.best_val_loss?.toFixed(3)} | checkpoints ${runDir}/best, latest`,
+  );
+  if (config.test_examples > 0) {
+    summary.test = {};
+    const best = await VisionLanguageModel.fromPretrained(`${runDir}/best`);
+    best.eosTokenId = tokenizer.eosTokenId;
+    try {
+      for (const split of ["test", "test-novel"] as const) {
+        const result = await evaluate(best, tokenizer, shapesQuestions(split, config.test_examples, cfg.vit_img_size), {
+          batchSize: 64,
+        });
+        const perKind = Object.fromEntries(Object.entries(result.perKind).map(([k, v]) => [k, v.accuracy]));
+        summary.test[split] = { accuracy: result.accuracy, perKind };
+        log(
+          `${split} (best checkpoint, ${result.total} questions of ${config.test_examples} scenes): ` +
+            `accuracy ${(100 * result.accuracy).toFixed(1)}% | ` +
+            Object.entries(perKind).map(([k, a]) => `${k} ${(100 * a).toFixed(1)}%`).join(" | "),
+        );
+      }
+    } finally {
+      best.dispose();
+    }
+  }
+  log(`try it: deno task generate --checkpoint=${runDir}/best --prompt="Describe the image."`);
+  return summary;
+}
+
+// ---- main ------------------------------------------------------------------------------------
+
+if (import.meta.main) {
+  try {
+    const { train: trainOverrides, model: modelOverrides } = parseTrainArgs(Deno.args);
+    await train(trainOverrides, modelOverrides);
+  } catch (e) {
+    console.error(`error: ${(e as Error).message}`);
+    Deno.exit(1);
+  }
+}
