@@ -39,9 +39,12 @@ import {
   rotaryEmbedding,
   softmax,
   topKTopPFilter,
+  VisionLanguageModel,
   type VLMConfig,
 } from "../nanovlm.ts";
 import { initBackend, seededRandom } from "../runtime.ts";
+import { AdamW, batchTensors, lrSchedule, paramGroups, trainStep } from "../train.ts";
+import type { Batch } from "../data.ts";
 import { TodoError } from "./todo.ts";
 
 // ---- Results -------------------------------------------------------------------------
@@ -100,7 +103,7 @@ type Values = { shape: number[]; data: ArrayLike<number> };
 /** A classic wrong answer, computed on the same inputs, and what to say when it matches. */
 interface Mistake {
   message: string;
-  value: () => tf.Tensor | Values;
+  value: () => tf.Tensor | Values | number;
 }
 
 interface CompareOptions {
@@ -111,9 +114,13 @@ interface CompareOptions {
   hint?: string;
   /** Explain an index in the exercise's own terms ("patch 3, channel 1 …"). */
   explain?: (index: number[]) => string;
+  /** Print nothing on success (the caller sums many comparisons up in one line). */
+  quiet?: boolean;
 }
 
 const shapeText = (shape: readonly number[]) => `[${shape.join(", ")}]`;
+/** " [2, 3]" after a label, nothing for a plain number. */
+const sized = (shape: readonly number[]) => (shape.length ? ` ${shapeText(shape)}` : "");
 const numberText = (x: number) => (Number.isFinite(x) ? String(Number(x.toPrecision(6))) : String(x));
 
 /** The data and shape of a tensor or array, or undefined for anything else. */
@@ -122,6 +129,7 @@ async function valuesOf(x: unknown): Promise<Values | undefined> {
     if (x.isDisposed) return undefined;
     return { shape: x.shape, data: await x.data() as ArrayLike<number> };
   }
+  if (typeof x === "number") return { shape: [], data: [x] };
   if (x instanceof Float32Array || x instanceof Float64Array || Array.isArray(x)) {
     return { shape: [x.length], data: x as ArrayLike<number> };
   }
@@ -163,6 +171,8 @@ function allClose(a: Values, b: Values, atol: number, rtol: number): boolean {
 class Check {
   private readonly random: () => number;
   private caseCount = 0;
+  /** Run when the check ends, pass or fail (tf.Variables outlive the check's tensor scope). */
+  readonly cleanups: (() => void)[] = [];
 
   constructor(
     readonly seed: number,
@@ -221,18 +231,27 @@ class Check {
    * Compare the student's result with the expected one: type, shape, then every element
    * (|got − expected| ≤ atol + rtol·|expected|; infinities must match exactly).
    */
-  async expectClose(label: string, got: unknown, expected: tf.Tensor | Values, options: CompareOptions = {}) {
+  /** Returns the largest finite |difference| when everything agrees; throws a CheckFailure otherwise. */
+  async expectClose(
+    label: string,
+    got: unknown,
+    expected: tf.Tensor | Values | number,
+    options: CompareOptions = {},
+  ): Promise<number> {
     const { atol = 1e-5, rtol = 1e-4, hint } = options;
     const want = (await valuesOf(expected))!;
-    const have = await valuesOf(got);
+    // A tensor must come back as a tensor and a number as a number; arrays may be any array of numbers.
+    const sameKind = expected instanceof tf.Tensor
+      ? got instanceof tf.Tensor
+      : typeof expected !== "number" || typeof got === "number";
+    const have = sameKind ? await valuesOf(got) : undefined;
     if (have === undefined) {
-      throw new CheckFailure(
-        "shape",
-        `${label} should be a tensor of shape ${shapeText(want.shape)}, got ${describe(got)}`,
-        {
-          hint,
-        },
-      );
+      const kind = expected instanceof tf.Tensor
+        ? `a tensor of shape ${shapeText(want.shape)}`
+        : typeof expected === "number"
+        ? "a number"
+        : `${want.data.length} numbers`;
+      throw new CheckFailure("shape", `${label} should be ${kind}, got ${describe(got)}`, { hint });
     }
     if (shapeText(have.shape) !== shapeText(want.shape)) {
       throw new CheckFailure(
@@ -255,15 +274,22 @@ class Check {
         const d = Math.abs(have.data[i] - want.data[i]);
         if (Number.isFinite(d)) maxDiff = Math.max(maxDiff, d);
       }
-      this.log(`    ✓ ${label} ${shapeText(want.shape)} matches (max |difference| ${maxDiff.toExponential(1)})`);
-      return;
+      if (!options.quiet) {
+        this.log(`    ✓ ${label}${sized(want.shape)} matches (max |difference| ${maxDiff.toExponential(1)})`);
+      }
+      return maxDiff;
     }
     const index = unravel(first, want.shape);
     const where = options.explain ? ` (${options.explain(index)})` : "";
     const firstWrong = { index, got: have.data[first], expected: want.data[first] };
-    let message = `${label} ${shapeText(want.shape)}: first wrong element at ${shapeText(index)}${where}: ` +
-      `got ${numberText(firstWrong.got)}, expected ${numberText(firstWrong.expected)} (${this.exercise.reference})\n` +
-      `  ${wrong} of ${want.data.length} elements are wrong; the largest |difference| is ${numberText(worst)}`;
+    const at = ` at ${shapeText(index)}${where}`;
+    let message = `${label}${sized(want.shape)}: ${want.shape.length ? `first wrong element${at}: ` : ""}` +
+      `got ${numberText(firstWrong.got)}, expected ${numberText(firstWrong.expected)} (${this.exercise.reference})`;
+    if (want.data.length > 1) {
+      message += `\n  ${wrong} of ${want.data.length} elements are wrong; the largest |difference| is ${
+        numberText(worst)
+      }`;
+    }
     for (const mistake of options.mistakes ?? []) {
       const value = await valuesOf(mistake.value());
       if (value && allClose(have, value, atol, rtol)) {
@@ -280,7 +306,7 @@ class Check {
   }
 }
 
-// ---- The exercises ---------------------------------------------------------------------
+// ---- What an exercise is, and helpers several checks share ----------------------------
 
 /** One classroom exercise: the stub the student edits and how it is checked. */
 export interface Exercise {
@@ -329,6 +355,8 @@ function randomDecoderParams(cfg: VLMConfig, c: Check): Params {
   }
   return p;
 }
+
+// ---- 01 rms_norm ----------------------------------------------------------------------
 
 const rmsNormExercise: Exercise = {
   number: "01",
@@ -383,6 +411,8 @@ const rmsNormExercise: Exercise = {
   },
 };
 
+// ---- 02 patchify ----------------------------------------------------------------------
+
 const patchifyExercise: Exercise = {
   number: "02",
   name: "patchify",
@@ -425,6 +455,8 @@ const patchifyExercise: Exercise = {
     }
   },
 };
+
+// ---- 03 pixel_shuffle -----------------------------------------------------------------
 
 const pixelShuffleExercise: Exercise = {
   number: "03",
@@ -477,6 +509,8 @@ const pixelShuffleExercise: Exercise = {
     }
   },
 };
+
+// ---- 04 image_tokens ------------------------------------------------------------------
 
 /** The image-token fill in another order, to recognise two classic mistakes. */
 function fillInOrder(
@@ -607,6 +641,8 @@ const imageTokensExercise: Exercise = {
   },
 };
 
+// ---- 05 rotary ------------------------------------------------------------------------
+
 const rotaryExercise: Exercise = {
   number: "05",
   name: "rotary",
@@ -708,6 +744,8 @@ const rotaryExercise: Exercise = {
   },
 };
 
+// ---- 06 causal_attention --------------------------------------------------------------
+
 /** Attention with deliberate deviations, to recognise the classic mistakes of exercise 06. */
 function attentionVariant(
   p: Params,
@@ -792,6 +830,8 @@ const causalAttentionExercise: Exercise = {
     }
   },
 };
+
+// ---- 07 kv_cache_step -----------------------------------------------------------------
 
 const kvCacheStepExercise: Exercise = {
   number: "07",
@@ -898,6 +938,8 @@ const kvCacheStepExercise: Exercise = {
   },
 };
 
+// ---- 08 top_p -------------------------------------------------------------------------
+
 /** Top-p with Hugging Face's shift, or without always keeping the best token: classic mistakes. */
 function topPVariant(logits: Float32Array, topP: number, change: "hf-shift" | "drop-first"): Float32Array {
   const out = Float32Array.from(logits);
@@ -961,6 +1003,305 @@ const topPExercise: Exercise = {
   },
 };
 
+// ---- 09 lr_schedule -------------------------------------------------------------------
+
+const lrScheduleExercise: Exercise = {
+  number: "09",
+  name: "lr_schedule",
+  title: "Learning-rate schedule: warmup + cosine",
+  functions: ["lrSchedule"],
+  reference: "lrSchedule in train.ts",
+  minutes: 15,
+  hint: "Check the phases at their edges: step 0 gets maxLr/warmup (not 0); the rate reaches maxLr as the warmup " +
+    "ends; it is exactly 0.1·maxLr at step maxSteps and stays there. The warmup length 0.03·maxSteps is not rounded.",
+  async run(c: Check) {
+    for (const maxSteps of [c.int(40, 400), c.pick([30, 100, 5000])]) {
+      const maxLr = c.pick([1e-4, 3e-4, 2e-3, 1e-2]), warmup = 0.03 * maxSteps, minLr = 0.1 * maxLr;
+      const steps = Array.from({ length: maxSteps + 4 }, (_, s) => s);
+      c.startCase(
+        `maxSteps ${maxSteps} (warmup ${Number(warmup.toFixed(2))} steps), maxLr ${maxLr}: steps 0 … ` +
+          `${maxSteps + 3} → expecting ${steps.length} learning rates`,
+      );
+      const got = new Float64Array(steps.length);
+      for (const s of steps) {
+        const lr = c.call("lrSchedule", s, maxLr, maxSteps);
+        if (typeof lr !== "number") c.fail("shape", `lrSchedule(${s}, ${maxLr}, ${maxSteps}) returned ${describe(lr)}`);
+        got[s] = lr;
+      }
+      const schedule = (f: (s: number) => number) => ({ shape: [steps.length], data: steps.map(f) });
+      const cosine = (s: number, from: number, floor: number) =>
+        s > maxSteps ? floor : floor + 0.5 * (1 + Math.cos(Math.PI * (s - from) / (maxSteps - from))) * (maxLr - floor);
+      await c.expectClose(
+        "learning rates",
+        { shape: [steps.length], data: got },
+        schedule((s) => lrSchedule(s, maxLr, maxSteps)),
+        {
+          atol: 0,
+          rtol: 1e-6,
+          explain: ([s]) =>
+            s < warmup
+              ? `step ${s}, in the warmup`
+              : s > maxSteps
+              ? `step ${s}, after maxSteps`
+              : `step ${s}, ratio ${((s - warmup) / (maxSteps - warmup)).toFixed(3)} through the cosine decay`,
+          mistakes: [
+            {
+              message: "the warmup starts at 0: maxLr·step/warmup. Steps count from 0 and step 0 trains too, so it " +
+                "gets maxLr·(step + 1)/warmup.",
+              value: () => schedule((s) => s < warmup ? maxLr * s / warmup : cosine(s, warmup, minLr)),
+            },
+            ...[Math.round, Math.floor, Math.ceil].map((round) => ({
+              message: `the warmup length was rounded (${round.name}(0.03·maxSteps)). nanoVLM keeps the float.`,
+              value: () => {
+                const w = round(warmup);
+                return schedule((s) => s < w ? maxLr * (s + 1) / w : cosine(s, w, minLr));
+              },
+            })),
+            {
+              message: "the cosine decays to 0. It stops at minLr = 0.1·maxLr.",
+              value: () => schedule((s) => s < warmup ? maxLr * (s + 1) / warmup : cosine(s, warmup, 0)),
+            },
+            {
+              message: "the cosine runs over the whole run, cos(π·step/maxSteps). It starts where the warmup ends: " +
+                "ratio = (step − warmup)/(maxSteps − warmup).",
+              value: () => schedule((s) => s < warmup ? maxLr * (s + 1) / warmup : cosine(s, 0, minLr)),
+            },
+            {
+              message: "a linear decay. The decay follows half a cosine: minLr + ½(1 + cos(π·ratio))(maxLr − minLr).",
+              value: () =>
+                schedule((s) =>
+                  s < warmup
+                    ? maxLr * (s + 1) / warmup
+                    : s > maxSteps
+                    ? minLr
+                    : maxLr - (maxLr - minLr) * (s - warmup) / (maxSteps - warmup)
+                ),
+            },
+          ],
+        },
+      );
+    }
+  },
+};
+
+// ---- 10 training_step -----------------------------------------------------------------
+
+/** A small VLM for the training-step check: 16×16 images, 4 image tokens, vocabulary 40 (<|image|> = 39). */
+function smallVlmConfig(): VLMConfig {
+  return {
+    ...decoderConfig(4, 2, 8, 1, 40),
+    vit_hidden_dim: 16,
+    vit_inter_dim: 32,
+    vit_img_size: 16,
+    vit_patch_size: 4,
+    vit_n_heads: 2,
+    vit_n_blocks: 1,
+    lm_max_length: 32,
+    mp_image_token_length: 4,
+  };
+}
+
+/** A collated batch as data.ts makes them: 2 samples, left-padded, images in sample order, loss on the answers. */
+async function randomBatch(c: Check, cfg: VLMConfig): Promise<Batch> {
+  const L = cfg.mp_image_token_length, IMG = cfg.lm_base_vocab_size, S = cfg.vit_img_size;
+  const imageCounts = [1, c.int(0, 1)];
+  const rows = imageCounts.map((n) => [
+    ...Array(n * L).fill(IMG),
+    ...Array.from({ length: c.int(2, 5) }, () => c.int(3, IMG - 1)), // the question
+    ...Array.from({ length: c.int(1, 3) }, () => c.int(3, IMG - 1)), // the answer
+  ]);
+  const T = Math.max(...rows.map((r) => r.length)) + 1;
+  rows[1].unshift(...Array(T - rows[1].length).fill(3)); // sample 1 fills the width: no all-padding column
+  const inputIds = new Int32Array(2 * T), labels = new Int32Array(2 * T).fill(-100), mask = new Int32Array(2 * T);
+  rows.forEach((row, b) => {
+    const pad = T - row.length;
+    row.forEach((id, t) => {
+      inputIds[b * T + pad + t] = id;
+      mask[b * T + pad + t] = 1;
+    });
+    for (let t = T - 3; t < T - 1; t++) labels[b * T + t] = inputIds[b * T + t + 1]; // the last tokens are the answer
+  });
+  const imageCount = imageCounts[0] + imageCounts[1];
+  const images = Float32Array.from(await c.uniform([imageCount * 3 * S * S]).data());
+  return {
+    inputIds,
+    labels,
+    attentionMask: mask,
+    batchSize: 2,
+    length: T,
+    images,
+    imageCount,
+    imageCounts,
+    imageSize: S,
+    dropped: 0,
+  };
+}
+
+/** AdamW that keeps a copy of the gradients and learning rates it is given, so the check can compare them. */
+class RecordingAdamW extends AdamW {
+  grads?: Map<string, Values>;
+  lrs?: number[];
+
+  override step(grads: Map<string, tf.Tensor>, lrs: number[]): void {
+    // dataSync: step is synchronous, and the checks run on the cpu backend.
+    this.grads = new Map(
+      [...grads].map(([name, g]) => [name, { shape: g.shape, data: Float32Array.from(g.dataSync()) }]),
+    );
+    this.lrs = [...lrs];
+    super.step(grads, lrs);
+  }
+}
+
+const trainingStepExercise: Exercise = {
+  number: "10",
+  name: "training_step",
+  title: "One training step",
+  functions: ["trainingStep"],
+  reference: "trainStep in train.ts",
+  minutes: 40,
+  hint: "tf.variableGrads(() => model.forward(…).loss!, optimizer.variables) gives grads keyed by variable.name; " +
+    "optimizer.step wants them keyed by the nanoVLM names, optimizer.trainable[i] for optimizer.variables[i]. " +
+    "Clip with one global norm over all gradients; return the norm before clipping.",
+  async run(c: Check) {
+    const cfg = smallVlmConfig();
+    const cases = [
+      { what: "a norm above maxGradNorm: clipping scales every gradient", maxGradNorm: 0.01 },
+      { what: "a norm below maxGradNorm: nothing to clip", maxGradNorm: 1e3 },
+    ];
+    for (const { what, maxGradNorm } of cases) {
+      const seed = c.int(0, 2 ** 20);
+      const models = [0, 1].map(() => new VisionLanguageModel(cfg, { seed }));
+      const [ref, student] = models.map((m) => new RecordingAdamW(m.params, paramGroups(m, 1e-2, 1e-3)));
+      c.cleanups.push(() => {
+        models.forEach((m) => m.dispose());
+        ref.dispose();
+        student.dispose();
+      });
+      const batch = await randomBatch(c, cfg);
+      const step = c.int(0, 99);
+      const lrs = ref.groups.map((g) => lrSchedule(step, g.maxLr, 100));
+      c.startCase(
+        `${what}: a ${models[0].parameterCount()}-parameter VLM, inputIds [2, ${batch.length}], images ` +
+          `[${batch.imageCount}, 3, 16, 16], maxGradNorm ${maxGradNorm}, lrs [${
+            lrs.map((lr) => lr.toExponential(2))
+          }]` +
+          ` (projector, backbones) → expecting { loss, gradNorm } and updated weights`,
+      );
+      const expected = await trainStep(models[0], [batch], ref, { lrs, maxGradNorm });
+      if ((expected.gradNorm > maxGradNorm) !== maxGradNorm < 1) {
+        throw new Error(
+          `this case needs a gradient norm on the other side of ${maxGradNorm}, got ${expected.gradNorm}`,
+        );
+      }
+      const tensors = batchTensors(batch);
+      const before = tf.memory().numTensors;
+      const got = await c.callAsync("trainingStep", models[1], tensors, student, lrs, maxGradNorm) as
+        | { loss?: unknown; gradNorm?: unknown }
+        | undefined;
+      const created = tf.memory().numTensors - before;
+      if (typeof got !== "object" || got === null || typeof got.loss !== "number" || typeof got.gradNorm !== "number") {
+        c.fail("shape", `trainingStep should resolve to { loss: number, gradNorm: number }, got ${describe(got)}`);
+      }
+      const { gradNorm } = expected, scale = gradNorm > maxGradNorm ? maxGradNorm / (gradNorm + 1e-6) : 1;
+      await c.expectClose("loss", got.loss, expected.loss, {
+        hint: "The loss is model.forward(inputIds, images, attentionMask, labels).loss, read with await value.data().",
+      });
+      await c.expectClose("gradNorm", got.gradNorm, gradNorm, {
+        hint: "The norm is sqrt of the sum of g² over every element of every gradient, measured before clipping.",
+        mistakes: [{
+          message: "the norm after clipping. Return the one measured before.",
+          value: () => Math.min(gradNorm, maxGradNorm),
+        }],
+      });
+      if (!student.grads) {
+        c.fail("wrong", "optimizer.step was never called.", "Finish with optimizer.step(grads, lrs).");
+      }
+      const names = [...ref.grads!.keys()], given = [...student.grads.keys()];
+      if (given.length !== names.length || given.some((name) => !ref.grads!.has(name))) {
+        c.fail(
+          "wrong",
+          `optimizer.step got gradients for ${given.length} names (e.g. "${given[0]}"), it needs one for each of ` +
+            `the ${names.length} trainable parameters, by nanoVLM name (e.g. "${names[0]}")`,
+        );
+      }
+      await c.expectClose("lrs given to optimizer.step", student.lrs, { shape: [lrs.length], data: lrs }, {
+        atol: 0,
+        rtol: 1e-12,
+        hint: "Pass lrs through unchanged: one per optimizer group, in optimizer.groups order.",
+      });
+      let gradDiff = 0;
+      for (const name of names) {
+        const want = ref.grads!.get(name)!;
+        const times = (k: number) => () => ({ shape: want.shape, data: Float32Array.from(want.data, (x) => x * k) });
+        const raw = times(1 / scale)().data;
+        let tensorNorm = 0;
+        for (const x of raw) tensorNorm += x * x;
+        tensorNorm = Math.sqrt(tensorNorm);
+        gradDiff = Math.max(
+          gradDiff,
+          await c.expectClose(`gradient of ${name} given to optimizer.step`, student.grads.get(name), want, {
+            quiet: true,
+            atol: 1e-7,
+            rtol: 1e-4,
+            mistakes: [
+              {
+                message: "the gradients were not clipped. Scale all of them by maxGradNorm / (norm + 1e-6).",
+                value: times(1 / scale),
+              },
+              {
+                message:
+                  "each gradient was clipped by its own norm. clip_grad_norm_ uses one norm over all gradients " +
+                  "together, so their directions relative to each other are kept.",
+                value: () => ({
+                  shape: want.shape,
+                  data: raw.map((x) => x * Math.min(1, maxGradNorm / (tensorNorm + 1e-6))),
+                }),
+              },
+              {
+                message: "the gradients were scaled although the norm is below maxGradNorm. Clip only when norm > " +
+                  "maxGradNorm: clipping never makes a gradient bigger.",
+                value: times(maxGradNorm / (gradNorm + 1e-6)),
+              },
+            ],
+          }),
+        );
+      }
+      c.log(
+        `    ✓ all ${names.length} gradients given to optimizer.step match (max |difference| ${
+          gradDiff.toExponential(1)
+        })`,
+      );
+      let weightDiff = 0;
+      for (const name of names) {
+        const weights = await c.expectClose(
+          `${name} after the step`,
+          models[1].params.get(name),
+          models[0].params.get(name)!,
+          {
+            quiet: true,
+            hint: "With the right gradients and lrs, optimizer.step(grads, lrs) does the update: call it once.",
+          },
+        );
+        weightDiff = Math.max(weightDiff, weights);
+      }
+      c.log(`    ✓ all ${names.length} weights match after the step (max |difference| ${weightDiff.toExponential(1)})`);
+      if (created !== 0) {
+        c.fail(
+          "leak",
+          created > 0
+            ? `the step is right, but it left ${created} tensors alive. Training runs thousands of steps: the ` +
+              `memory would run out.`
+            : `the step disposed ${-created} tensors it did not create (the batch? the weights?).`,
+          "Dispose every gradient (the clipped ones and any you replaced) and the loss tensor once you have read it.",
+        );
+      }
+      c.log(`    ✓ no tensors leaked`);
+    }
+  },
+};
+
+// ---- All exercises, in order ---------------------------------------------------------
+
 /** Every exercise, in the suggested order. */
 export const EXERCISES: readonly Exercise[] = [
   rmsNormExercise,
@@ -971,6 +1312,8 @@ export const EXERCISES: readonly Exercise[] = [
   causalAttentionExercise,
   kvCacheStepExercise,
   topPExercise,
+  lrScheduleExercise,
+  trainingStepExercise,
 ];
 
 // ---- Running a check ---------------------------------------------------------------------
@@ -1002,6 +1345,7 @@ export async function checkExercise(
     return { exercise: ex.name, status, passed: status === "pass", message, firstWrong, seed };
   };
 
+  const check = new Check(seed, impl, ex, log);
   tf.engine().startScope(); // every tensor made during the check is freed at the end
   try {
     const absent = ex.functions.filter((name) => typeof impl[name] !== "function");
@@ -1012,7 +1356,7 @@ export async function checkExercise(
           `stub's \`export function\` line${absent.length > 1 ? "s" : ""} and name${absent.length > 1 ? "s" : ""}.`,
       );
     }
-    await ex.run(new Check(seed, impl, ex, log));
+    await ex.run(check);
     return result("pass");
   } catch (e) {
     if (e instanceof TodoError) {
@@ -1036,6 +1380,7 @@ export async function checkExercise(
     }
     return result("error", `the check itself failed, which is a bug in exercises/check.ts: ${(e as Error).stack ?? e}`);
   } finally {
+    for (const cleanup of check.cleanups) cleanup();
     tf.engine().endScope();
   }
 }

@@ -22,9 +22,12 @@ import {
   type Params,
   rmsNorm,
   rotaryEmbedding,
+  type VisionLanguageModel,
   type VLMConfig,
 } from "../nanovlm.ts";
 import { initBackend } from "../runtime.ts";
+import type { AdamW } from "../train.ts";
+import type { BatchTensors } from "../exercises/solutions/10_training_step.ts";
 // Static imports, so `deno test` type-checks every stub and solution.
 import * as stub01 from "../exercises/01_rms_norm.ts";
 import * as stub02 from "../exercises/02_patchify.ts";
@@ -34,6 +37,8 @@ import * as stub05 from "../exercises/05_rotary.ts";
 import * as stub06 from "../exercises/06_causal_attention.ts";
 import * as stub07 from "../exercises/07_kv_cache_step.ts";
 import * as stub08 from "../exercises/08_top_p.ts";
+import * as stub09 from "../exercises/09_lr_schedule.ts";
+import * as stub10 from "../exercises/10_training_step.ts";
 import * as solution01 from "../exercises/solutions/01_rms_norm.ts";
 import * as solution02 from "../exercises/solutions/02_patchify.ts";
 import * as solution03 from "../exercises/solutions/03_pixel_shuffle.ts";
@@ -42,11 +47,24 @@ import * as solution05 from "../exercises/solutions/05_rotary.ts";
 import * as solution06 from "../exercises/solutions/06_causal_attention.ts";
 import * as solution07 from "../exercises/solutions/07_kv_cache_step.ts";
 import * as solution08 from "../exercises/solutions/08_top_p.ts";
+import * as solution09 from "../exercises/solutions/09_lr_schedule.ts";
+import * as solution10 from "../exercises/solutions/10_training_step.ts";
 
 await initBackend("cpu", { quiet: true });
 
-const STUBS = [stub01, stub02, stub03, stub04, stub05, stub06, stub07, stub08];
-const SOLUTIONS = [solution01, solution02, solution03, solution04, solution05, solution06, solution07, solution08];
+const STUBS = [stub01, stub02, stub03, stub04, stub05, stub06, stub07, stub08, stub09, stub10];
+const SOLUTIONS = [
+  solution01,
+  solution02,
+  solution03,
+  solution04,
+  solution05,
+  solution06,
+  solution07,
+  solution08,
+  solution09,
+  solution10,
+];
 const ROOT = new URL("../", import.meta.url).pathname;
 
 /** Run a check silently; return its result and what it printed. */
@@ -319,8 +337,70 @@ Deno.test("a correct KV-cache step that forgets tf.tidy is caught as a leak; a w
   assertMatch(offByOne.message, /the new token was rotated as position \d+\. With \d+ tokens cached/);
 });
 
+Deno.test("a schedule whose warmup starts at 0 is caught at step 0", async () => {
+  const fromZero = {
+    lrSchedule(step: number, maxLr: number, maxSteps: number) {
+      const warmup = 0.03 * maxSteps, ratio = (step - warmup) / (maxSteps - warmup);
+      if (step < warmup) return (maxLr * step) / warmup; // should be step + 1
+      return step > maxSteps ? maxLr / 10 : maxLr / 10 + 0.45 * maxLr * (1 + Math.cos(Math.PI * ratio));
+    },
+  };
+  const r = await check("lr_schedule", fromZero);
+  assertEquals(r.status, "wrong");
+  assertEquals(r.firstWrong?.index, [0]);
+  assertEquals(r.firstWrong?.got, 0);
+  assertMatch(r.message, /step 0, in the warmup/);
+  assertMatch(r.message, /the warmup starts at 0/);
+});
+
+/** A training step like the solution's, with one deliberate change. */
+function trainingStepWith(change: "no clipping" | "no dispose") {
+  return {
+    async trainingStep(model: VisionLanguageModel, batch: BatchTensors, optimizer: AdamW, lrs: number[], max: number) {
+      const { value, grads: byVariable } = tf.variableGrads(
+        () => model.forward(batch.inputIds, batch.images, batch.attentionMask, batch.labels).loss!,
+        optimizer.variables,
+      );
+      const grads = new Map(optimizer.variables.map((v, i) => [optimizer.trainable[i], byVariable[v.name]]));
+      const normTensor = tf.tidy(() => tf.addN([...grads.values()].map((g) => g.square().sum())).sqrt());
+      const gradNorm = (await normTensor.data())[0];
+      normTensor.dispose();
+      if (change !== "no clipping" && gradNorm > max) {
+        for (const [name, g] of grads) {
+          grads.set(name, g.mul(max / (gradNorm + 1e-6)));
+          g.dispose();
+        }
+      }
+      optimizer.step(grads, lrs);
+      const loss = (await value.data())[0];
+      if (change !== "no dispose") tf.dispose([value, ...grads.values()]);
+      return { loss, gradNorm };
+    },
+  };
+}
+
+Deno.test("a training step without clipping, or one that keeps its gradients, is caught", async () => {
+  const unclipped = await check("training_step", trainingStepWith("no clipping"));
+  assertEquals(unclipped.status, "wrong");
+  assertMatch(unclipped.message, /^gradient of [\w.]+ given to optimizer\.step \[[\d, ]+\]: first wrong element at/);
+  assertMatch(unclipped.message, /the gradients were not clipped/);
+
+  const before = tf.memory().numTensors;
+  const leaky = await check("training_step", trainingStepWith("no dispose"));
+  assertEquals(leaky.status, "leak");
+  assertMatch(leaky.message, /the step is right, but it left \d+ tensors alive/);
+  assertEquals(tf.memory().numTensors, before, "the checker frees what a leaky step left behind");
+});
+
 Deno.test("stubs and solutions use the project's public modules, never a private copy of model code", async () => {
-  const allowed = new Set(["@tensorflow/tfjs", "./todo.ts", "../nanovlm.ts", "../../nanovlm.ts"]);
+  const allowed = new Set([
+    "@tensorflow/tfjs",
+    "./todo.ts",
+    "../nanovlm.ts",
+    "../../nanovlm.ts",
+    "../train.ts",
+    "../../train.ts",
+  ]);
   for (const ex of EXERCISES) {
     for (const path of [`exercises/${exerciseFile(ex)}`, `exercises/solutions/${exerciseFile(ex)}`]) {
       const source = await Deno.readTextFile(`${ROOT}${path}`);
