@@ -60,6 +60,13 @@ export interface ConversationSample {
   source: string;
 }
 
+/** A dataset that can be read from the start any number of times (once per epoch). */
+export interface DataSource {
+  /** What it is, for logs: "HuggingFaceM4/the_cauldron vqav2 (17 shards, 9.7 GB)". */
+  name: string;
+  samples(): AsyncGenerator<ConversationSample>;
+}
+
 // ---- 2. JSONL conversations -------------------------------------------------------------------
 
 /** The lines of a text file, read as a stream. */
@@ -333,14 +340,78 @@ export async function* conversationBatches(
   }
 }
 
-// ---- 5. From the command line ----------------------------------------------------------------
-
-/** A dataset that can be read from the start any number of times (once per epoch). */
-export interface DataSource {
-  /** What it is, for logs: "HuggingFaceM4/the_cauldron vqav2 (17 shards, 9.7 GB)". */
-  name: string;
-  samples(): AsyncGenerator<ConversationSample>;
+/** Options of trainingBatches: conversationBatches' plus how the stream is cut, mixed and resumed. */
+export interface TrainingStreamOptions extends ConversationBatchOptions {
+  /** Conversations at the start of the source kept out of training: the val set (`heldOutBatches`). */
+  holdout: number;
+  /** Shuffle buffer size (0 = file order); epoch e is shuffled with seed `seed + e`. */
+  shuffle: number;
+  seed: number;
+  /** Conversations to pass over, undecoded, before the first batch: where a resumed run left off. */
+  skip?: number;
 }
+
+async function* afterFirst<T>(items: AsyncIterable<T>, count: number): AsyncGenerator<T> {
+  let i = 0;
+  for await (const item of items) if (i++ >= count) yield item;
+}
+
+async function* firstOf<T>(items: AsyncIterable<T>, count: number): AsyncGenerator<T> {
+  if (count <= 0) return;
+  let i = 0;
+  for await (const item of items) {
+    yield item;
+    if (++i >= count) return;
+  }
+}
+
+/**
+ * Endless training batches from a dataset, epoch after epoch: the first `holdout`
+ * conversations left out, the rest shuffled and batched (conversationBatches). Resuming
+ * passes over `skip` conversations without decoding them; rows that were skipped as
+ * corrupt or too long before the interruption are counted among them, so a resumed
+ * stream can be off by those few rows. A dataset with nothing usable left throws
+ * instead of looping forever.
+ */
+export async function* trainingBatches(source: DataSource, options: TrainingStreamOptions): AsyncGenerator<Batch> {
+  const { holdout, shuffle, seed, skip = 0, ...batchOptions } = options;
+  let toSkip = skip;
+  for (let epoch = 0;; epoch++) {
+    let rows = 0, batches = 0;
+    const rest = afterFirst(source.samples(), holdout);
+    const mixed = shuffle > 0 ? shuffleBuffer(rest, shuffle, seed + epoch) : rest;
+    const resumed = (async function* () {
+      for await (const row of mixed) {
+        rows++;
+        if (toSkip > 0) toSkip--;
+        else yield row;
+      }
+    })();
+    for await (const batch of conversationBatches(resumed, batchOptions)) {
+      batches++;
+      yield batch;
+    }
+    if (rows === 0) {
+      throw new Error(
+        `${source.name}: no conversations left for training after the ${holdout} held out for validation`,
+      );
+    }
+    if (batches === 0 && toSkip === 0) throw new Error(`${source.name}: not one usable conversation in an epoch`);
+  }
+}
+
+/** The val set of a dataset: batches of its first `count` conversations (the ones trainingBatches leaves out). */
+export async function heldOutBatches(
+  source: DataSource,
+  count: number,
+  options: ConversationBatchOptions,
+): Promise<Batch[]> {
+  const batches: Batch[] = [];
+  for await (const batch of conversationBatches(firstOf(source.samples(), count), options)) batches.push(batch);
+  return batches;
+}
+
+// ---- 5. From the command line ----------------------------------------------------------------
 
 async function statOrNull(path: string): Promise<Deno.FileInfo | null> {
   try {

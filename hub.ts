@@ -761,6 +761,8 @@ export interface PushOptions {
   /** Default `hubEndpoint()`. */
   endpoint?: string;
   commitMessage?: string;
+  /** Where progress lines go (default console.log). */
+  log?: (line: string) => void;
 }
 
 /**
@@ -785,6 +787,7 @@ export async function pushToHub(
   }
   if (hubOffline()) throw new Error(`HF_HUB_OFFLINE is set: cannot push to ${repoId}`);
   const endpoint = (options.endpoint ?? hubEndpoint()).replace(/\/+$/, "");
+  const log = options.log ?? console.log;
 
   let dir = typeof model === "string" ? model : "";
   if (typeof model !== "string") {
@@ -800,11 +803,11 @@ export async function pushToHub(
 
     try {
       await createRepo({ repo: repoId, accessToken: token, private: options.private ?? false, hubUrl: endpoint });
-      console.log(`hub: created ${endpoint}/${repoId}`);
+      log(`hub: created ${endpoint}/${repoId}`);
     } catch (e) {
       if (!(e instanceof HubApiError && e.statusCode === 409)) throw e; // 409: it exists, upload into it
     }
-    console.log(`hub: uploading config.json, model.safetensors (${formatBytes(weights.length)}), README.md`);
+    log(`hub: uploading config.json, model.safetensors (${formatBytes(weights.length)}), README.md`);
     const result = await uploadFiles({
       repo: repoId,
       accessToken: token,
@@ -816,7 +819,7 @@ export async function pushToHub(
         { path: "README.md", content: new Blob([card]) },
       ],
     });
-    console.log(`hub: pushed to ${endpoint}/${repoId}`);
+    log(`hub: pushed to ${endpoint}/${repoId}`);
     return { url: `${endpoint}/${repoId}`, commit: result?.commit.oid };
   } finally {
     if (typeof model !== "string") await Deno.remove(dir, { recursive: true });

@@ -7,9 +7,14 @@
 // that survive a crash, and `--resume` that continues a run exactly where it stopped.
 // With no arguments it trains the `tiny` preset from scratch in minutes on a laptop CPU.
 //
-// What this is not: the reference's data mix (the Cauldron, packing), mixed precision,
-// multi-GPU, or lmms-eval. The model is nanovlm.ts, the data data.ts, the answer
-// scoring eval.ts; this file only wires them into a loop.
+// Real data and pretrained backbones come from datasets.ts and hub.ts: `--data
+// cauldron:vqav2` (or a .jsonl / .parquet path) streams conversations instead of the shapes
+// world, a preset with `vlm_load_backbone_weights` (nanovlm-222m) starts from SigLIP and
+// SmolLM2 downloaded from the Hub, and `--push_to_hub owner/repo` shares the result.
+//
+// What this is not: the reference's data mix (45 Cauldron subsets, packing), mixed
+// precision, multi-GPU, or lmms-eval. The model is nanovlm.ts, the data data.ts, the
+// answer scoring eval.ts; this file only wires them into a loop.
 //
 // Reusable pieces (exercises, notebooks and benchmarks import them): lrSchedule, AdamW,
 // clipGradients, trainStep, saveCheckpoint / loadCheckpoint, parseTrainArgs, train.
@@ -18,9 +23,12 @@
 
 import * as tf from "@tensorflow/tfjs";
 import { parseArgs } from "node:util";
-import { type Batch, type ChatTokenizer, checkTokenizerFitsConfig, loadTokenizer, shapesBatches } from "./data.ts";
+import { type Batch, type ChatTokenizer, checkTokenizerFitsConfig, shapesBatches } from "./data.ts";
 import { evaluate, shapesQuestions } from "./eval.ts";
 import { resolveTokenizerPath } from "./generate.ts";
+import { modelFromBackbones } from "./backbones.ts";
+import { type DataSource, heldOutBatches, newDataStats, openDataset, trainingBatches } from "./datasets.ts";
+import { hubToken, hubTokenizer, loadBackbones, pushToHub } from "./hub.ts";
 import { PRESETS, validateConfig, VisionLanguageModel, type VLMConfig } from "./nanovlm.ts";
 import {
   type BackendName,
@@ -55,6 +63,9 @@ export interface TrainConfig {
   run_name: string; // "" = the preset and the date
   resume: string; // a run folder to continue from its latest checkpoint
   stop_at: number; // stop (with a checkpoint) after this step, to finish later with --resume; 0 = run to the end
+  data: string; // "shapes" (the built-in world), "cauldron:<subset>", a .jsonl file, or .parquet file(s) (datasets.ts)
+  shuffle_buffer: number; // conversations mixed at a time when streaming --data (0 = in file order)
+  push_to_hub: string; // "owner/repo": upload the best checkpoint with a model card when training ends ("" = don't)
 }
 
 /** The defaults: `deno task train` with no arguments (tuned for the shapes world on a 2-core CPU, see README). */
@@ -76,6 +87,9 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   run_name: "",
   resume: "",
   stop_at: 0,
+  data: "shapes",
+  shuffle_buffer: 1000,
+  push_to_hub: "",
 });
 
 /** A VLMConfig key, a TrainConfig key, or neither. */
@@ -121,6 +135,7 @@ const INTEGER_TRAIN_KEYS = new Set([
   "test_examples",
   "seed",
   "stop_at",
+  "shuffle_buffer",
 ]);
 
 /**
@@ -666,14 +681,20 @@ export async function train(
       throw new Error(`cannot resume ${runDir}: it has no train_config.json (is it a run folder?)`);
     }
     const saved = JSON.parse(await Deno.readTextFile(`${runDir}/train_config.json`)) as TrainConfig;
-    // stop_at is a one-off: a resumed run goes to the end unless told again.
-    config = { ...saved, stop_at: 0, ...trainOverrides, resume: runDir };
+    // stop_at is a one-off: a resumed run goes to the end unless told again. A setting added
+    // after the run was saved takes its default.
+    config = { ...DEFAULT_TRAIN_CONFIG, ...saved, stop_at: 0, ...trainOverrides, resume: runDir };
   } else {
     runDir = `${config.runs_dir}/${config.run_name || runName(config.preset)}`;
     if (await exists(`${runDir}/latest`) || await exists(`${runDir}/train_config.json`)) {
       throw new Error(`${runDir} already holds a run: continue it with --resume=${runDir} or pick another --run_name`);
     }
   }
+  if (config.push_to_hub && !hubToken()) {
+    throw new Error(`--push_to_hub ${config.push_to_hub} needs a token with write access: set HF_TOKEN`);
+  }
+  // Open the dataset first, so a wrong --data fails before any model is built.
+  const source = config.data === "shapes" ? undefined : await openDataset(config.data);
   // initBackend prints its own detailed line; a caller with its own `log` gets just the name.
   const backend = await initBackend((config.backend || undefined) as BackendName | undefined, {
     quiet: log !== console.log,
@@ -687,11 +708,18 @@ export async function train(
     ({ model, optimizer, state } = await loadCheckpoint(`${runDir}/latest`, config.lr_mp, config.lr_backbones));
     log(`resuming ${runDir} at step ${state.step} (${state.examples_seen} examples seen)`);
   } else {
-    model = new VisionLanguageModel(modelConfig(config.preset, modelOverrides), { seed: config.seed });
+    const cfg = modelConfig(config.preset, modelOverrides);
+    if (cfg.vlm_load_backbone_weights) {
+      // The reference's start: pretrained SigLIP and SmolLM2 (downloaded once into the Hub cache), projector random.
+      log(`backbones: ${cfg.vit_model_type} + ${cfg.lm_model_type} (pretrained, from the Hugging Face Hub cache)`);
+      model = modelFromBackbones(cfg, await loadBackbones(cfg), { seed: config.seed });
+    } else model = new VisionLanguageModel(cfg, { seed: config.seed });
     optimizer = new AdamW(model.params, paramGroups(model, config.lr_mp, config.lr_backbones));
   }
   const cfg = model.cfg;
-  const tokenizer = await loadTokenizer(resolveTokenizerPath(cfg.lm_tokenizer));
+  // A tokenizer folder of this project (tokenizers/shapes), or a Hub repo such as HuggingFaceTB/SmolLM2-135M.
+  const localTokenizer = resolveTokenizerPath(cfg.lm_tokenizer);
+  const tokenizer = await hubTokenizer(await exists(localTokenizer) ? localTokenizer : cfg.lm_tokenizer);
   checkTokenizerFitsConfig(tokenizer, cfg);
   model.eosTokenId = tokenizer.eosTokenId;
 
@@ -717,7 +745,28 @@ export async function train(
         .join(", ")
     }${config.lr_backbones > 0 ? "" : ", backbones frozen"}`);
 
-    return await trainLoop(model, optimizer, state, tokenizer, config, runDir, metrics, log);
+    if (source) log(`data: ${source.name}`);
+    const summary = await trainLoop(model, optimizer, state, tokenizer, config, runDir, metrics, log, source);
+    if (config.push_to_hub && summary.steps === config.max_training_steps) {
+      const { url } = await pushToHub(`${runDir}/best`, config.push_to_hub, {
+        log,
+        trainingSummary: {
+          init: cfg.vlm_load_backbone_weights
+            ? `${cfg.vit_model_type} + ${cfg.lm_model_type}`
+            : "random (from scratch)",
+          data: source ? source.name : "the built-in shapes world (nanovlm.ts data.ts)",
+          steps: summary.steps,
+          batchSize: config.batch_size * config.gradient_accumulation_steps,
+          learningRates: `projector ${config.lr_mp}, backbones ${config.lr_backbones} (warmup + cosine)`,
+          finalLoss: summary.finalLoss,
+          hardware: `nanovlm.ts on the ${backend} backend`,
+          duration: formatDuration(summary.seconds),
+          notes: summary.valLoss === null ? [] : [`Best val loss: ${state.best_val_loss?.toFixed(4)}`],
+        },
+      });
+      log(`pushed ${runDir}/best to ${url}`);
+    }
+    return summary;
   } finally {
     optimizer.dispose();
     model.dispose();
@@ -734,33 +783,46 @@ async function trainLoop(
   runDir: string,
   metrics: MetricsRecord[],
   log: (line: string) => void,
+  source?: DataSource,
 ): Promise<TrainSummary> {
   const cfg = model.cfg, maxSteps = config.max_training_steps;
   const samplesPerStep = config.batch_size * config.gradient_accumulation_steps;
   const lastStep = config.stop_at > 0 ? Math.min(config.stop_at, maxSteps) : maxSteps;
-  const data = shapesBatches({
-    split: "train",
-    seed: config.seed,
-    batchSize: config.batch_size,
-    tokenizer,
-    config: cfg,
-    start: state.examples_seen,
-  });
-  // Fixed val subsets, the same at every eval and in every run (seed 0).
-  const valBatches = [
-    ...shapesBatches({
-      split: "val",
-      seed: 0,
+  // A real dataset (--data): its first val_samples conversations are the val set, the rest streams, shuffled.
+  const stats = newDataStats(), streamOptions = { tokenizer, config: cfg, batchSize: config.batch_size, stats };
+  const data = source
+    ? trainingBatches(source, {
+      ...streamOptions,
+      holdout: config.val_samples,
+      shuffle: config.shuffle_buffer,
+      seed: config.seed,
+      skip: state.examples_seen,
+    })
+    : shapesBatches({
+      split: "train",
+      seed: config.seed,
       batchSize: config.batch_size,
       tokenizer,
       config: cfg,
-      count: config.val_samples,
-    }),
-  ];
-  const valQuestions = shapesQuestions("val", Math.ceil(config.val_questions / 4), cfg.vit_img_size).slice(
-    0,
-    config.val_questions,
-  );
+      start: state.examples_seen,
+    });
+  // Fixed val subsets, the same at every eval and in every run (seed 0).
+  const valBatches = source
+    ? await heldOutBatches(source, config.val_samples, { ...streamOptions, stats: undefined })
+    : [
+      ...shapesBatches({
+        split: "val",
+        seed: 0,
+        batchSize: config.batch_size,
+        tokenizer,
+        config: cfg,
+        count: config.val_samples,
+      }),
+    ];
+  // Val accuracy asks shapes-world questions: only for the shapes world.
+  const valQuestions = source
+    ? []
+    : shapesQuestions("val", Math.ceil(config.val_questions / 4), cfg.vit_img_size).slice(0, config.val_questions);
   const metricsPath = `${runDir}/metrics.jsonl`;
   const record = async (r: MetricsRecord) => {
     metrics.push(r);
@@ -770,7 +832,8 @@ async function trainLoop(
   let lastLoss = NaN, valLoss: number | null = null, valAccuracy: number | null = null;
   let sessionSteps = 0, sessionMs = 0;
   while (state.step < lastStep) {
-    const micro = Array.from({ length: config.gradient_accumulation_steps }, () => data.next().value as Batch);
+    const micro: Batch[] = [];
+    for (let i = 0; i < config.gradient_accumulation_steps; i++) micro.push((await data.next()).value as Batch);
     const lrs = optimizer.groups.map((g) => lrSchedule(state.step, g.maxLr, maxSteps));
     const started = performance.now();
     let result: StepResult;
@@ -806,18 +869,22 @@ async function trainLoop(
     if (state.step % config.eval_interval === 0 || stopping) {
       const evalStart = performance.now();
       valLoss = await meanLoss(model, valBatches);
-      valAccuracy = (await evaluate(model, tokenizer, valQuestions, { batchSize: 64 })).accuracy;
+      if (valQuestions.length) {
+        valAccuracy = (await evaluate(model, tokenizer, valQuestions, { batchSize: 64 })).accuracy;
+      }
       const improved = state.best_val_loss === null || valLoss < state.best_val_loss;
       if (improved) {
         state.best_val_loss = valLoss;
         await saveCheckpoint(`${runDir}/best`, model);
       }
       await saveCheckpoint(`${runDir}/latest`, model, { optimizer, state });
-      await record({ step: state.step, val_loss: valLoss, val_accuracy: valAccuracy });
+      await record({ step: state.step, val_loss: valLoss, val_accuracy: valAccuracy ?? undefined });
       await writeFileAtomic(`${runDir}/loss.svg`, lossCurveSvg(metrics, `${runDir}: loss`));
       log(
         `eval step ${state.step} | val loss ${valLoss.toFixed(3)}${improved ? " (best, saved)" : ""} | ` +
-          `val accuracy ${(100 * valAccuracy).toFixed(1)}% (${valQuestions.length} questions) | ` +
+          (valAccuracy === null
+            ? `data: ${stats.rows} rows, ${stats.skippedRows} skipped (${stats.corruptImages} bad images) | `
+            : `val accuracy ${(100 * valAccuracy).toFixed(1)}% (${valQuestions.length} questions) | `) +
           `${((performance.now() - evalStart) / 1000).toFixed(1)} s`,
       );
     }
@@ -839,7 +906,7 @@ async function trainLoop(
     `done: ${state.step} steps in ${formatDuration(state.elapsed_seconds)} of training | final loss ` +
       `${lastLoss.toFixed(3)} | best val loss ${state.best_val_loss?.toFixed(3)} | checkpoints ${runDir}/best, latest`,
   );
-  if (config.test_examples > 0) {
+  if (config.test_examples > 0 && !source) {
     summary.test = {};
     const best = await VisionLanguageModel.fromPretrained(`${runDir}/best`);
     best.eosTokenId = tokenizer.eosTokenId;

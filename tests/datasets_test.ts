@@ -8,7 +8,7 @@
  */
 import { parquetWriteBuffer } from "hyparquet-writer";
 import { join } from "node:path";
-import { encodePng, loadTokenizer, preprocessImage } from "../data.ts";
+import { loadTokenizer, preprocessImage } from "../data.ts";
 import {
   CAULDRON_REPO,
   conversationBatches,
@@ -22,56 +22,9 @@ import {
 import { hubDownload } from "../hub.ts";
 import { PRESETS } from "../nanovlm.ts";
 import { assert, assertEquals, assertMatch, assertRejects } from "./assert.ts";
-import { FakeHub, tempCache } from "./fake_hub.ts";
+import { cauldronParquet, FakeHub, noisePng, tempCache } from "./fake_hub.ts";
 
 const TOKENIZER_DIR = new URL("../tokenizers/shapes", import.meta.url).pathname;
-
-/** A PNG of deterministic noise (noise does not compress, so the files have a known heft). */
-async function noisePng(seed: number, size = 48): Promise<Uint8Array> {
-  let state = seed * 2654435761 >>> 0;
-  const rgb = Uint8Array.from({ length: size * size * 3 }, () => {
-    state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
-    return state >>> 24;
-  });
-  return await encodePng(rgb, size);
-}
-
-/** The Cauldron's parquet schema: images list<struct<bytes, path>>, texts list<struct<user, assistant, source>>. */
-function cauldronParquet(
-  rows: { images: Uint8Array[]; texts: { user: string; assistant: string }[] }[],
-  rowGroupSize: number,
-): Uint8Array {
-  const list = (name: string, fields: { name: string; type: "BYTE_ARRAY"; converted_type?: "UTF8" }[]) => [
-    { name, repetition_type: "OPTIONAL" as const, converted_type: "LIST" as const, num_children: 1 },
-    { name: "list", repetition_type: "REPEATED" as const, num_children: 1 },
-    { name: "element", repetition_type: "OPTIONAL" as const, num_children: fields.length },
-    ...fields.map((f) => ({ ...f, repetition_type: "OPTIONAL" as const })),
-  ];
-  const buffer = parquetWriteBuffer({
-    columnData: [
-      { name: "images", data: rows.map((r) => r.images.map((bytes) => ({ bytes, path: null }))) },
-      { name: "texts", data: rows.map((r) => r.texts.map((t) => ({ ...t, source: "test" }))) },
-    ],
-    schema: [
-      { name: "root", num_children: 2 },
-      ...list("images", [{ name: "bytes", type: "BYTE_ARRAY" }, {
-        name: "path",
-        type: "BYTE_ARRAY",
-        converted_type: "UTF8",
-      }]),
-      ...list(
-        "texts",
-        ["user", "assistant", "source"].map((name) => ({
-          name,
-          type: "BYTE_ARRAY" as const,
-          converted_type: "UTF8" as const,
-        })),
-      ),
-    ],
-    rowGroupSize,
-  });
-  return new Uint8Array(buffer);
-}
 
 /** Shapes-world questions, so the shapes tokenizer can encode them. */
 const QA = [

@@ -11,8 +11,11 @@
 //     /api/models/{repo}/commit/{rev} (NDJSON): uploads become new commits.
 // Every request is recorded (method, server, path, Range, whether a token came along) and
 // faults can be injected: break a download off after N bytes, serve corrupt bytes.
+// Also: helpers that write small files in The Cauldron's parquet layout.
 
+import { parquetWriteBuffer } from "hyparquet-writer";
 import { createHash } from "node:crypto";
+import { encodePng } from "../data.ts";
 
 /** One request as the fake Hub saw it. */
 export interface SeenRequest {
@@ -296,4 +299,51 @@ export class FakeHub {
 export async function tempCache(): Promise<{ dir: string; cleanup: () => Promise<void> }> {
   const dir = await Deno.makeTempDir({ prefix: "nanovlm-hub-test-" });
   return { dir, cleanup: () => Deno.remove(dir, { recursive: true }) };
+}
+
+/** A PNG of deterministic noise (noise does not compress, so the files have a known heft). */
+export async function noisePng(seed: number, size = 48): Promise<Uint8Array> {
+  let state = seed * 2654435761 >>> 0;
+  const rgb = Uint8Array.from({ length: size * size * 3 }, () => {
+    state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
+    return state >>> 24;
+  });
+  return await encodePng(rgb, size);
+}
+
+/** The Cauldron's parquet schema: images list<struct<bytes, path>>, texts list<struct<user, assistant, source>>. */
+export function cauldronParquet(
+  rows: { images: Uint8Array[]; texts: { user: string; assistant: string }[] }[],
+  rowGroupSize: number,
+): Uint8Array {
+  const list = (name: string, fields: { name: string; type: "BYTE_ARRAY"; converted_type?: "UTF8" }[]) => [
+    { name, repetition_type: "OPTIONAL" as const, converted_type: "LIST" as const, num_children: 1 },
+    { name: "list", repetition_type: "REPEATED" as const, num_children: 1 },
+    { name: "element", repetition_type: "OPTIONAL" as const, num_children: fields.length },
+    ...fields.map((f) => ({ ...f, repetition_type: "OPTIONAL" as const })),
+  ];
+  const buffer = parquetWriteBuffer({
+    columnData: [
+      { name: "images", data: rows.map((r) => r.images.map((bytes) => ({ bytes, path: null }))) },
+      { name: "texts", data: rows.map((r) => r.texts.map((t) => ({ ...t, source: "test" }))) },
+    ],
+    schema: [
+      { name: "root", num_children: 2 },
+      ...list("images", [{ name: "bytes", type: "BYTE_ARRAY" }, {
+        name: "path",
+        type: "BYTE_ARRAY",
+        converted_type: "UTF8",
+      }]),
+      ...list(
+        "texts",
+        ["user", "assistant", "source"].map((name) => ({
+          name,
+          type: "BYTE_ARRAY" as const,
+          converted_type: "UTF8" as const,
+        })),
+      ),
+    ],
+    rowGroupSize,
+  });
+  return new Uint8Array(buffer);
 }

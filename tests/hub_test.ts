@@ -406,13 +406,19 @@ Deno.test("listRepoFiles follows the tree API's pages", async () => {
 Deno.test("pushToHub creates the repo and commits config.json, model.safetensors and a model card", async () => {
   await withHub(async (hub, options) => {
     const model = await VisionLanguageModel.fromPretrained(FIXTURE_DIR);
-    const push = { endpoint: hub.url, token: hub.writeToken };
+    const pushLog: string[] = [];
+    const push = { endpoint: hub.url, token: hub.writeToken, log: (line: string) => pushLog.push(line) };
     await assertRejects(() => pushToHub(model, "me/tiny-vlm", { ...push, token: undefined }), Error, "set HF_TOKEN");
     assertEquals(hub.requests.length, 0);
 
     const summary = { data: "the shapes world", steps: 600, finalLoss: 0.1234, hardware: "2-core CPU (WASM)" };
     const { url, commit } = await pushToHub(model, "me/tiny-vlm", { ...push, trainingSummary: summary });
     assertEquals(url, `${hub.url}/me/tiny-vlm`);
+    assertEquals(pushLog, [
+      `hub: created ${hub.url}/me/tiny-vlm`,
+      "hub: uploading config.json, model.safetensors (946.8 kB), README.md",
+      `hub: pushed to ${hub.url}/me/tiny-vlm`,
+    ]);
     const repo = hub.repo("model", "me/tiny-vlm")!;
     assertEquals(commit, repo.commit);
     assertEquals([...repo.files.keys()].sort(), [".gitattributes", "README.md", "config.json", "model.safetensors"]);
