@@ -31,6 +31,7 @@ import {
   tokenStrip,
   upscale,
 } from "./plots.ts";
+import { PRESETS } from "../nanovlm.ts";
 import { cleanNotebook, listNotebooks, notebookJson } from "./run.ts";
 
 const HERE = new URL(".", import.meta.url);
@@ -132,6 +133,21 @@ Deno.test("every notebook picks its backend and says which, and imports only pro
       }
     }
   }
+});
+
+Deno.test("the tiny preset still has the numbers the notebooks' text walks through", () => {
+  // The markdown explains the tiny model with concrete numbers (a 32×32 image, 8×8 patches, a 4×4 grid, 4 image
+  // tokens, head size 24 and 32, …). If the preset changes, update the notebooks' text and these numbers together.
+  const t = PRESETS.tiny;
+  assertEquals(
+    [t.vit_img_size, t.vit_patch_size, t.vit_hidden_dim, t.vit_n_heads, t.vit_n_blocks, t.mp_pixel_shuffle_factor],
+    [32, 8, 96, 4, 2, 2],
+  );
+  assertEquals(
+    [t.mp_image_token_length, t.lm_hidden_dim, t.lm_n_heads, t.lm_n_kv_heads, t.lm_vocab_size, t.lm_max_length],
+    [4, 128, 4, 2, 85, 96],
+  );
+  assertEquals(t.lm_re_base, 100000);
 });
 
 Deno.test("the repository's kernelspec starts Deno's Jupyter kernel", async () => {

@@ -251,7 +251,7 @@ export function heatmapOverImage(
   values: ArrayLike<number>,
   options: { title?: string; highlight?: number; min?: number; max?: number; opacity?: number } = {},
 ): string {
-  const { title = "", highlight = -1, min = 0, opacity = 0.75 } = options;
+  const { title = "", highlight = -1, min = 0, opacity = 0.6 } = options;
   const G = Math.round(Math.sqrt(values.length)), cell = size / G, top = title ? 20 : 2;
   const max = options.max ?? Math.max(...Array.from(values));
   let body = title ? text(2, 14, title, 'font-size="12"') : "";
