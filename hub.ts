@@ -573,7 +573,7 @@ export async function loadBackbone(repoId: string, options: HubOptions = {}): Pr
 /**
  * The pretrained backbones a config names (`vit_model_type`, `lm_model_type`, e.g.
  * google/siglip-base-patch16-224 and HuggingFaceTB/SmolLM2-135M), ready for
- * `VisionLanguageModel.fromBackbones(cfg, backbones)`. A type of "none" is skipped. In
+ * `modelFromBackbones(cfg, backbones)` (backbones.ts). A type of "none" is skipped. In
  * offline mode every missing file of both repos is listed at once.
  */
 export async function loadBackbones(

@@ -24,8 +24,9 @@
 //   H query heads   KV key/value heads   hd head size   F MLP width
 
 import * as tf from "@tensorflow/tfjs";
-import { encodeSafetensors, readSafetensors, type SafetensorsFile, seededRandom, writeFileAtomic } from "./runtime.ts";
-import { recomputeInBackward } from "./runtime.ts";
+import { encodeSafetensors, readSafetensors, recomputeInBackward, seededRandom, writeFileAtomic } from "./runtime.ts";
+import type { SafetensorsFile } from "./runtime.ts";
+import type { HubOptions } from "./hub.ts";
 
 // ---- Configuration and presets ----------------------------------------------------
 
@@ -673,10 +674,9 @@ function readIds(inputIds: tf.Tensor): Int32Array {
   try {
     if (!hostIds.has(inputIds)) hostIds.set(inputIds, inputIds.dataSync() as Int32Array);
     return hostIds.get(inputIds)!;
-  } catch (e) {
-    // WebGPU under Deno cannot read synchronously once a tensor lives on the GPU.
+  } catch (e) { // WebGPU under Deno cannot read synchronously once a tensor lives on the GPU
     throw new Error(
-      `cannot read inputIds on the host (${e}): create them from JS values, e.g. tf.tensor2d(ids, [B, T], "int32")`,
+      `cannot read inputIds on the host (${e}): make them from JS values, tf.tensor2d(ids, [B, T], "int32")`,
     );
   }
 }
@@ -689,19 +689,15 @@ async function argmaxRows(logits: tf.Tensor): Promise<Int32Array> {
   return ids;
 }
 
+type Sampling = { topK: number; topP: number; temperature: number };
+
 /** Sampling: filter each row (top-k, top-p), soften by temperature, draw one token. logits [B, V] → ids [B] */
-async function sampleRows(
-  logits: tf.Tensor,
-  topK: number,
-  topP: number,
-  temperature: number,
-  random: () => number,
-): Promise<Int32Array> {
+async function sampleRows(logits: tf.Tensor, o: Sampling, random: () => number): Promise<Int32Array> {
   const [B, V] = logits.shape as [number, number];
   const all = (await logits.data()) as Float32Array;
   const ids = new Int32Array(B);
   for (let b = 0; b < B; b++) {
-    const probs = softmax(topKTopPFilter(all.subarray(b * V, (b + 1) * V), topK, topP), temperature);
+    const probs = softmax(topKTopPFilter(all.subarray(b * V, (b + 1) * V), o.topK, o.topP), o.temperature);
     let r = random(), id = 0;
     while (id < V - 1 && (r -= probs[id]) > 0) id++;
     ids[b] = id;
@@ -821,7 +817,7 @@ export class VisionLanguageModel {
     const generated = new Int32Array(B * maxNewTokens).fill(eos);
     const finished = new Array<boolean>(B).fill(false);
     for (let step = 0; step < maxNewTokens; step++) {
-      const next = greedy ? await argmaxRows(logits) : await sampleRows(logits, topK, topP, temperature, random);
+      const next = greedy ? await argmaxRows(logits) : await sampleRows(logits, { topK, topP, temperature }, random);
       for (let b = 0; b < B; b++) {
         generated[b * maxNewTokens + step] = finished[b] ? eos : next[b];
         finished[b] ||= next[b] === eos;
@@ -946,14 +942,17 @@ export class VisionLanguageModel {
     await writeFileAtomic(`${dir}/config.json`, JSON.stringify(this.cfg, null, 4));
   }
 
-  /** Load a model saved by `savePretrained` or by PyTorch nanoVLM: `dir` holds config.json + model.safetensors. */
-  static async fromPretrained(dir: string): Promise<VisionLanguageModel> {
+  /**
+   * Load a model saved by `savePretrained` or by PyTorch nanoVLM: `dir` is a folder with config.json and
+   * model.safetensors, or a Hugging Face repo id ("lusxvr/nanoVLM-450M") that hub.ts downloads.
+   */
+  static async fromPretrained(dir: string, options: HubOptions = {}): Promise<VisionLanguageModel> {
+    const isFolder = await Deno.stat(dir).then((s) => s.isDirectory, () => false);
+    // "owner/name" that is no local folder: a Hub repo, downloaded to the cache by hub.ts (which imports this file).
+    if (!isFolder && /^[\w.-]+\/[\w.-]+$/.test(dir)) return (await import("./hub.ts")).loadPretrained(dir, options);
     for (const file of ["config.json", "model.safetensors"]) {
-      try {
-        await Deno.stat(`${dir}/${file}`);
-      } catch {
-        throw new Error(`${dir} is not a nanoVLM checkpoint: ${file} is missing`);
-      }
+      const found = await Deno.stat(`${dir}/${file}`).then(() => true, () => false);
+      if (!found) throw new Error(`${dir} is not a nanoVLM checkpoint: ${file} is missing`);
     }
     const cfg = configFromJSON(JSON.parse(await Deno.readTextFile(`${dir}/config.json`)));
     const file = await readSafetensors(`${dir}/model.safetensors`);

@@ -349,6 +349,10 @@ Deno.test("loadPretrained: a nanoVLM repo with an unknown config key warns and l
     const local = await VisionLanguageModel.fromPretrained(FIXTURE_DIR);
     await assertSameWeights(model, local);
     assertEquals(model.cfg, local.cfg);
+    // The model class itself takes a repo id too, and goes through the same cache.
+    const byRepoId = await VisionLanguageModel.fromPretrained(NANOVLM_REPO, options);
+    await assertSameWeights(byRepoId, local);
+    byRepoId.dispose();
     // A local folder is loaded as is, without the Hub.
     hub.requests.length = 0;
     const again = await loadPretrained(FIXTURE_DIR, options);
