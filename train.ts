@@ -29,7 +29,14 @@ import { resolveTokenizerPath } from "./generate.ts";
 import { modelFromBackbones } from "./backbones.ts";
 import { type DataSource, heldOutBatches, newDataStats, openDataset, trainingBatches } from "./datasets.ts";
 import { hubToken, hubTokenizer, loadBackbones, pushToHub } from "./hub.ts";
-import { PRESETS, validateConfig, VisionLanguageModel, type VLMConfig } from "./nanovlm.ts";
+import {
+  configFromJSON,
+  parameterSpecs,
+  PRESETS,
+  validateConfig,
+  VisionLanguageModel,
+  type VLMConfig,
+} from "./nanovlm.ts";
 import {
   type BackendName,
   encodeSafetensors,
@@ -66,6 +73,7 @@ export interface TrainConfig {
   data: string; // "shapes" (the built-in world), "cauldron:<subset>", a .jsonl file, or .parquet file(s) (datasets.ts)
   shuffle_buffer: number; // conversations mixed at a time when streaming --data (0 = in file order)
   push_to_hub: string; // "owner/repo": upload the best checkpoint with a model card when training ends ("" = don't)
+  low_memory: string; // "auto" | "on" | "off": activation checkpointing + AdamW moments in JS memory (lowMemoryTraining)
 }
 
 /** The defaults: `deno task train` with no arguments (tuned for the shapes world on a 2-core CPU, see README). */
@@ -90,6 +98,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   data: "shapes",
   shuffle_buffer: 1000,
   push_to_hub: "",
+  low_memory: "auto",
 });
 
 /** A VLMConfig key, a TrainConfig key, or neither. */
@@ -234,20 +243,28 @@ export interface AdamWOptions {
   beta2?: number;
   eps?: number;
   weightDecay?: number;
+  /**
+   * Keep m and v in JS Float32Arrays and update one parameter at a time on the host, instead of as tensors beside
+   * the weights: for the wasm backend, whose heap holds at most 4 GiB (the 222M preset's moments alone are 1.8 GB;
+   * README, "Full size on a CPU"). Same results to float32 rounding; wasm and cpu only (it reads with dataSync).
+   */
+  momentsOnHost?: boolean;
 }
 
-/** torch.optim.AdamW over parameter groups; moments live beside the weights as tf tensors. */
+/** torch.optim.AdamW over parameter groups; moments live beside the weights as tf tensors, or on the host. */
 export class AdamW {
   readonly groups: ParamGroup[];
   readonly beta1: number;
   readonly beta2: number;
   readonly eps: number;
   readonly weightDecay: number;
+  readonly momentsOnHost: boolean;
   /** Optimizer steps taken so far (t of the bias correction is stepCount + 1 during a step). */
   stepCount = 0;
   private readonly params: Map<string, tf.Variable>;
   private readonly expAvg = new Map<string, tf.Tensor>(); // m
   private readonly expAvgSq = new Map<string, tf.Tensor>(); // v
+  private readonly hostMoments = new Map<string, { m: Float32Array; v: Float32Array }>(); // with momentsOnHost
 
   constructor(params: Map<string, tf.Variable>, groups: ParamGroup[], options: AdamWOptions = {}) {
     this.params = params;
@@ -256,11 +273,18 @@ export class AdamW {
     this.beta2 = options.beta2 ?? 0.999;
     this.eps = options.eps ?? 1e-8;
     this.weightDecay = options.weightDecay ?? 0.01;
+    this.momentsOnHost = options.momentsOnHost ?? false;
+    if (this.momentsOnHost && tf.getBackend() === "webgpu") {
+      throw new Error("AdamW: momentsOnHost is for the wasm and cpu backends (it reads tensors synchronously)");
+    }
     for (const name of this.trainable) {
       const p = params.get(name);
       if (!p) throw new Error(`AdamW: the model has no parameter ${name}`);
-      this.expAvg.set(name, tf.zerosLike(p));
-      this.expAvgSq.set(name, tf.zerosLike(p));
+      if (this.momentsOnHost) this.hostMoments.set(name, { m: new Float32Array(p.size), v: new Float32Array(p.size) });
+      else {
+        this.expAvg.set(name, tf.zerosLike(p));
+        this.expAvgSq.set(name, tf.zerosLike(p));
+      }
     }
   }
 
@@ -284,6 +308,10 @@ export class AdamW {
       for (const name of group.params) {
         const p = this.params.get(name)!, g = grads.get(name);
         if (!g) throw new Error(`AdamW: no gradient for ${name}`);
+        if (this.momentsOnHost) {
+          this.hostStep(p, g, this.hostMoments.get(name)!, lr, bc1, bc2Sqrt);
+          continue;
+        }
         const [m, v] = [this.expAvg.get(name)!, this.expAvgSq.get(name)!];
         const next = tf.tidy(() => {
           const decayed = p.mul(1 - lr * this.weightDecay);
@@ -301,9 +329,40 @@ export class AdamW {
     });
   }
 
+  /**
+   * `step` for one parameter with momentsOnHost: the same arithmetic as a loop over JS arrays. It reads the weight
+   * and the gradient off the backend (copies), updates m and v in place, and writes the new weight back as a new
+   * tensor, so the backend holds at most one extra copy of one parameter.
+   */
+  private hostStep(
+    p: tf.Variable,
+    g: tf.Tensor,
+    { m, v }: { m: Float32Array; v: Float32Array },
+    lr: number,
+    bc1: number,
+    bc2Sqrt: number,
+  ): void {
+    const old = p.dataSync() as Float32Array, grad = g.dataSync() as Float32Array; // cpu: the backend's own arrays
+    const w = new Float32Array(old.length), { beta1, beta2, eps } = this;
+    const decay = 1 - lr * this.weightDecay, stepSize = lr / bc1;
+    for (let i = 0; i < w.length; i++) {
+      m[i] = beta1 * m[i] + (1 - beta1) * grad[i];
+      v[i] = beta2 * v[i] + (1 - beta2) * grad[i] * grad[i];
+      w[i] = old[i] * decay - (m[i] / (Math.sqrt(v[i]) / bc2Sqrt + eps)) * stepSize;
+    }
+    const updated = tf.tensor(w, p.shape);
+    p.assign(updated);
+    updated.dispose();
+  }
+
   /** The moments as F32 tensors named `exp_avg.<param>` / `exp_avg_sq.<param>` (torch's names; our layout). */
   async state(): Promise<Map<string, { dtype: "F32"; shape: number[]; data: Float32Array }>> {
     const out = new Map<string, { dtype: "F32"; shape: number[]; data: Float32Array }>();
+    for (const [name, { m, v }] of this.hostMoments) {
+      const shape = this.params.get(name)!.shape;
+      out.set(`exp_avg.${name}`, { dtype: "F32", shape, data: m });
+      out.set(`exp_avg_sq.${name}`, { dtype: "F32", shape, data: v });
+    }
     for (const [kind, moments] of [["exp_avg", this.expAvg], ["exp_avg_sq", this.expAvgSq]] as const) {
       for (const [name, t] of moments) {
         out.set(`${kind}.${name}`, { dtype: "F32", shape: t.shape, data: (await t.data()) as Float32Array });
@@ -315,12 +374,12 @@ export class AdamW {
   /** Restore moments saved by `state` (every trainable parameter's, with matching shapes) and the step count. */
   loadState(tensors: Map<string, SafetensorsTensor>, stepCount: number, source = "optimizer state"): void {
     const problems: string[] = [];
-    for (const [kind, moments] of [["exp_avg", this.expAvg], ["exp_avg_sq", this.expAvgSq]] as const) {
-      for (const [name, current] of moments) {
-        const saved = tensors.get(`${kind}.${name}`);
+    for (const kind of ["exp_avg", "exp_avg_sq"]) {
+      for (const name of this.trainable) {
+        const saved = tensors.get(`${kind}.${name}`), shape = this.params.get(name)!.shape;
         if (!saved) problems.push(`missing ${kind}.${name}`);
-        else if (saved.shape.join() !== current.shape.join()) {
-          problems.push(`${kind}.${name} has shape [${saved.shape}], the model needs [${current.shape}]`);
+        else if (saved.shape.join() !== shape.join()) {
+          problems.push(`${kind}.${name} has shape [${saved.shape}], the model needs [${shape}]`);
         }
       }
     }
@@ -328,10 +387,13 @@ export class AdamW {
       throw new Error(`${source} does not fit this model and optimizer:\n  ${problems.join("\n  ")}`);
     }
     for (const [kind, moments] of [["exp_avg", this.expAvg], ["exp_avg_sq", this.expAvgSq]] as const) {
-      for (const [name, current] of moments) {
+      for (const name of this.trainable) {
         const saved = tensors.get(`${kind}.${name}`)!;
-        moments.set(name, tf.tensor(saved.data as Float32Array, saved.shape, "float32"));
-        current.dispose();
+        if (this.momentsOnHost) this.hostMoments.get(name)![kind === "exp_avg" ? "m" : "v"].set(saved.data);
+        else {
+          moments.get(name)!.dispose();
+          moments.set(name, tf.tensor(saved.data as Float32Array, saved.shape, "float32"));
+        }
       }
     }
     this.stepCount = stepCount;
@@ -342,7 +404,20 @@ export class AdamW {
     tf.dispose([...this.expAvg.values(), ...this.expAvgSq.values()]);
     this.expAvg.clear();
     this.expAvgSq.clear();
+    this.hostMoments.clear();
   }
+}
+
+/**
+ * Whether to train a model in low-memory mode: every block checkpointed (`model.checkpointBlocks`: backprop keeps one
+ * tensor per block and recomputes the rest) and AdamW's moments in JS memory (`momentsOnHost`). "auto" turns it on
+ * for the wasm backend when weights, gradients and the two moments (16 bytes per parameter) would fill half of its
+ * 4 GiB heap, leaving too little for activations: nanovlm-222m needs it, tiny does not (README, "Full size on a CPU").
+ */
+export function lowMemoryTraining(setting: string, backend: string, cfg: VLMConfig): boolean {
+  if (!["auto", "on", "off"].includes(setting)) throw new Error(`--low_memory=${setting}: expected auto, on or off`);
+  const parameters = parameterSpecs(cfg).reduce((n, spec) => n + spec.shape.reduce((a, b) => a * b, 1), 0);
+  return setting === "on" || (setting === "auto" && backend === "wasm" && 16 * parameters > 2 * 2 ** 30);
 }
 
 // ---- Gradient clipping -----------------------------------------------------------------
@@ -543,13 +618,14 @@ export async function loadCheckpoint(
   dir: string,
   lrMp: number,
   lrBackbones: number,
+  optimizerOptions: AdamWOptions = {},
 ): Promise<{ model: VisionLanguageModel; optimizer: AdamW; state: TrainerState }> {
   await recoverCheckpoint(dir);
   for (const file of CHECKPOINT_FILES) {
     if (!await exists(`${dir}/${file}`)) throw new Error(`cannot resume from ${dir}: ${file} is missing`);
   }
   const model = await VisionLanguageModel.fromPretrained(dir);
-  const optimizer = new AdamW(model.params, paramGroups(model, lrMp, lrBackbones));
+  const optimizer = new AdamW(model.params, paramGroups(model, lrMp, lrBackbones), optimizerOptions);
   try {
     const state = JSON.parse(await Deno.readTextFile(`${dir}/trainer_state.json`)) as TrainerState;
     const moments = await readSafetensors(`${dir}/optimizer.safetensors`);
@@ -701,21 +777,30 @@ export async function train(
   });
   if (log !== console.log) log(`backend: ${backend}`);
 
-  // Model, optimizer and where the loop is.
+  // Model, optimizer and where the loop is. A model too big for the wasm heap trains in low-memory mode.
+  const runConfig = config.resume
+    ? configFromJSON(JSON.parse(await Deno.readTextFile(`${runDir}/config.json`)))
+    : modelConfig(config.preset, modelOverrides);
+  const lowMemory = lowMemoryTraining(config.low_memory, backend, runConfig);
   let model: VisionLanguageModel, optimizer: AdamW;
   let state: TrainerState = { step: 0, examples_seen: 0, best_val_loss: null, elapsed_seconds: 0 };
   if (config.resume) {
-    ({ model, optimizer, state } = await loadCheckpoint(`${runDir}/latest`, config.lr_mp, config.lr_backbones));
+    ({ model, optimizer, state } = await loadCheckpoint(`${runDir}/latest`, config.lr_mp, config.lr_backbones, {
+      momentsOnHost: lowMemory,
+    }));
     log(`resuming ${runDir} at step ${state.step} (${state.examples_seen} examples seen)`);
   } else {
-    const cfg = modelConfig(config.preset, modelOverrides);
+    const cfg = runConfig;
     if (cfg.vlm_load_backbone_weights) {
       // The reference's start: pretrained SigLIP and SmolLM2 (downloaded once into the Hub cache), projector random.
       log(`backbones: ${cfg.vit_model_type} + ${cfg.lm_model_type} (pretrained, from the Hugging Face Hub cache)`);
       model = modelFromBackbones(cfg, await loadBackbones(cfg), { seed: config.seed });
     } else model = new VisionLanguageModel(cfg, { seed: config.seed });
-    optimizer = new AdamW(model.params, paramGroups(model, config.lr_mp, config.lr_backbones));
+    optimizer = new AdamW(model.params, paramGroups(model, config.lr_mp, config.lr_backbones), {
+      momentsOnHost: lowMemory,
+    });
   }
+  model.checkpointBlocks = lowMemory;
   const cfg = model.cfg;
   // A tokenizer folder of this project (tokenizers/shapes), or a Hub repo such as HuggingFaceTB/SmolLM2-135M.
   const localTokenizer = resolveTokenizerPath(cfg.lm_tokenizer);
@@ -744,6 +829,7 @@ export async function train(
       optimizer.groups.map((g) => `${g.name} lr ${g.maxLr} (${g.params.length} tensors)`)
         .join(", ")
     }${config.lr_backbones > 0 ? "" : ", backbones frozen"}`);
+    if (lowMemory) log("low memory: every block checkpointed, AdamW moments in JS memory (--low_memory=off to stop)");
 
     if (source) log(`data: ${source.name}`);
     const summary = await trainLoop(model, optimizer, state, tokenizer, config, runDir, metrics, log, source);

@@ -1,11 +1,16 @@
-// Activation checkpointing (runtime.ts `recomputeInBackward`, `model.checkpointBlocks`):
-// the gradients are the plain ones, on wasm and cpu, nothing leaks, and the forward and
-// generation are unchanged. Run: deno test -A tests/checkpoint_test.ts
+// Low-memory training, what lets the 222M preset train inside the wasm heap's 4 GiB:
+// activation checkpointing (runtime.ts `recomputeInBackward`, `model.checkpointBlocks`)
+// gives the plain gradients on wasm and cpu, leaks nothing and changes no forward or
+// generation; AdamW with its moments in JS memory (`momentsOnHost`) gives the tensor
+// AdamW's weights and state; and `train` switches both on (`--low_memory`), resumes
+// exactly. Run: deno test -A tests/low_memory_test.ts
 
 import * as tf from "@tensorflow/tfjs";
-import { assert, assertEquals } from "./assert.ts";
+import { assert, assertEquals, assertThrows } from "./assert.ts";
+import type { Batch } from "../data.ts";
 import { PRESETS, VisionLanguageModel, type VLMConfig } from "../nanovlm.ts";
-import { initBackend, recomputeInBackward } from "../runtime.ts";
+import { initBackend, readSafetensors, recomputeInBackward } from "../runtime.ts";
+import { AdamW, lowMemoryTraining, paramGroups, train, type TrainConfig, trainStep } from "../train.ts";
 import { assertNoLeak, maxAbsDiff } from "./helpers.ts";
 
 await initBackend("wasm", { quiet: true });
@@ -139,4 +144,119 @@ Deno.test("recomputeInBackward: exact gradients for every input, a constant disp
   }
   assertEquals(recomputed.value.dataSync()[0], plain.value.dataSync()[0]);
   tf.dispose([plain.value, recomputed.value, ...Object.values(plain.grads), ...Object.values(recomputed.grads), a, b]);
+});
+
+// ---- AdamW with its moments in JS memory ----
+
+/** The batch above as data.ts's collator makes it (for trainStep). */
+function collated(): Batch {
+  const t = batch();
+  const out: Batch = {
+    inputIds: t.inputIds.dataSync() as Int32Array,
+    labels: t.targets.dataSync() as Int32Array,
+    attentionMask: t.mask.dataSync() as Int32Array,
+    batchSize: 2,
+    length: 10,
+    images: t.images.dataSync() as Float32Array,
+    imageCount: 2,
+    imageCounts: [1, 1],
+    imageSize: 16,
+    dropped: 0,
+  };
+  tf.dispose(Object.values(t));
+  return out;
+}
+
+/** Largest difference between two models' weights, and the parameter where it is. */
+function weightDiff(a: VisionLanguageModel, b: VisionLanguageModel): { diff: number; name: string } {
+  let worst = { diff: 0, name: "" };
+  for (const [name, v] of a.params) {
+    const diff = maxAbsDiff(v.dataSync(), b.params.get(name)!.dataSync());
+    if (!(diff <= worst.diff)) worst = { diff, name };
+  }
+  return worst;
+}
+
+for (const backend of ["wasm", "cpu"]) {
+  Deno.test(`${backend}: momentsOnHost gives the tensor AdamW's weights and moments after 3 steps (to 1e-6)`, async () => {
+    await tf.setBackend(backend);
+    const [a, b] = [new VisionLanguageModel(small, { seed: 3 }), new VisionLanguageModel(small, { seed: 3 })];
+    const onHeap = new AdamW(a.params, paramGroups(a, 1e-2, 1e-3));
+    const onHost = new AdamW(b.params, paramGroups(b, 1e-2, 1e-3), { momentsOnHost: true });
+    const data = collated();
+    for (let step = 0; step < 3; step++) {
+      const lrs = [1e-2 / (step + 1), 1e-3 / (step + 1)];
+      const tensorsBefore = tf.memory().numTensors;
+      await trainStep(a, [data], onHeap, { lrs });
+      await trainStep(b, [data], onHost, { lrs });
+      if (step > 0) assertEquals(tf.memory().numTensors, tensorsBefore, "no tensor leaks");
+    }
+    const { diff, name } = weightDiff(a, b);
+    assert(diff <= 1e-6, `weights differ by ${diff} at ${name}`);
+    const [heapState, hostState] = [await onHeap.state(), await onHost.state()];
+    assertEquals([...hostState.keys()].sort(), [...heapState.keys()].sort());
+    for (const [key, t] of heapState) {
+      assert(maxAbsDiff(hostState.get(key)!.data, t.data) <= 1e-6, `${key} differs`);
+    }
+    // Moments saved by one kind load into the other: one more step each stays equal.
+    const [c, d] = [new AdamW(a.params, onHeap.groups), new AdamW(b.params, onHost.groups, { momentsOnHost: true })];
+    c.loadState(hostState, 3);
+    d.loadState(heapState, 3);
+    await trainStep(a, [data], c, { lrs: [1e-3, 1e-4] });
+    await trainStep(b, [data], d, { lrs: [1e-3, 1e-4] });
+    assert(weightDiff(a, b).diff <= 1e-6, "after swapping the saved moments");
+    for (const x of [onHeap, onHost, c, d, a, b]) x.dispose();
+    await tf.setBackend("wasm");
+  });
+}
+
+Deno.test("lowMemoryTraining: auto means wasm and a model whose training state would fill half the heap", () => {
+  assertEquals(lowMemoryTraining("auto", "wasm", PRESETS["nanovlm-222m"]), true);
+  assertEquals(lowMemoryTraining("auto", "wasm", PRESETS.tiny), false);
+  assertEquals(lowMemoryTraining("auto", "webgpu", PRESETS["nanovlm-222m"]), false);
+  assertEquals(lowMemoryTraining("on", "webgpu", PRESETS.tiny), true);
+  assertEquals(lowMemoryTraining("off", "wasm", PRESETS["nanovlm-222m"]), false);
+  assertThrows(() => lowMemoryTraining("yes", "wasm", PRESETS.tiny), Error, "expected auto, on or off");
+});
+
+Deno.test("train --low_memory=on: the same run as without, and --resume continues it exactly", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "nanovlm-low-memory-test-" });
+  const run: Partial<TrainConfig> = {
+    backend: "wasm",
+    batch_size: 4,
+    max_training_steps: 4,
+    eval_interval: 2,
+    val_samples: 4,
+    val_questions: 4,
+    test_examples: 0,
+    runs_dir: dir,
+  };
+  const overrides: Partial<VLMConfig> = {
+    vit_hidden_dim: 32,
+    vit_inter_dim: 64,
+    vit_n_heads: 2,
+    vit_n_blocks: 1,
+    vit_img_size: 16,
+    mp_image_token_length: 1,
+    lm_hidden_dim: 32,
+    lm_inter_dim: 64,
+    lm_n_heads: 2,
+    lm_n_kv_heads: 1,
+    lm_n_blocks: 2,
+    lm_max_length: 64,
+  };
+  try {
+    const lines: string[] = [];
+    const log = (line: string) => lines.push(line);
+    const plain = await train({ ...run, run_name: "plain", low_memory: "off" }, overrides, { log: () => {} });
+    await train({ ...run, run_name: "low", low_memory: "on", stop_at: 2 }, overrides, { log });
+    const low = await train({ resume: `${dir}/low` }, {}, { log });
+    assertEquals(lines.filter((l) => l.startsWith("low memory")).length, 2, lines.join("\n"));
+    assert(Math.abs(low.finalLoss - plain.finalLoss) <= 1e-5, `final loss ${low.finalLoss} vs ${plain.finalLoss}`);
+    const weights = async (name: string) => (await readSafetensors(`${dir}/${name}/latest/model.safetensors`)).tensors;
+    const [a, b] = [await weights("plain"), await weights("low")];
+    for (const [key, t] of a) assert(maxAbsDiff(b.get(key)!.data, t.data) <= 1e-5, `${key} differs`);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
