@@ -153,7 +153,8 @@ async function main(args: string[]): Promise<number> {
   }
   const outDir = values.out ? await Deno.realPath(await mkdirp(values.out)) : await Deno.makeTempDir({ prefix: "nb-" });
 
-  console.log(`executing ${chosen.length} notebooks with the Deno kernel (budget ${budget} s each) → ${outDir}`);
+  const keep = values.out ? ` → ${outDir}` : " (--out=dir keeps the executed copies)";
+  console.log(`executing ${chosen.length} notebooks with the Deno kernel (budget ${budget} s each)${keep}`);
   const results: Result[] = [];
   for (const name of chosen) {
     const result = await execute(name, outDir, budget);
@@ -161,6 +162,7 @@ async function main(args: string[]): Promise<number> {
     console.log(`${result.ok ? "ok  " : "FAIL"} ${name.padEnd(32)} ${result.seconds.toFixed(1).padStart(6)} s`);
     if (!result.ok) console.log(result.problem.replace(/^/gm, "     | "));
   }
+  if (!values.out) await Deno.remove(outDir, { recursive: true }); // nobody asked for the executed copies
   const failed = results.filter((r) => !r.ok);
   const total = results.reduce((s, r) => s + r.seconds, 0);
   console.log(
