@@ -1,0 +1,225 @@
+// memory.ts — peak memory of training by batch size: `deno task memory` (nanoVLM's
+// eval/measure_vram.py, reference §17).
+//
+// For a config and a backend, each batch size runs in a process of its own: build the
+// model, take `--iterations` training steps (train.ts's trainStep: forward + backward +
+// AdamW; in low-memory mode as train.ts decides it: blocks checkpointed, AdamW moments in
+// JS memory) on random batches of T tokens, and report the peak: live tensors (tf.profile),
+// the backend's own high-water mark (the wasm heap, which never shrinks, or WebGPU's
+// buffer pool) and the process's peak RSS. Batch sizes double until one does not fit:
+// the wasm heap hits its 4 GiB cap, the GPU runs out of memory, a tensor exceeds one
+// WebGPU binding, or the peak passes --budget-mib. That batch's process fails alone, so
+// the table ends cleanly with the reason.
+//
+//   deno task memory                                             # cpu-5m, batch 1, 2, 4, …, 512
+//   deno task memory --preset nanovlm-222m --backend webgpu      # the reference's table, on a GPU
+//   deno task memory --preset nanovlm-222m --low-memory off --mode fwd-bwd   # wasm, plain backprop
+//   deno task memory --preset tiny --batches 1,2 --iterations 1  # smoke run
+
+import * as tf from "@tensorflow/tfjs";
+import { parseArgs } from "node:util";
+import { backendMiB, BENCH_CONFIGS, machineDescription, peakRssMiB, syntheticBatch } from "./bench.ts";
+import { VisionLanguageModel } from "./nanovlm.ts";
+import { type BackendName, initBackend } from "./runtime.ts";
+import { AdamW, batchTensors, lowMemoryTraining, paramGroups, trainStep } from "./train.ts";
+
+/** What each batch size runs: a training step, forward + backward only, or a forward pass with the loss. */
+export type MemoryMode = "train" | "fwd-bwd" | "forward";
+
+/** One batch size's result, as the child process reports it (one JSON line). */
+export interface MemoryResult {
+  batch: number;
+  fits: boolean;
+  weights_mib?: number; // tensors alive after building the model (and AdamW's zeroed moments)
+  peak_tensor_mib?: number;
+  backend_mib?: number | null;
+  rss_mib?: number;
+  step_ms?: number;
+  error?: string; // why it does not fit
+}
+
+const MIB = 2 ** 20;
+
+/** In this process: build the model and measure `iterations` steps at one batch size. */
+export async function measureOnce(
+  config: string,
+  backend: BackendName | undefined,
+  batch: number,
+  { seq, iterations = 2, mode = "train", lowMemory = "auto" }: {
+    seq?: number;
+    iterations?: number;
+    mode?: MemoryMode;
+    lowMemory?: string; // train.ts's --low_memory: auto | on | off
+  } = {},
+): Promise<MemoryResult> {
+  const bench = BENCH_CONFIGS[config];
+  if (!bench) throw new Error(`unknown config "${config}": use one of ${Object.keys(BENCH_CONFIGS).join(", ")}`);
+  await initBackend(backend, { quiet: true });
+  // On WebGPU an allocation that does not fit is reported to an error scope, not thrown.
+  const device = tf.getBackend() === "webgpu" ? (tf.backend() as unknown as { device: GPUDevice }).device : null;
+  device?.pushErrorScope("out-of-memory");
+  const model = new VisionLanguageModel(bench.cfg, { seed: 0 });
+  const low = lowMemoryTraining(lowMemory, tf.getBackend(), bench.cfg); // as train.ts decides
+  model.checkpointBlocks = low;
+  const optimizer = mode === "train"
+    ? new AdamW(model.params, paramGroups(model, 1e-4, 1e-4), { momentsOnHost: low })
+    : null;
+  const weights = tf.memory().numBytes / MIB;
+  const data = syntheticBatch(bench.cfg, batch, seq ?? bench.seq, batch);
+  const t = batchTensors(data);
+  const variables = [...model.params.values()];
+  const step = async () => {
+    if (optimizer) await trainStep(model, [data], optimizer, { lrs: [1e-4, 1e-4] });
+    else if (mode === "fwd-bwd") {
+      const { value, grads } = tf.variableGrads(
+        () => model.forward(t.inputIds, t.images, t.attentionMask, t.labels).loss!,
+        variables,
+      );
+      await value.data();
+      tf.dispose([value, ...Object.values(grads)]);
+    } else {
+      const { logits, loss } = model.forward(t.inputIds, t.images, t.attentionMask, t.labels);
+      await loss!.data();
+      tf.dispose([logits, loss!]);
+    }
+  };
+  let peak = 0, ms = 0;
+  for (let i = 0; i < iterations; i++) {
+    const start = performance.now();
+    const profile = await tf.profile(step);
+    ms = performance.now() - start;
+    peak = Math.max(peak, profile.peakBytes / MIB);
+  }
+  const gpuError = await device?.popErrorScope();
+  tf.dispose(Object.values(t));
+  optimizer?.dispose();
+  model.dispose();
+  if (gpuError) return { batch, fits: false, error: `WebGPU: ${gpuError.message}` };
+  return {
+    batch,
+    fits: true,
+    weights_mib: weights,
+    peak_tensor_mib: peak,
+    backend_mib: backendMiB(),
+    rss_mib: peakRssMiB(),
+    step_ms: ms,
+  };
+}
+
+/** Run one batch size in a child process (so a wasm abort or a GPU out-of-memory kills only it). */
+async function measureInChild(args: string[], batch: number): Promise<MemoryResult> {
+  const script = new URL(import.meta.url).pathname;
+  const { success, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", script, ...args, "--child", "--batches", String(batch)],
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const lines = new TextDecoder().decode(stdout).trim().split("\n");
+  const last = lines[lines.length - 1];
+  if (success && last.startsWith("{")) return JSON.parse(last);
+  const why = new TextDecoder().decode(stderr).trim().split("\n").filter((l) => l.trim() && !/^\s+at /.test(l));
+  return { batch, fits: false, error: why.slice(-2).join(" ").slice(0, 300) || `exit status non-zero` };
+}
+
+/** Over the budget: the backend's high-water mark (wasm heap, GPU pool) or else the process RSS passes it. */
+function overBudget(r: MemoryResult, budgetMiB: number | undefined): boolean {
+  return budgetMiB !== undefined && r.fits && (r.backend_mib ?? r.rss_mib!) > budgetMiB;
+}
+
+/** The results as a markdown table, the first batch that does not fit last. */
+export function formatMemoryTable(results: MemoryResult[], budgetMiB?: number): string {
+  const n = (x: number | null | undefined) => x == null ? "—" : x.toLocaleString("en-US", { maximumFractionDigits: 0 });
+  const lines = [
+    "| batch | peak tensors MiB | heap/GPU MiB | peak RSS MiB | step ms | |",
+    "| --- | --- | --- | --- | --- | --- |",
+  ];
+  for (const r of results) {
+    const over = overBudget(r, budgetMiB) ? `over the ${budgetMiB} MiB budget` : "";
+    const verdict = r.fits && !over ? "fits" : `**does not fit**: ${over || r.error}`;
+    lines.push(
+      `| ${r.batch} | ${n(r.peak_tensor_mib)} | ${n(r.backend_mib)} | ${n(r.rss_mib)} | ${n(r.step_ms)} | ${verdict} |`,
+    );
+  }
+  return lines.join("\n");
+}
+
+const USAGE = `deno task memory [--preset NAME] [--backend webgpu|wasm|cpu] [--batches 1,2,4] [--max-batch 512]
+  [--seq T] [--iterations N] [--mode train|fwd-bwd|forward] [--low-memory auto|on|off] [--budget-mib N]
+presets: ${Object.keys(BENCH_CONFIGS).join(", ")}`;
+
+if (import.meta.main) {
+  const { values } = parseArgs({
+    args: Deno.args,
+    options: {
+      preset: { type: "string", default: "cpu-5m" },
+      backend: { type: "string" },
+      batches: { type: "string" },
+      "max-batch": { type: "string", default: "512" },
+      seq: { type: "string" },
+      iterations: { type: "string", default: "2" },
+      mode: { type: "string", default: "train" },
+      "budget-mib": { type: "string" },
+      "low-memory": { type: "string", default: "auto" },
+      child: { type: "boolean", default: false },
+      help: { type: "boolean", default: false },
+    },
+  });
+  if (values.help) {
+    console.log(USAGE);
+    Deno.exit(0);
+  }
+  const whole = (name: string, raw: string) => {
+    const x = Number(raw);
+    if (!Number.isInteger(x) || x < 1) throw new Error(`--${name} ${raw}: expected a positive whole number\n${USAGE}`);
+    return x;
+  };
+  if (!["train", "fwd-bwd", "forward"].includes(values.mode!)) throw new Error(`--mode ${values.mode}\n${USAGE}`);
+  const mode = values.mode as MemoryMode, iterations = whole("iterations", values.iterations!);
+  const seq = values.seq === undefined ? undefined : whole("seq", values.seq);
+  const backend = values.backend as BackendName | undefined;
+
+  if (values.child) {
+    const result = await measureOnce(values.preset!, backend, whole("batches", values.batches!), {
+      seq,
+      iterations,
+      mode,
+      lowMemory: values["low-memory"],
+    });
+    console.log(JSON.stringify(result));
+    Deno.exit(0); // a WebGPU device can keep the event loop alive
+  }
+
+  const bench = BENCH_CONFIGS[values.preset!];
+  if (!bench) throw new Error(`unknown preset "${values.preset}"\n${USAGE}`);
+  const batches = values.batches?.split(",").map((b) => whole("batches", b)) ??
+    Array.from({ length: Math.floor(Math.log2(whole("max-batch", values["max-batch"]!))) + 1 }, (_, i) => 2 ** i);
+  const budget = values["budget-mib"] === undefined ? undefined : whole("budget-mib", values["budget-mib"]);
+  const chosen = await initBackend(backend);
+  console.log(`machine: ${machineDescription()} | Deno ${Deno.version.deno} | tfjs ${tf.version.tfjs}`);
+  console.log(
+    `config ${values.preset}: ${bench.about} | T ${seq ?? bench.seq} | ${mode}, ${iterations} iteration(s) per batch` +
+      ` size, each in its own process | --low-memory ${values["low-memory"]}` +
+      (budget ? ` | budget ${budget} MiB` : ""),
+  );
+  const childArgs = [
+    ...["--preset", values.preset!, "--backend", chosen, "--iterations", String(iterations), "--mode", mode],
+    ...(seq === undefined ? [] : ["--seq", String(seq)]),
+    "--low-memory",
+    values["low-memory"]!,
+  ];
+  const results: MemoryResult[] = [];
+  for (const batch of batches) {
+    const result = await measureInChild(childArgs, batch);
+    results.push(result);
+    if (results.length === 1 && result.fits) {
+      console.log(`after building the model: ${result.weights_mib!.toFixed(0)} MiB of tensors`);
+    }
+    console.log(
+      `batch ${batch}: ${result.fits ? `peak ${result.peak_tensor_mib!.toFixed(0)} MiB of tensors` : "does not fit"}`,
+    );
+    if (!result.fits || overBudget(result, budget)) break;
+  }
+  console.log("");
+  console.log(formatMemoryTable(results, budget));
+  Deno.exit(0);
+}

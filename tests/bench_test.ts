@@ -1,0 +1,108 @@
+// Smoke runs of `deno task bench` and `deno task memory` on the tiny preset: they work and
+// print what they promise (a table, JSON lines, a clean stop at the first batch that does
+// not fit). How fast is BENCHMARKS.md's business, not a test's. Also the offline GPU pack
+// (scripts/pack-gpu.sh): its bundled bench runs from an empty folder with an empty DENO_DIR.
+
+import * as assert from "node:assert/strict";
+import type { BenchRow } from "../bench.ts";
+
+const REPO_ROOT = new URL("..", import.meta.url).pathname;
+const SMOKE = ["--preset", "tiny", "--batch", "2", "--steps", "1", "--warmup", "1", "--new-tokens", "4"];
+
+/** Run a command at the repository root; fail the test with its output when it fails. */
+async function run(command: string, args: string[], env: Record<string, string> = {}, cwd = REPO_ROOT) {
+  const { success, stdout, stderr } = await new Deno.Command(command, {
+    args,
+    cwd,
+    env: { NO_COLOR: "1", ...env },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const output = new TextDecoder().decode(stdout) + new TextDecoder().decode(stderr);
+  assert.ok(success, `${command} ${args.join(" ")} failed:\n${output}`);
+  return output;
+}
+
+function hasWebGPUAdapter(output: string): boolean {
+  return !/no WebGPU adapter/.test(output);
+}
+
+/** The bench's rows: a markdown table on stdout and the same rows as JSON lines in `out`. */
+async function checkBench(output: string, out: string, backend: string): Promise<void> {
+  assert.match(output, /^matMul probe: .* at [\d.]+ GFLOP\/s on /m);
+  assert.match(output, /^\| config \| backend \| B \| T \| train step ms \| samples\/s \|/m);
+  assert.match(output, new RegExp(`^\\| tiny \\| ${backend} \\| 2 \\| 48 \\| [\\d,]+ \\|`, "m"));
+  const rows: BenchRow[] = (await Deno.readTextFile(out)).trim().split("\n").map((line) => JSON.parse(line));
+  assert.equal(rows.length, 1);
+  const [row] = rows;
+  assert.equal(row.backend, backend);
+  assert.equal(row.config, "tiny");
+  assert.equal(row.params, 894_688);
+  for (const key of ["step_ms", "samples_per_s", "forward_ms", "fwd_bwd_ms", "ttft_ms", "decode_tok_s"] as const) {
+    assert.ok(row[key]! > 0, `${key} = ${row[key]}`);
+  }
+  assert.ok(row.peak_tensor_mib! > 3.4, "the peak holds at least the weights (3.4 MiB)");
+  assert.ok(row.rss_mib > row.peak_tensor_mib! / 2 && row.matmul_gflops > 0);
+  assert.match(row.commit, /^([0-9a-f]{7,}\+?|unknown)$/);
+}
+
+Deno.test("deno task bench (smoke): a table and one JSON line per batch size, on wasm", async () => {
+  const out = await Deno.makeTempFile({ suffix: ".jsonl" });
+  try {
+    const output = await run(Deno.execPath(), ["run", "-A", "bench.ts", ...SMOKE, "--backend", "wasm", "--out", out]);
+    await checkBench(output, out, "wasm");
+  } finally {
+    await Deno.remove(out);
+  }
+});
+
+Deno.test("deno task bench (smoke) on WebGPU: the training step runs there too (software adapter in CI)", async () => {
+  const probe = await run(Deno.execPath(), [
+    "eval",
+    `import { initBackend } from "./runtime.ts"; await initBackend();`,
+  ]);
+  if (!hasWebGPUAdapter(probe)) return; // tests/webgpu_test.ts checks the error that says what to install
+  const out = await Deno.makeTempFile({ suffix: ".jsonl" });
+  try {
+    const output = await run(Deno.execPath(), ["run", "-A", "bench.ts", ...SMOKE, "--backend", "webgpu", "--out", out]);
+    await checkBench(output, out, "webgpu");
+  } finally {
+    await Deno.remove(out);
+  }
+});
+
+Deno.test("deno task memory (smoke): peak memory by batch size, stopping at the first that does not fit", async () => {
+  const args = ["run", "-A", "memory.ts", "--preset", "tiny", "--backend", "wasm", "--iterations", "1"];
+  const fits = await run(Deno.execPath(), [...args, "--batches", "1,2"]);
+  assert.match(fits, /^after building the model: 10 MiB of tensors$/m); // weights + AdamW's two moments
+  assert.match(fits, /^\| batch \| peak tensors MiB \| heap\/GPU MiB \| peak RSS MiB \| step ms \| \|$/m);
+  for (const batch of [1, 2]) {
+    assert.match(fits, new RegExp(`^\\| ${batch} \\| [\\d,]+ \\| [\\d,]+ \\| [\\d,]+ \\| [\\d,]+ \\| fits \\|$`, "m"));
+  }
+
+  // Doubling from 1 with a budget nothing fits: one row, the reason, and nothing after it.
+  const stops = await run(Deno.execPath(), [...args, "--max-batch", "8", "--budget-mib", "1"]);
+  assert.match(stops, /^\| 1 \| .* \| \*\*does not fit\*\*: over the 1 MiB budget \|$/m);
+  assert.doesNotMatch(stops, /^\| 2 \|/m);
+});
+
+Deno.test("scripts/pack-gpu.sh: the archive fits 64 MiB and its bundled bench runs offline from an empty folder", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    await run("bash", ["scripts/pack-gpu.sh", "--no-deno", dir]);
+    const { size } = await Deno.stat(`${dir}/nanovlm-gpu.tar`);
+    assert.ok(size < 64 * 2 ** 20 - 32e6, `${size} bytes leave no room for the 30 MB deno.xz`);
+    const unpacked = `${dir}/unpacked`;
+    await Deno.mkdir(unpacked);
+    await run("tar", ["-C", unpacked, "-xf", `${dir}/nanovlm-gpu.tar`]);
+    const folder = `${unpacked}/nanovlm-gpu`;
+    // No deno.xz (--no-deno): run.sh uses the deno on PATH, with its own empty DENO_DIR and no network.
+    const path = `${Deno.execPath().replace(/\/[^/]+$/, "")}:${Deno.env.get("PATH")}`;
+    const output = await run(`${folder}/run.sh`, ["bench", ...SMOKE, "--backend", "wasm"], { PATH: path }, folder);
+    await checkBench(output, `${folder}/bench-results.jsonl`, "wasm");
+    const entries = [...Deno.readDirSync(`${folder}/.deno`)].map((e) => e.name);
+    assert.ok(!entries.includes("remote"), `nothing was downloaded: ${entries}`);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
