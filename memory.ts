@@ -111,14 +111,19 @@ async function measureInChild(args: string[], batch: number): Promise<MemoryResu
   const script = new URL(import.meta.url).pathname;
   const { success, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", script, ...args, "--child", "--batches", String(batch)],
+    env: { NO_COLOR: "1" },
     stdout: "piped",
     stderr: "piped",
   }).output();
   const lines = new TextDecoder().decode(stdout).trim().split("\n");
   const last = lines[lines.length - 1];
   if (success && last.startsWith("{")) return JSON.parse(last);
-  const why = new TextDecoder().decode(stderr).trim().split("\n").filter((l) => l.trim() && !/^\s+at /.test(l));
-  return { batch, fits: false, error: why.slice(-2).join(" ").slice(0, 300) || `exit status non-zero` };
+  // The last error line, e.g. "error: Uncaught RuntimeError: Aborted()" when the 4 GiB wasm heap is full.
+  const errors = new TextDecoder().decode(stderr).split("\n").filter((line) => /^error|Error/.test(line.trim()));
+  const why = errors.at(-1)?.replace(/^error: (Uncaught )?(\(in promise\) )?/, "").slice(0, 200);
+  const heapFull = why && /Aborted\(\)|memory access out of bounds|Out of memory/i.test(why);
+  const error = why ? why + (heapFull ? " (the wasm heap is full: its cap is 4 GiB)" : "") : "the process failed";
+  return { batch, fits: false, error };
 }
 
 /** Over the budget: the backend's high-water mark (wasm heap, GPU pool) or else the process RSS passes it. */
