@@ -7,7 +7,8 @@
  *   `tf.gather`, is missing). The measurements are in shared/notes/tfjs-on-deno.md §2 and §9.
  * - Optionally, a native BLAS (OpenBLAS, Apple Accelerate) behind the wasm backend's matMul, through Deno's FFI: 4× the
  *   speed of wasm's own (BENCHMARKS.md). Without one installed, everything still runs, on wasm's XNNPACK.
- * - Activation checkpointing (`recomputeInBackward`): backprop through a block keeps only its inputs.
+ * - Activation checkpointing (`recomputeInBackward`): backprop through a block keeps only its inputs; `computeOnHost`
+ *   for element-wise work in plain JS on the wasm heap without copies (AdamW with its moments outside the heap).
  * - Safetensors bytes: the checkpoint format of PyTorch/Hugging Face, read and written by hand (no maintained npm package).
  * - Atomic file writes, so a crash never leaves half a checkpoint behind.
  *
@@ -709,6 +710,33 @@ export function recomputeInBackward<T extends tf.Tensor>(f: (...inputs: tf.Tenso
     };
   });
   return run(...inputs);
+}
+
+// ---- Element-wise work in plain JS ----
+
+/**
+ * A new float32 tensor of `shape` whose values `fill` writes in plain JS, reading (only) the values of `inputs`
+ * (float32, in the same order). On wasm `fill` works on the heap itself (views: no copy and no allocation, so it must
+ * not call tfjs, whose next allocation may move the heap); elsewhere on the values `dataSync` gives. Made for AdamW with its moments in JS memory
+ * (train.ts), where copying 222 M weights and gradients each way cost more than the arithmetic.
+ */
+export function computeOnHost(
+  shape: number[],
+  inputs: tf.Tensor[],
+  fill: (out: Float32Array, ...inputs: Float32Array[]) => void,
+): tf.Tensor {
+  const notFloat = inputs.find((t) => t.dtype !== "float32");
+  if (notFloat) throw new Error(`computeOnHost takes float32 tensors, got ${notFloat.dtype}`);
+  if (tf.getBackend() === "wasm") {
+    const backend = tf.backend() as BackendWasm, out = backend.makeOutput(shape, "float32");
+    // Views are taken after makeOutput: a malloc may grow the heap, which detaches views made before it.
+    const [values, ...inputValues] = [out, ...inputs].map((t) => backend.typedArrayFromHeap(t) as Float32Array);
+    fill(values, ...inputValues);
+    return tf.engine().makeTensorFromTensorInfo(out);
+  }
+  const values = new Float32Array(tf.util.sizeFromShape(shape));
+  fill(values, ...inputs.map((t) => t.dataSync() as Float32Array));
+  return tf.tensor(values, shape, "float32");
 }
 
 // ---- Safetensors ----

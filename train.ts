@@ -39,6 +39,7 @@ import {
 } from "./nanovlm.ts";
 import {
   type BackendName,
+  computeOnHost,
   encodeSafetensors,
   initBackend,
   readSafetensors,
@@ -330,9 +331,9 @@ export class AdamW {
   }
 
   /**
-   * `step` for one parameter with momentsOnHost: the same arithmetic as a loop over JS arrays. It reads the weight
-   * and the gradient off the backend (copies), updates m and v in place, and writes the new weight back as a new
-   * tensor, so the backend holds at most one extra copy of one parameter.
+   * `step` for one parameter with momentsOnHost: the same arithmetic as a loop over JS arrays, m and v updated in
+   * place, the new weight written into a new tensor (computeOnHost: on wasm straight into the heap, no copies), so the
+   * backend holds at most one extra copy of one parameter.
    */
   private hostStep(
     p: tf.Variable,
@@ -342,15 +343,14 @@ export class AdamW {
     bc1: number,
     bc2Sqrt: number,
   ): void {
-    const old = p.dataSync() as Float32Array, grad = g.dataSync() as Float32Array; // cpu: the backend's own arrays
-    const w = new Float32Array(old.length), { beta1, beta2, eps } = this;
-    const decay = 1 - lr * this.weightDecay, stepSize = lr / bc1;
-    for (let i = 0; i < w.length; i++) {
-      m[i] = beta1 * m[i] + (1 - beta1) * grad[i];
-      v[i] = beta2 * v[i] + (1 - beta2) * grad[i] * grad[i];
-      w[i] = old[i] * decay - (m[i] / (Math.sqrt(v[i]) / bc2Sqrt + eps)) * stepSize;
-    }
-    const updated = tf.tensor(w, p.shape);
+    const { beta1, beta2, eps } = this, decay = 1 - lr * this.weightDecay, stepSize = lr / bc1;
+    const updated = computeOnHost(p.shape, [p, g], (w, old, grad) => {
+      for (let i = 0; i < w.length; i++) {
+        m[i] = beta1 * m[i] + (1 - beta1) * grad[i];
+        v[i] = beta2 * v[i] + (1 - beta2) * grad[i] * grad[i];
+        w[i] = old[i] * decay - (m[i] / (Math.sqrt(v[i]) / bc2Sqrt + eps)) * stepSize;
+      }
+    });
     p.assign(updated);
     updated.dispose();
   }

@@ -9,7 +9,7 @@ import * as tf from "@tensorflow/tfjs";
 import { assert, assertEquals, assertThrows } from "./assert.ts";
 import type { Batch } from "../data.ts";
 import { PRESETS, VisionLanguageModel, type VLMConfig } from "../nanovlm.ts";
-import { initBackend, readSafetensors, recomputeInBackward } from "../runtime.ts";
+import { computeOnHost, initBackend, readSafetensors, recomputeInBackward } from "../runtime.ts";
 import { AdamW, lowMemoryTraining, paramGroups, train, type TrainConfig, trainStep } from "../train.ts";
 import { assertNoLeak, maxAbsDiff } from "./helpers.ts";
 
@@ -178,6 +178,21 @@ function weightDiff(a: VisionLanguageModel, b: VisionLanguageModel): { diff: num
 }
 
 for (const backend of ["wasm", "cpu"]) {
+  Deno.test(`${backend}: computeOnHost writes a new tensor from its inputs' values, which stay as they were`, async () => {
+    await tf.setBackend(backend);
+    const [a, b] = [tf.tensor2d([1, 2, 3, 4], [2, 2]), tf.tensor2d([10, 20, 30, 40], [2, 2])];
+    const before = tf.memory().numTensors;
+    const out = computeOnHost([2, 2], [a, b], (out, x, y) => {
+      for (let i = 0; i < out.length; i++) out[i] = x[i] * y[i] + 1;
+    });
+    assertEquals([out.shape, Array.from(await out.data())], [[2, 2], [11, 41, 91, 161]]);
+    assertEquals([Array.from(await a.data()), Array.from(await b.data())], [[1, 2, 3, 4], [10, 20, 30, 40]]);
+    assertEquals(tf.memory().numTensors, before + 1);
+    assertThrows(() => computeOnHost([1], [tf.scalar(1, "int32")], () => {}), Error, "float32 tensors, got int32");
+    tf.dispose([a, b, out]);
+    await tf.setBackend("wasm");
+  });
+
   Deno.test(`${backend}: momentsOnHost gives the tensor AdamW's weights and moments after 3 steps (to 1e-6)`, async () => {
     await tf.setBackend(backend);
     const [a, b] = [new VisionLanguageModel(small, { seed: 3 }), new VisionLanguageModel(small, { seed: 3 })];
