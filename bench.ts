@@ -287,7 +287,11 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
   const backend = await initBackend(options.backend, { quiet: options.log !== undefined });
   const machine = machineDescription(), commit = commitId();
   log(`machine: ${machine} | Deno ${Deno.version.deno} | tfjs ${tf.version.tfjs} | commit ${commit}`);
-  const device = backend === "wasm" ? `matMul: ${wasmMatMulEngine()}` : backend === "webgpu" ? adapterName() : "js";
+  const device = backend === "wasm"
+    ? `matMul: ${wasmMatMulEngine()}`
+    : backend === "webgpu"
+    ? await adapterDescription()
+    : "js";
   const { size, gflops } = await matMulGflops(backend === "webgpu" ? 4096 : 1024);
   log(`matMul probe: [${size}, ${size}]·[${size}, ${size}] at ${gflops.toFixed(1)} GFLOP/s on ${backend}`);
 
@@ -422,9 +426,13 @@ async function measureGeneration(
   return { ttft_ms: ttft, decode_tok_s: decode, new_tokens: newTokens };
 }
 
-function adapterName(): string {
-  const info = (tf.backend() as unknown as { adapterInfo?: { description?: string; vendor?: string } }).adapterInfo;
-  return info?.description || info?.vendor || "WebGPU adapter";
+/** The WebGPU adapter as initBackend chose it (tfjs keeps only its vendor): name, vendor, binding limit. */
+async function adapterDescription(): Promise<string> {
+  const adapter = await navigator.gpu?.requestAdapter({ powerPreference: "high-performance" });
+  if (!adapter) return "WebGPU adapter";
+  const { description, device, vendor } = adapter.info;
+  const mib = Math.round(adapter.limits.maxStorageBufferBindingSize / 2 ** 20);
+  return `${description || device || "unnamed"} (vendor ${vendor || "?"}), maxStorageBufferBindingSize ${mib} MiB`;
 }
 
 function printSlowestKernels(profile: Awaited<ReturnType<typeof tf.profile>>, log: (line: string) => void): void {

@@ -36,6 +36,10 @@ async function checkBench(output: string, out: string, backend: string): Promise
   assert.equal(rows.length, 1);
   const [row] = rows;
   assert.equal(row.backend, backend);
+  assert.match(
+    row.device,
+    backend === "wasm" ? /^matMul: (BLAS|wasm XNNPACK)/ : /maxStorageBufferBindingSize \d+ MiB$/,
+  );
   assert.equal(row.config, "tiny");
   assert.equal(row.params, 894_688);
   for (const key of ["step_ms", "samples_per_s", "forward_ms", "fwd_bwd_ms", "ttft_ms", "decode_tok_s"] as const) {
