@@ -77,16 +77,16 @@ export interface TrainConfig {
   low_memory: string; // "auto" | "on" | "off": activation checkpointing + AdamW moments in JS memory (lowMemoryTraining)
 }
 
-/** The defaults: `deno task train` with no arguments (tuned for the shapes world on a 2-core CPU, see README). */
+/** The defaults: `deno task train` with no arguments (chosen for the shapes world on a 2-core CPU: see README). */
 export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   preset: "tiny",
-  lr_mp: 3e-3,
-  lr_backbones: 3e-3,
-  batch_size: 32,
+  lr_mp: 1e-3,
+  lr_backbones: 1e-3,
+  batch_size: 64,
   gradient_accumulation_steps: 1,
-  max_training_steps: 600,
+  max_training_steps: 1000,
   max_grad_norm: 1.0,
-  eval_interval: 100,
+  eval_interval: 200,
   val_samples: 128,
   val_questions: 128,
   test_examples: 300,
@@ -941,8 +941,8 @@ async function trainLoop(
     state.elapsed_seconds += ms / 1000;
     lastLoss = result.loss;
     // The first step of a session pays for kernel compilation and warm-up: keep it out of the ETA.
-    if (sessionSteps++ > 0 || lastStep - state.step === 0) sessionMs += ms;
-    const perStep = sessionMs / Math.max(1, sessionSteps - 1) || ms;
+    if (sessionSteps++ > 0) sessionMs += ms;
+    const perStep = sessionSteps > 1 ? sessionMs / (sessionSteps - 1) : ms;
     const lrText = lrs.map((lr) => lr.toExponential(1)).join("/");
     log(
       `step ${state.step}/${maxSteps} | loss ${result.loss.toFixed(3)} | lr ${lrText} | ` +
