@@ -17,7 +17,8 @@
 // answer scoring eval.ts; this file only wires them into a loop.
 //
 // Reusable pieces (exercises, notebooks and benchmarks import them): lrSchedule, AdamW,
-// clipGradients, trainStep, saveCheckpoint / loadCheckpoint, parseTrainArgs, train.
+// clipGradients (gradientNorm + scaleGradients), trainStep, saveCheckpoint / loadCheckpoint,
+// parseTrainArgs, train.
 //
 // Shapes as in nanovlm.ts: B batch, T tokens, N images, S image side, V vocabulary.
 
@@ -252,7 +253,11 @@ export interface AdamWOptions {
   momentsOnHost?: boolean;
 }
 
-/** torch.optim.AdamW over parameter groups; moments live beside the weights as tf tensors, or on the host. */
+/**
+ * torch.optim.AdamW over parameter groups; moments live beside the weights as tf tensors, or on the host. With tensor
+ * moments a step only queues device work and reads nothing back; momentsOnHost reads every weight and gradient on the
+ * host, which is the point of it (wasm and cpu only, where the host is the same memory).
+ */
 export class AdamW {
   readonly groups: ParamGroup[];
   readonly beta1: number;
@@ -421,24 +426,36 @@ export function lowMemoryTraining(setting: string, backend: string, cfg: VLMConf
 }
 
 // ---- Gradient clipping -----------------------------------------------------------------
+//
+// torch.nn.utils.clip_grad_norm_ in two halves, so that trainStep can read the norm together with the loss in one
+// GPU→CPU read: `gradientNorm` stays on the device, `scaleGradients` acts on the number once it is read. (The scale
+// could stay on the device too, but the norm is read anyway for the log and the NaN guard, and a JS number lets an
+// unclipped step skip the multiply.)
+
+/** The L2 norm of all gradients together, as a scalar tensor (not read). grads: any shapes → [] */
+export function gradientNorm(grads: Map<string, tf.Tensor>): tf.Scalar {
+  return tf.tidy(() => tf.addN([...grads.values()].map((g) => g.square().sum())).sqrt() as tf.Scalar);
+}
 
 /**
- * torch.nn.utils.clip_grad_norm_: the L2 norm of all gradients together, and when it
- * exceeds maxNorm every gradient is scaled by maxNorm / (norm + 1e-6). The map's tensors
- * are replaced (and the old ones disposed), as torch scales them in place. Returns the
- * norm before clipping; maxNorm ≤ 0 only measures.
+ * When `norm` exceeds maxNorm, scale every gradient by maxNorm / (norm + 1e-6); maxNorm ≤ 0 never clips. The map's
+ * tensors are replaced (and the old ones disposed), as torch scales them in place.
  */
+export function scaleGradients(grads: Map<string, tf.Tensor>, norm: number, maxNorm: number): void {
+  const coef = maxNorm / (norm + 1e-6);
+  if (maxNorm <= 0 || coef >= 1) return;
+  for (const [name, g] of grads) {
+    grads.set(name, g.mul(coef));
+    g.dispose();
+  }
+}
+
+/** torch.nn.utils.clip_grad_norm_ in one call: clip `grads` in place and return the norm before clipping. */
 export async function clipGradients(grads: Map<string, tf.Tensor>, maxNorm: number): Promise<number> {
-  const normTensor = tf.tidy(() => tf.addN([...grads.values()].map((g) => g.square().sum())).sqrt());
+  const normTensor = gradientNorm(grads);
   const norm = (await normTensor.data())[0];
   normTensor.dispose();
-  const coef = maxNorm / (norm + 1e-6);
-  if (maxNorm > 0 && coef < 1) {
-    for (const [name, g] of grads) {
-      grads.set(name, g.mul(coef));
-      g.dispose();
-    }
-  }
+  scaleGradients(grads, norm, maxNorm);
   return norm;
 }
 
@@ -504,7 +521,8 @@ export interface StepResult {
  * their number (so the summed gradients are the mean, as the reference's
  * `loss / gradient_accumulation_steps`), clip, then AdamW with one learning rate per
  * group. If the loss or the gradient norm is not finite, nothing is updated and a
- * NonFiniteError is thrown. Every tensor it makes is freed.
+ * NonFiniteError is thrown. One read from the device per step (loss and norm together);
+ * every tensor it makes is freed.
  */
 export async function trainStep(
   model: VisionLanguageModel,
@@ -532,17 +550,19 @@ export async function trainStep(
     lossSum = lossSum.add(value);
     tf.dispose([previousLoss, value]);
   }
-  const loss = (await lossSum.data())[0];
+  // The step's only GPU→CPU read: loss and gradient norm together, before AdamW, so a NaN changes nothing.
+  const measured = tf.tidy(() => tf.stack([lossSum, gradientNorm(grads)])); // [2]
   lossSum.dispose();
   try {
-    const gradNorm = await clipGradients(grads, maxGradNorm);
+    const [loss, gradNorm] = await measured.data();
     if (!Number.isFinite(loss) || !Number.isFinite(gradNorm)) {
       throw new NonFiniteError(`loss ${loss}, gradient norm ${gradNorm}`);
     }
+    scaleGradients(grads, gradNorm, maxGradNorm);
     optimizer.step(grads, lrs);
     return { loss, gradNorm };
   } finally {
-    tf.dispose([...grads.values()]);
+    tf.dispose([measured, ...grads.values()]);
   }
 }
 

@@ -160,6 +160,8 @@ Deno.test("clipGradients: torch's clip_grad_norm_ (global norm, scale by max/(no
   const grads = new Map([["a", tf.tensor1d([3, 0])], ["b", tf.tensor1d([0, 4])]]);
   assertEquals(await clipGradients(grads, 10), 5); // under the limit: untouched
   assertEquals(Array.from(await grads.get("a")!.data()), [3, 0]);
+  assertEquals(await clipGradients(grads, 0), 5); // 0 = no clipping
+  assertEquals(Array.from(await grads.get("b")!.data()), [0, 4]);
   assertEquals(await clipGradients(grads, 1), 5);
   const scaled = [...await grads.get("a")!.data(), ...await grads.get("b")!.data()];
   assert(maxAbsDiff(scaled, [0.6, 0, 0, 0.8]) < 1e-6, `${scaled}`);
@@ -253,6 +255,31 @@ Deno.test("a non-finite loss throws NonFiniteError and leaves weights and optimi
   await assertRejects(() => trainStep(model, [batch], optimizer, { lrs: [1e-3, 1e-3] }), NonFiniteError, "NaN");
   assertEquals(await model.params.get("MP.proj.weight")!.data(), before);
   assertEquals(optimizer.stepCount, 0);
+  optimizer.dispose();
+  model.dispose();
+});
+
+Deno.test("a training step reads from the device once: loss and gradient norm together", async () => {
+  const tokenizer = await loadTokenizer(SHAPES_TOKENIZER);
+  const batch = shapesBatches({ split: "train", seed: 3, batchSize: 2, tokenizer, config: MICRO }).next().value!;
+  const model = new VisionLanguageModel(MICRO, { seed: 1 });
+  const optimizer = new AdamW(model.params, paramGroups(model, 1e-3, 1e-3));
+  // Record every read of a tensor; int32 dataSync is forward's look at token ids that were made on the host.
+  const proto = tf.Tensor.prototype, { data, dataSync } = proto, reads: string[] = [];
+  proto.data = function (this: tf.Tensor) {
+    reads.push(`data ${this.dtype} [${this.shape}]`);
+    return data.call(this);
+  } as typeof data;
+  proto.dataSync = function (this: tf.Tensor) {
+    if (this.dtype !== "int32") reads.push(`dataSync ${this.dtype} [${this.shape}]`);
+    return dataSync.call(this);
+  } as typeof dataSync;
+  try {
+    await trainStep(model, [batch], optimizer, { lrs: [1e-3, 1e-3], maxGradNorm: 1e-3 }); // clipping on
+  } finally {
+    Object.assign(proto, { data, dataSync });
+  }
+  assertEquals(reads, ["data float32 [2]"]);
   optimizer.dispose();
   model.dispose();
 });
