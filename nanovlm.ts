@@ -1,20 +1,16 @@
 // nanovlm.ts — a small vision-language model in one file, read top to bottom.
 //
-// What this is: a TypeScript port of nanoVLM (huggingface/nanoVLM at 8374ce1), the
-// educational PyTorch VLM: a SigLIP-style vision transformer turns an image into patch
-// vectors, a pixel-shuffle projector squeezes them into a few "image tokens" of the
-// decoder's width, and a SmolLM2/Llama-style decoder reads the prompt with those image
-// embeddings written into its `<|image|>` slots. Same maths, same parameter names and
-// the same checkpoint format as the reference, checked against its outputs to 1e-4
-// (tests/parity_test.ts).
+// What this is: a TypeScript port of nanoVLM (huggingface/nanoVLM at 8374ce1), the educational PyTorch VLM: a
+// SigLIP-style vision transformer turns an image into patch vectors, a pixel-shuffle projector squeezes them into a few
+// "image tokens" of the decoder's width, and a SmolLM2/Llama-style decoder reads the prompt with those image embeddings
+// written into its `<|image|>` slots. Same maths, same parameter names and the same checkpoint format as the reference,
+// checked against its outputs to 1e-4 (tests/parity_test.ts).
 //
-// What this is not: a tokenizer, a data pipeline or a training loop (data.ts, train.ts),
-// nor backend plumbing (runtime.ts picks WebGPU / WASM / CPU and patches slow kernels).
-// Dropout is not implemented: every nanoVLM preset trains with dropout 0.
+// What this is not: a tokenizer, a data pipeline or a training loop (data.ts, train.ts), nor backend plumbing
+// (runtime.ts picks WebGPU / WASM / CPU and patches slow kernels). No dropout: every nanoVLM preset trains without.
 //
-// Papers: ViT (arXiv:2010.11929), SigLIP (2303.15343), pixel shuffle as in Idefics3
-// (2408.12637), Llama (2302.13971): RMSNorm, RoPE (2104.09864), SwiGLU (2002.05202),
-// grouped-query attention (2305.13245).
+// Papers: ViT (arXiv:2010.11929), SigLIP (2303.15343), pixel shuffle as in Idefics3 (2408.12637), Llama (2302.13971):
+// RMSNorm, RoPE (2104.09864), SwiGLU (2002.05202), grouped-query attention (2305.13245).
 //
 // Shape legend used in every comment:
 //   B batch (prompts)      T tokens of a prompt    Tk keys (cached + new tokens)
@@ -146,9 +142,8 @@ export function validateConfig(cfg: VLMConfig): void {
 }
 
 /**
- * Read a config object (e.g. a parsed config.json): every known field is taken, a
- * missing one falls back to `base`, an unknown one is reported through `warn` and
- * ignored (old checkpoints carry fields such as `lm_eos_token_id`).
+ * Read a config object (e.g. a parsed config.json): every known field is taken, a missing one falls back to `base`, an
+ * unknown one is reported through `warn` and ignored (old checkpoints carry fields such as `lm_eos_token_id`).
  */
 export function configFromJSON(
   json: Record<string, unknown>,
@@ -169,12 +164,11 @@ export function configFromJSON(
 
 // ---- Parameters ---------------------------------------------------------------------
 //
-// Parameters live in one Map keyed by the reference's state-dict names, so a reader can
-// look any of them up in the PyTorch code. Two layouts differ from PyTorch, for speed:
-// a Linear weight is stored [in, out] so `x · W` is one plain 2-D matMul (the fast path
-// of every tfjs backend), and the patch-embedding conv weight [Dv, 3, P, P] is stored
-// flattened as [3·P·P, Dv] because we patchify + matMul instead of convolving (the WASM
-// backend has no gradient for a conv filter). `toTorchLayout` / `fromTorchLayout` convert.
+// Parameters live in one Map keyed by the reference's state-dict names, so a reader can look any of them up in the
+// PyTorch code. Two layouts differ from PyTorch, for speed: a Linear weight is stored [in, out] so `x · W` is one plain
+// 2-D matMul (the fast path of every tfjs backend), and the patch-embedding conv weight [Dv, 3, P, P] is stored
+// flattened as [3·P·P, Dv] because we patchify + matMul instead of convolving (the WASM backend has no gradient for a
+// conv filter). `toTorchLayout` / `fromTorchLayout` convert.
 
 /** A float32 tensor as stored in a safetensors file. */
 export type F32Tensor = { dtype: "F32"; shape: number[]; data: Float32Array };
@@ -264,9 +258,8 @@ function fromTorchLayout(t: tf.Tensor, spec: ParamSpec): tf.Tensor {
 // ---- Small tensor helpers ------------------------------------------------------------
 
 /**
- * y = x · W + b for x of any rank [..., in]. tfjs has no gradient for matMul with
- * broadcast batch dimensions, so the input is flattened to 2-D first, which is also the
- * fastest matMul on every backend.
+ * y = x · W + b for x of any rank [..., in]. tfjs has no gradient for matMul with broadcast batch dimensions, so the
+ * input is flattened to 2-D first, which is also the fastest matMul on every backend.
  */
 export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor): tf.Tensor {
   const lead = x.shape.slice(0, -1);
@@ -375,9 +368,8 @@ export function visionEncoder(p: Params, cfg: VLMConfig, images: tf.Tensor, chec
 // ---- Modality projector ---------------------------------------------------------------
 
 /**
- * Pixel shuffle (space-to-depth): every s×s block of neighbouring patches becomes one
- * token, its s² patch vectors concatenated row-major. s² times fewer, s² times wider
- * tokens: the decoder reads L = Np/s² image tokens instead of Np.
+ * Pixel shuffle (space-to-depth): every s×s block of neighbouring patches becomes one token, its s² patch vectors
+ * concatenated row-major. s² times fewer, s² times wider tokens: the decoder reads L = Np/s² image tokens, not Np.
  * x [N, Np, Dv] → [N, L, s²·Dv]
  */
 export function pixelShuffle(x: tf.Tensor, s: number): tf.Tensor3D {
@@ -397,14 +389,12 @@ export function modalityProjector(p: Params, cfg: VLMConfig, x: tf.Tensor): tf.T
 // ---- Language model (SmolLM2 / Llama-style decoder) -----------------------------------
 
 /**
- * Rotary position embedding tables for the given positions, HF-Llama "rotate half"
- * layout: cos/sin [T, hd] with the hd/2 frequencies repeated twice. Beyond
- * lm_max_position_embeddings the frequencies are divided by (max position + 1) / max
- * ("dynamic scaling"), for the whole call, as the reference does.
+ * Rotary position embedding tables for the given positions, HF-Llama "rotate half" layout: cos/sin [T, hd] with the
+ * hd/2 frequencies repeated twice. Beyond lm_max_position_embeddings the frequencies are divided by
+ * (max position + 1) / max ("dynamic scaling"), for the whole call, as the reference does.
  */
 export function rotaryEmbedding(cfg: VLMConfig, positions: number[]): { cos: tf.Tensor2D; sin: tf.Tensor2D } {
-  const hd = cfg.lm_hidden_dim / cfg.lm_n_heads;
-  const longest = Math.max(...positions) + 1;
+  const hd = cfg.lm_hidden_dim / cfg.lm_n_heads, longest = Math.max(...positions) + 1;
   const scale = longest > cfg.lm_max_position_embeddings ? longest / cfg.lm_max_position_embeddings : 1;
   return tf.tidy(() => {
     // inv_freq[i] = 1 / θ^(2i/hd), in float32 arithmetic like the reference.
@@ -425,45 +415,65 @@ export function applyRotary(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor): tf.Te
 }
 
 /**
- * What a hidden key adds to its score. The reference adds float32's most negative value
- * for padding and -inf for the future; on a row that hides every key (a padded query)
- * both make tfjs-webgpu's softmax return NaN, which then reaches real rows through
- * 0·NaN in the next layer. Any value below about -1e10 gives real rows the same
- * probabilities (exactly 0 for hidden keys), and -1e30 stays finite when added twice.
+ * What a hidden key adds to its score. The reference adds float32's most negative value for padding and -inf for the
+ * future; on a row that hides every key (a padded query) both make tfjs-webgpu's softmax return NaN, which then reaches
+ * real rows through 0·NaN in the next layer. Any value below about -1e10 gives real rows the same probabilities
+ * (exactly 0 for hidden keys), and -1e30 stays finite when added twice.
  */
 const HIDDEN = -1e30;
 
 /**
- * The additive attention bias [B or 1, 1, 1, T, Tk] (shaped for the grouped scores
- * below): causal (HIDDEN above the diagonal) when T new tokens attend to exactly those
- * T tokens, plus HIDDEN on padded keys when an attention mask [B, Tk] is given.
- * A single decoding step needs no causal mask: the new token may see everything cached.
+ * The additive attention bias [B or 1, 1, 1, T or 1, Tk] (shaped for the grouped scores below): causal (HIDDEN above
+ * the diagonal) when T new tokens attend to exactly those T tokens, plus HIDDEN on padded keys when an attention mask
+ * [B, Tk] is given. A single decoding step needs no causal mask: the new token may see everything cached.
  */
-export function attentionBias(attentionMask: tf.Tensor | undefined, T: number, Tk: number): tf.Tensor | undefined {
-  if (attentionMask === undefined && (T === 1 || T !== Tk)) return undefined;
+export function attentionBias(
+  attentionMask: tf.Tensor | undefined,
+  T: number,
+  Tk: number,
+  positions?: tf.Tensor1D,
+): tf.Tensor | undefined {
+  const causal = T === Tk && T > 1;
+  if (attentionMask === undefined && !causal) return undefined;
   return tf.tidy(() => {
-    let bias: tf.Tensor = tf.zeros([1, T, Tk]);
-    if (T === Tk && T > 1) {
-      const causal = tf.linalg.bandPart(tf.ones([T, T]), -1, 0); // 1 on and below the diagonal
-      bias = tf.where(causal.equal(1), bias, tf.fill([1, T, Tk], HIDDEN));
+    let bias: tf.Tensor | undefined;
+    if (causal) { // a key (column) after the query (row) is hidden: [T, T]
+      const pos = positions ? positions.slice(0, T) : tf.range(0, T); // [T]: a model's (DecoderTables) or made here
+      bias = tf.where(pos.expandDims(0).greater(pos.expandDims(1)), tf.fill([T, T], HIDDEN), tf.fill([T, T], 0));
     }
     if (attentionMask !== undefined) {
       const Tm = attentionMask.shape[1]!;
       const mask = attentionMask.slice([0, Tm - Tk], [-1, Tk]).toFloat(); // the last Tk columns
-      bias = bias.add(tf.scalar(1).sub(mask).mul(HIDDEN).expandDims(1)); // [B, T, Tk]
+      const padding = tf.scalar(1).sub(mask).mul(HIDDEN).expandDims(1); // [B, 1, Tk]
+      bias = bias ? padding.add(bias) : padding; // [B, T, Tk] or [B, 1, Tk]
     }
-    return bias.reshape([bias.shape[0], 1, 1, T, Tk]);
+    return bias!.reshape([-1, 1, 1, ...bias!.shape.slice(-2)]);
   });
+}
+
+/**
+ * Decoder inputs that depend only on the config, made once per model so that each forward pass or decoding step slices
+ * them instead of remaking them from uploaded data: RoPE cos/sin [Lmax, hd] and positions 0…Lmax−1 [Lmax], Lmax =
+ * lm_max_length. None if that passes lm_max_position_embeddings (dynamic RoPE scaling then depends on the call).
+ */
+export type DecoderTables = { cos: tf.Tensor2D; sin: tf.Tensor2D; positions: tf.Tensor1D };
+
+/** The tables of `cfg`, kept (a model frees them in `dispose`), or undefined (see DecoderTables). */
+export function decoderTables(cfg: VLMConfig): DecoderTables | undefined {
+  const Lmax = cfg.lm_max_length;
+  if (Lmax > cfg.lm_max_position_embeddings) return undefined;
+  const tables = { ...rotaryEmbedding(cfg, Array.from({ length: Lmax }, (_, t) => t)), positions: tf.range(0, Lmax) };
+  Object.values(tables).forEach((t) => tf.keep(t)); // a model built inside a caller's tf.tidy keeps them
+  return tables as DecoderTables;
 }
 
 /** Cached keys and values of one decoder block, both [B, KV, Tk, hd], keys already rotated. */
 export type KVCache = { k: tf.Tensor4D; v: tf.Tensor4D };
 
 /**
- * Causal grouped-query attention. KV key/value heads serve H query heads, rep = H/KV
- * each (query head h uses KV head floor(h/rep), as torch's repeat_interleave). Instead
- * of copying k and v rep times, the query heads of one group are stacked along the
- * token axis: q [B, H, T, hd] → [B, KV, rep·T, hd], one plain batched matMul per group.
+ * Causal grouped-query attention. KV key/value heads serve H query heads, rep = H/KV each (query head h uses KV head
+ * floor(h/rep), as torch's repeat_interleave). Instead of copying k and v rep times, the query heads of one group are
+ * stacked along the token axis: q [B, H, T, hd] → [B, KV, rep·T, hd], one plain batched matMul per group.
  * x [B, T, D] → out [B, T, D] and this block's updated cache.
  */
 export function decoderAttention(
@@ -518,6 +528,7 @@ export function decoderBlock(
  * The decoder over embeddings x [B, T, D] at positions startPos … startPos+T-1 (left padding occupies real positions,
  * as in the reference). Returns the final-RMSNorm hidden states [B, T, D] and the per-block KV cache for the next
  * call; `checkpoint` (training) recomputes each block in backward instead of keeping its activations, and no cache.
+ * With a model's `tables` the RoPE rows and the causal mask come from them; without, they are made for this call.
  */
 export function decoder(
   p: Params,
@@ -527,11 +538,14 @@ export function decoder(
   cache?: KVCache[],
   startPos = 0,
   checkpoint = false,
+  tables?: DecoderTables,
 ): { hidden: tf.Tensor3D; cache: KVCache[] } {
   const T = x.shape[1]!;
   const Tk = T + (cache ? cache[0].k.shape[2]! : 0);
-  const rope = rotaryEmbedding(cfg, Array.from({ length: T }, (_, t) => startPos + t));
-  const bias = attentionBias(attentionMask, T, Tk);
+  const rope = tables
+    ? { cos: tables.cos.slice([startPos, 0], [T, -1]), sin: tables.sin.slice([startPos, 0], [T, -1]) } // [T, hd]
+    : rotaryEmbedding(cfg, Array.from({ length: T }, (_, t) => startPos + t));
+  const bias = attentionBias(attentionMask, T, Tk, tables?.positions);
   const newCache: KVCache[] = [];
   for (let i = 0; i < cfg.lm_n_blocks; i++) {
     if (checkpoint) { // a checkpointed block may read no tensor but its inputs: RoPE tables and mask go in too
@@ -549,6 +563,7 @@ export function decoder(
 
 /** The output head: logits = hidden · Eᵀ (E the tied token embedding, or the untied head). [.., D] → [.., V] */
 export function lmHead(p: Params, cfg: VLMConfig, hidden: tf.Tensor): tf.Tensor {
+  // Eᵀ is never copied, not even once per decoding step: WebGPU and BLAS read E transposed, wasm computes (E·hᵀ)ᵀ.
   const E = p.get(cfg.lm_tie_weights ? "decoder.token_embedding.weight" : "decoder.head.weight")!;
   const lead = hidden.shape.slice(0, -1);
   return tf.matMul(hidden.reshape([-1, cfg.lm_hidden_dim]), E as tf.Tensor2D, false, true).reshape([...lead, -1]);
@@ -557,10 +572,9 @@ export function lmHead(p: Params, cfg: VLMConfig, hidden: tf.Tensor): tf.Tensor 
 // ---- Fusion: image embeddings into the image-token slots ------------------------------
 
 /**
- * Write image embeddings into the `<|image|>` slots of the token embeddings. Slots are
- * filled in row-major order (sample, then position) with image rows in order (image 0
- * token 0, image 0 token 1, …), so images must come flattened in sample order, exactly
- * mp_image_token_length slots per image. Implemented as one gather from the stacked rows
+ * Write image embeddings into the `<|image|>` slots of the token embeddings. Slots are filled in row-major order
+ * (sample, then position) with image rows in order (image 0 token 0, image 0 token 1, …), so images must come flattened
+ * in sample order, exactly mp_image_token_length slots per image. Implemented as one gather from the stacked rows
  * [token rows; image rows], which has a gradient on every backend.
  * ids: the [B, T] token ids on the host; tokenEmbd [B, T, D]; imageEmbd [N, L, D] → [B, T, D]
  */
@@ -591,10 +605,9 @@ export function replaceImageTokens(
 // ---- Loss ------------------------------------------------------------------------------
 
 /**
- * Mean cross-entropy over the positions whose target is not -100. Targets are already
- * shifted by the data pipeline (targets[t] is the token after t), as in the reference.
- * The log-probability of each target is picked with a 1-D gather from the flattened
- * [B·T·V] log-softmax: no [B·T, V] one-hot, and a gradient on every backend.
+ * Mean cross-entropy over the positions whose target is not -100. Targets are already shifted by the data pipeline
+ * (targets[t] is the token after t), as in the reference. The log-probability of each target is picked with a 1-D
+ * gather from the flattened [B·T·V] log-softmax: no [B·T, V] one-hot, and a gradient on every backend.
  * logits [B, T, V], targets int32 [B, T] → scalar
  */
 export function crossEntropy(logits: tf.Tensor, targets: tf.Tensor): tf.Scalar {
@@ -613,10 +626,9 @@ export function crossEntropy(logits: tf.Tensor, targets: tf.Tensor): tf.Scalar {
 // ---- Sampling ---------------------------------------------------------------------------
 
 /**
- * The reference's top-k / top-p filter on one row of logits (a copy is returned, removed
- * entries set to -Infinity). top-k keeps every logit ≥ the k-th largest (ties survive);
- * top-p then sorts what is left, and removes each token whose cumulative probability
- * *including itself* exceeds topP — unlike Hugging Face's version there is no shift, so
+ * The reference's top-k / top-p filter on one row of logits (a copy is returned, removed entries set to -Infinity).
+ * top-k keeps every logit ≥ the k-th largest (ties survive); top-p then sorts what is left, and removes each token
+ * whose cumulative probability *including itself* exceeds topP — unlike Hugging Face's version there is no shift, so
  * the token that crosses topP is removed too — always keeping the most likely one.
  */
 export function topKTopPFilter(logits: Float32Array, topK = 0, topP = 1.0): Float32Array {
@@ -720,12 +732,14 @@ export class VisionLanguageModel {
   readonly imageTokenId: number;
   /** Activation checkpointing in `forward`: backprop keeps one tensor per block and recomputes the rest (§9.4). */
   checkpointBlocks = false;
+  private readonly tables: DecoderTables | undefined; // made once for every call of the decoder
 
   /** A randomly initialised model, drawn as the reference's `_init_weights` (seeded). */
   constructor(cfg: VLMConfig, options: { seed?: number } = {}) {
     validateConfig(cfg);
     this.cfg = { ...cfg };
     this.imageTokenId = cfg.lm_base_vocab_size;
+    this.tables = decoderTables(cfg);
     const id = modelCount++;
     let seed = options.seed ?? 0;
     this.params = new Map();
@@ -766,11 +780,10 @@ export class VisionLanguageModel {
   }
 
   /**
-   * The training/scoring forward pass. inputIds int32 [B, T]; images float32 [N, 3, S, S]
-   * (all images of the batch, sample order); attentionMask [B, T] (1 = token, 0 = left
-   * padding) or undefined; targets int32 [B, T] with -100 where no loss is taken.
-   * Returns logits [B, T, V] and, with targets, the mean cross-entropy. Unlike the
-   * reference (which returns hidden states without targets), logits always come back.
+   * The training/scoring forward pass. inputIds int32 [B, T]; images float32 [N, 3, S, S] (all images of the batch,
+   * sample order); attentionMask [B, T] (1 = token, 0 = left padding) or undefined; targets int32 [B, T] with -100
+   * where no loss is taken. Returns logits [B, T, V] and, with targets, the mean cross-entropy. Unlike the reference
+   * (which returns hidden states without targets), logits always come back.
    */
   forward(
     inputIds: tf.Tensor,
@@ -781,18 +794,18 @@ export class VisionLanguageModel {
     this.checkContext(inputIds.shape[1]!, 0);
     return tf.tidy(() => {
       const fused = this.embed(inputIds, images);
-      const { hidden } = decoder(this.params, this.cfg, fused, attentionMask, undefined, 0, this.checkpointBlocks);
+      const { checkpointBlocks, tables } = this;
+      const { hidden } = decoder(this.params, this.cfg, fused, attentionMask, undefined, 0, checkpointBlocks, tables);
       const logits = lmHead(this.params, this.cfg, hidden) as tf.Tensor3D;
       return targets ? { logits, loss: crossEntropy(logits, targets) } : { logits };
     });
   }
 
   /**
-   * Generate maxNewTokens tokens after each (left-padded) prompt: one prefill pass over
-   * the prompts fills the KV cache, then each step feeds only the newest token. Returns
-   * the new tokens only, int32 [B, maxNewTokens]; after a row's first EOS every token is
-   * EOS (the reference's post-processing). Stops early once every row has emitted EOS,
-   * which changes nothing in the result.
+   * Generate maxNewTokens tokens after each (left-padded) prompt: one prefill pass over the prompts fills the KV cache,
+   * then each step feeds only the newest token. Returns the new tokens only, int32 [B, maxNewTokens]; after a row's
+   * first EOS every token is EOS (the reference's post-processing). Stops early once every row has emitted EOS, which
+   * changes nothing in the result.
    */
   async generate(
     inputIds: tf.Tensor,
@@ -809,7 +822,7 @@ export class VisionLanguageModel {
     // Prefill: the whole prompt at once; keep the cache and the last position's logits.
     let mask = attentionMask ? attentionMask.clone() : undefined;
     let { cache, logits } = tf.tidy(() => {
-      const out = decoder(this.params, this.cfg, this.embed(inputIds, images), mask);
+      const out = decoder(this.params, this.cfg, this.embed(inputIds, images), mask, undefined, 0, false, this.tables);
       const last = out.hidden.slice([0, T - 1, 0], [B, 1, -1]).reshape([B, -1]); // [B, D]
       return { cache: out.cache, logits: lmHead(this.params, this.cfg, last) }; // logits [B, V]
     });
@@ -828,12 +841,10 @@ export class VisionLanguageModel {
       // Decode: embed the new token, extend the mask, attend to the cache.
       const previous = { cache, logits, mask };
       ({ cache, logits, mask } = tf.tidy(() => {
-        const embedding = tf.gather(
-          this.params.get("decoder.token_embedding.weight")!,
-          tf.tensor2d(next, [B, 1], "int32"),
-        );
+        const E = this.params.get("decoder.token_embedding.weight")!;
+        const embedding = tf.gather(E, tf.tensor2d(next, [B, 1], "int32")); // [B, 1, D]
         const grown = mask ? tf.concat([mask, tf.ones([B, 1], mask.dtype)], 1) : undefined;
-        const out = decoder(this.params, this.cfg, embedding, grown, cache, T + step);
+        const out = decoder(this.params, this.cfg, embedding, grown, cache, T + step, false, this.tables);
         return { cache: out.cache, logits: lmHead(this.params, this.cfg, out.hidden.reshape([B, -1])), mask: grown };
       }));
       tf.dispose([previous.logits, previous.mask, ...previous.cache.flatMap((c) => [c.k, c.v])]);
@@ -856,9 +867,8 @@ export class VisionLanguageModel {
   // ---- Save and load -------------------------------------------------------------------
 
   /**
-   * The weights as nanoVLM saves them: PyTorch layouts, the tied embedding stored once
-   * as `decoder.head.weight` (recorded in `__metadata__`), plus the RoPE buffer
-   * `decoder.rotary_embd.inv_freq`.
+   * The weights as nanoVLM saves them: PyTorch layouts, the tied embedding stored once as `decoder.head.weight`
+   * (recorded in `__metadata__`), plus the RoPE buffer `decoder.rotary_embd.inv_freq`.
    */
   async stateDict(): Promise<{ tensors: Map<string, F32Tensor>; metadata: Record<string, string> }> {
     const tensors = new Map<string, F32Tensor>();
@@ -869,12 +879,9 @@ export class VisionLanguageModel {
       tensors.set(tied ? "decoder.head.weight" : spec.name, { dtype: "F32", shape: torchTensor.shape, data });
       torchTensor.dispose();
     }
-    const hd = this.cfg.lm_hidden_dim / this.cfg.lm_n_heads;
-    const theta = this.cfg.lm_re_base; // inv_freq = 1 / θ^(2i/hd), rounded to float32 like PyTorch
-    const invFreq = Float32Array.from(
-      { length: hd / 2 },
-      (_, i) => 1 / Math.fround(theta ** Math.fround((2 * i) / hd)),
-    );
+    const hd = this.cfg.lm_hidden_dim / this.cfg.lm_n_heads, theta = this.cfg.lm_re_base;
+    // inv_freq = 1 / θ^(2i/hd), rounded to float32 like PyTorch
+    const invFreq = Float32Array.from({ length: hd / 2 }, (_, i) => 1 / Math.fround(theta ** Math.fround(2 * i / hd)));
     tensors.set("decoder.rotary_embd.inv_freq", { dtype: "F32", shape: [hd / 2], data: invFreq });
     const metadata: Record<string, string> = this.cfg.lm_tie_weights
       ? { "decoder.token_embedding.weight": "decoder.head.weight" }
@@ -883,10 +890,9 @@ export class VisionLanguageModel {
   }
 
   /**
-   * Copy weights in through a name map: each of our parameters is one tensor of the file
-   * (PyTorch layout), or several concatenated along the first axis (SigLIP's q, k, v). A
-   * missing or wrongly shaped tensor is an error naming the key and both shapes; with
-   * `strict` so is a tensor the map does not use. Nothing is assigned unless all fit.
+   * Copy weights in through a name map: each of our parameters is one tensor of the file (PyTorch layout), or several
+   * concatenated along the first axis (SigLIP's q, k, v). A missing or wrongly shaped tensor is an error naming the key
+   * and both shapes; with `strict` so is a tensor the map does not use. Nothing is assigned unless all fit.
    */
   loadWeights(map: NameMapping[], file: SafetensorsFile, source: string, strict: boolean): void {
     const specs = new Map(parameterSpecs(this.cfg).map((spec) => [spec.name, spec]));
@@ -966,17 +972,17 @@ export class VisionLanguageModel {
     return model;
   }
 
-  /** Free every weight. */
+  /** Free every weight and the decoder's tables. */
   dispose(): void {
     for (const v of this.params.values()) v.dispose();
+    tf.dispose(Object.values(this.tables ?? {}));
   }
 }
 
 // ---- Name maps ------------------------------------------------------------------------
 //
-// Every checkpoint is read through a name map from our parameter names to the file's
-// (`loadWeights` above). nanoVLM's own files use our names; the maps for pretrained
-// Hugging Face SigLIP and SmolLM2 files, and their config.json, are in backbones.ts.
+// Every checkpoint is read through a name map from our parameter names to the file's (`loadWeights` above). nanoVLM's
+// own files use our names; the maps for pretrained SigLIP and SmolLM2 files (and their config.json) are in backbones.ts.
 
 /** One of our parameters and the file's tensor(s) it is made of (several: concatenated rows). */
 export interface NameMapping {

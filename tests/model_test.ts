@@ -162,6 +162,35 @@ Deno.test("no tensor leaks across repeated forward, backward and generate", asyn
   model.dispose();
 });
 
+Deno.test("the decoder's tables: made with the model, the per-call values exactly, no growth, freed by dispose", async () => {
+  const before = tf.memory().numTensors;
+  const model = new VisionLanguageModel(small, { seed: 8 });
+  assertEquals(tf.memory().numTensors - before, model.params.size + 3, "weights + RoPE cos, sin and positions");
+  const { inputIds, mask, images, targets } = batch();
+  const forward = async () => {
+    const { logits, loss } = model.forward(inputIds, images, mask, targets);
+    const values = await logits.data();
+    tf.dispose([logits, loss!]);
+    return values;
+  };
+  const withInputs = tf.memory().numTensors;
+  const first = await forward();
+  assertEquals(tf.memory().numTensors, withInputs, "the first forward leaves nothing behind (no lazy cache)");
+  await forward();
+  assertEquals(tf.memory().numTensors, withInputs, "nor does the second");
+  // The free decoder, which makes RoPE tables and the causal mask for the call, gives the very same logits.
+  const p = model.params as Map<string, tf.Tensor>;
+  const perCall = tf.tidy(() => lmHead(p, small, decoder(p, small, model.embed(inputIds, images), mask).hidden));
+  assertEquals(maxAbsDiff(first, await perCall.data()), 0);
+  tf.dispose([perCall, inputIds, mask, images, targets]);
+  model.dispose();
+  assertEquals(tf.memory().numTensors, before);
+  // A context that may pass lm_max_position_embeddings has no tables: dynamic RoPE scaling is per call.
+  const long = new VisionLanguageModel({ ...small, lm_max_position_embeddings: 16 });
+  assertEquals(tf.memory().numTensors - before, long.params.size);
+  long.dispose();
+});
+
 Deno.test("sampling is repeatable with a seed and respects top-k", async () => {
   const model = new VisionLanguageModel(small, { seed: 5 });
   const { inputIds, mask, images } = batch();
