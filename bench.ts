@@ -450,13 +450,20 @@ function printSlowestKernels(profile: Awaited<ReturnType<typeof tf.profile>>, lo
   }
 }
 
+/** A measured number for a table: thousands separated, `digits` decimals, "—" when not measured. */
+export function formatNumber(x: number | null | undefined, digits = 0): string {
+  return x == null ? "—" : x.toLocaleString("en-US", { maximumFractionDigits: digits, minimumFractionDigits: digits });
+}
+
+/** A markdown table: the header, a `---` row, then the rows (an empty cell prints as `| |`). memory.ts uses it too. */
+export function markdownTable(header: string[], rows: string[][]): string {
+  const line = (cells: string[]) => `|${cells.map((cell) => cell ? ` ${cell} ` : " ").join("|")}|`;
+  return [header, header.map(() => "---"), ...rows].map(line).join("\n");
+}
+
 /** The rows as a markdown table. */
 export function formatTable(rows: BenchRow[]): string {
-  const number = (x: number | null, digits = 0) =>
-    x === null ? "—" : x.toLocaleString("en-US", {
-      maximumFractionDigits: digits,
-      minimumFractionDigits: digits,
-    });
+  const number = formatNumber;
   const header = [
     "config",
     "backend",
@@ -487,9 +494,8 @@ export function formatTable(rows: BenchRow[]): string {
     number(r.backend_mib),
     number(r.rss_mib),
   ]);
-  const table = [header, header.map(() => "---"), ...lines].map((cells) => `| ${cells.join(" | ")} |`);
   const notes = rows.filter((r) => r.note).map((r) => `- B=${r.batch}: ${r.note}`);
-  return [...table, ...(notes.length ? ["", ...notes] : [])].join("\n");
+  return [markdownTable(header, lines), ...(notes.length ? ["", ...notes] : [])].join("\n");
 }
 
 // ---- Command line ----------------------------------------------------------------------

@@ -18,7 +18,15 @@
 
 import * as tf from "@tensorflow/tfjs";
 import { parseArgs } from "node:util";
-import { backendMiB, BENCH_CONFIGS, machineDescription, peakRssMiB, syntheticBatch } from "./bench.ts";
+import {
+  backendMiB,
+  BENCH_CONFIGS,
+  formatNumber,
+  machineDescription,
+  markdownTable,
+  peakRssMiB,
+  syntheticBatch,
+} from "./bench.ts";
 import { VisionLanguageModel } from "./nanovlm.ts";
 import { type BackendName, initBackend } from "./runtime.ts";
 import { AdamW, batchTensors, lowMemoryTraining, paramGroups, trainStep } from "./train.ts";
@@ -133,19 +141,13 @@ function overBudget(r: MemoryResult, budgetMiB: number | undefined): boolean {
 
 /** The results as a markdown table, the first batch that does not fit last. */
 export function formatMemoryTable(results: MemoryResult[], budgetMiB?: number): string {
-  const n = (x: number | null | undefined) => x == null ? "—" : x.toLocaleString("en-US", { maximumFractionDigits: 0 });
-  const lines = [
-    "| batch | peak tensors MiB | heap/GPU MiB | peak RSS MiB | step ms | |",
-    "| --- | --- | --- | --- | --- | --- |",
-  ];
-  for (const r of results) {
+  const n = formatNumber;
+  const rows = results.map((r) => {
     const over = overBudget(r, budgetMiB) ? `over the ${budgetMiB} MiB budget` : "";
     const verdict = r.fits && !over ? "fits" : `**does not fit**: ${over || r.error}`;
-    lines.push(
-      `| ${r.batch} | ${n(r.peak_tensor_mib)} | ${n(r.backend_mib)} | ${n(r.rss_mib)} | ${n(r.step_ms)} | ${verdict} |`,
-    );
-  }
-  return lines.join("\n");
+    return [String(r.batch), n(r.peak_tensor_mib), n(r.backend_mib), n(r.rss_mib), n(r.step_ms), verdict];
+  });
+  return markdownTable(["batch", "peak tensors MiB", "heap/GPU MiB", "peak RSS MiB", "step ms", ""], rows);
 }
 
 const USAGE = `deno task memory [--preset NAME] [--backend webgpu|wasm|cpu] [--batches 1,2,4] [--max-batch 512]
