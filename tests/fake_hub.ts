@@ -11,11 +11,12 @@
 //     /api/models/{repo}/commit/{rev} (NDJSON): uploads become new commits.
 // Every request is recorded (method, server, path, Range, whether a token came along) and
 // faults can be injected: break a download off after N bytes, serve corrupt bytes.
-// Also: helpers that write small files in The Cauldron's parquet layout.
+// Also: the fixture's backbones as Hub repos, and helpers that write small files in The Cauldron's parquet layout.
 
 import { parquetWriteBuffer } from "hyparquet-writer";
 import { createHash } from "node:crypto";
 import { encodePng } from "../data.ts";
+import { FIXTURE_DIR } from "./helpers.ts";
 
 /** One request as the fake Hub saw it. */
 export interface SeenRequest {
@@ -293,6 +294,34 @@ export class FakeHub {
     }
     return new Response(body, { status, headers });
   }
+}
+
+/** nanovlm-222m's backbones on the Hub; the fake Hub serves the nanovlm-tiny-a fixture's small stand-ins as them. */
+export const SIGLIP_REPO = "google/siglip-base-patch16-224";
+export const SMOLLM_REPO = "HuggingFaceTB/SmolLM2-135M";
+
+/**
+ * Add SIGLIP_REPO and SMOLLM_REPO to `hub`: the fixture's Hugging Face-format SigLIP and SmolLM2 files, and with
+ * SmolLM2 a SmolLM2-style tokenizer: the shapes tokenizer without `<|image|>` (SmolLM2's has none either; it is
+ * appended at load), its vocabulary padded with `<unused_i>` tokens up to `vocabSize` (default: left as it is).
+ */
+export async function addBackboneRepos(hub: FakeHub, { vocabSize = 0 } = {}): Promise<void> {
+  const read = (name: string) => Deno.readFileSync(`${FIXTURE_DIR}/${name}`);
+  hub.addRepo("model", SIGLIP_REPO, {
+    "config.json": read("hf_vit_config.json"),
+    "model.safetensors": read("hf_vit.safetensors"),
+  });
+  const dir = new URL("../tokenizers/shapes/", import.meta.url).pathname;
+  const tokenizer = JSON.parse(await Deno.readTextFile(`${dir}/tokenizer.json`));
+  tokenizer.added_tokens = tokenizer.added_tokens.filter((t: { content: string }) => t.content !== "<|image|>");
+  const vocab = tokenizer.model.vocab as Record<string, number>;
+  for (let id = Object.keys(vocab).length; id < vocabSize; id++) vocab[`<unused_${id}>`] = id;
+  hub.addRepo("model", SMOLLM_REPO, {
+    "config.json": read("hf_lm_config.json"),
+    "model.safetensors": read("hf_lm.safetensors"),
+    "tokenizer.json": JSON.stringify(tokenizer),
+    "tokenizer_config.json": await Deno.readTextFile(`${dir}/tokenizer_config.json`),
+  });
 }
 
 /** A temporary HF_HOME-style folder for one test, removed by the returned function. */

@@ -1,6 +1,8 @@
-// Shared test helpers: the nanovlm-tiny-a fixture and tolerant tensor comparison.
+// Shared test helpers: the nanovlm-tiny-a fixture, a micro model config, tolerant tensor comparison, leak checks
+// and environment variables set for the length of a call.
 
 import * as tf from "@tensorflow/tfjs";
+import { PRESETS, type VLMConfig } from "../nanovlm.ts";
 import { readSafetensors, type SafetensorsTensor } from "../runtime.ts";
 
 /** The PyTorch reference fixture folder (a copy of ../shared/fixtures/nanovlm-tiny-a). */
@@ -15,6 +17,26 @@ export async function loadFixture(): Promise<{
   const expected = (await readSafetensors(`${FIXTURE_DIR}/expected.safetensors`)).tensors;
   return { inputs, expected };
 }
+
+/**
+ * A micro model for the shapes tokenizer: the tiny preset with 16-px images, one image token and one block each, so
+ * a training step takes milliseconds. The overrides are what `train()` takes; MICRO is the whole config.
+ */
+export const MICRO_OVERRIDES: Readonly<Partial<VLMConfig>> = Object.freeze({
+  vit_hidden_dim: 32,
+  vit_inter_dim: 64,
+  vit_n_heads: 2,
+  vit_n_blocks: 1,
+  vit_img_size: 16,
+  mp_image_token_length: 1,
+  lm_hidden_dim: 32,
+  lm_inter_dim: 64,
+  lm_n_heads: 2,
+  lm_n_kv_heads: 1,
+  lm_n_blocks: 1,
+  lm_max_length: 64,
+});
+export const MICRO: Readonly<VLMConfig> = Object.freeze({ ...PRESETS.tiny, ...MICRO_OVERRIDES });
 
 /** A fixture tensor as a tf tensor (ints become int32). */
 export function toTensor(t: SafetensorsTensor): tf.Tensor {
@@ -65,4 +87,18 @@ export async function assertNoLeak(fn: () => Promise<void> | void): Promise<void
   await fn();
   const after = tf.memory().numTensors;
   if (after !== before) throw new Error(`tensor leak: ${after - before} tensors left behind`);
+}
+
+/** Run `fn` with these environment variables set (undefined = unset), restoring them after. */
+export async function withEnv<T>(vars: Record<string, string | undefined>, fn: () => T | Promise<T>): Promise<T> {
+  const saved = Object.fromEntries(Object.keys(vars).map((k) => [k, Deno.env.get(k)]));
+  const apply = (values: Record<string, string | undefined>) => {
+    for (const [k, v] of Object.entries(values)) v === undefined ? Deno.env.delete(k) : Deno.env.set(k, v);
+  };
+  apply(vars);
+  try {
+    return await fn();
+  } finally {
+    apply(saved);
+  }
 }

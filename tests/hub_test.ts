@@ -34,8 +34,8 @@ import {
 import { PRESETS, VisionLanguageModel } from "../nanovlm.ts";
 import { initBackend } from "../runtime.ts";
 import { assert, assertEquals, assertMatch, assertRejects } from "./assert.ts";
-import { FakeHub, tempCache } from "./fake_hub.ts";
-import { FIXTURE_DIR } from "./helpers.ts";
+import { addBackboneRepos, FakeHub, SIGLIP_REPO, SMOLLM_REPO, tempCache } from "./fake_hub.ts";
+import { FIXTURE_DIR, withEnv } from "./helpers.ts";
 
 await initBackend("cpu", { quiet: true });
 
@@ -45,8 +45,6 @@ const gitBlobId = (bytes: Uint8Array) =>
   createHash("sha1").update(`blob ${bytes.length}\0`).update(bytes).digest("hex");
 
 const NANOVLM_REPO = "lusxvr/nanoVLM-450M";
-const SIGLIP_REPO = "google/siglip-base-patch16-224";
-const SMOLLM_REPO = "HuggingFaceTB/SmolLM2-135M";
 
 /** The fixture checkpoint, with the key that breaks the reference's loader on lusxvr/nanoVLM-450M. */
 function nanoVLMRepoFiles(): Record<string, Uint8Array | string> {
@@ -57,50 +55,17 @@ function nanoVLMRepoFiles(): Record<string, Uint8Array | string> {
   };
 }
 
-/** A SmolLM2-style tokenizer repo: the shapes tokenizer without `<|image|>` (the real one has none either). */
-async function tokenizerRepoFiles(): Promise<Record<string, string>> {
-  const dir = new URL("../tokenizers/shapes/", import.meta.url).pathname;
-  const tokenizer = JSON.parse(await Deno.readTextFile(`${dir}/tokenizer.json`));
-  tokenizer.added_tokens = tokenizer.added_tokens.filter((t: { content: string }) => t.content !== "<|image|>");
-  return {
-    "tokenizer.json": JSON.stringify(tokenizer),
-    "tokenizer_config.json": await Deno.readTextFile(`${dir}/tokenizer_config.json`),
-  };
-}
-
 /** A fake Hub with the three fixture repos and a fresh cache; `fn` gets both and the options that point at them. */
 async function withHub(fn: (hub: FakeHub, options: HubOptions & { cacheDir: string }) => Promise<void>): Promise<void> {
   const hub = await FakeHub.start();
   const cache = await tempCache();
   try {
     hub.addRepo("model", NANOVLM_REPO, nanoVLMRepoFiles());
-    hub.addRepo("model", SIGLIP_REPO, {
-      "config.json": read("hf_vit_config.json"),
-      "model.safetensors": read("hf_vit.safetensors"),
-    });
-    hub.addRepo("model", SMOLLM_REPO, {
-      "config.json": read("hf_lm_config.json"),
-      "model.safetensors": read("hf_lm.safetensors"),
-      ...(await tokenizerRepoFiles()),
-    });
+    await addBackboneRepos(hub);
     await fn(hub, { endpoint: hub.url, cacheDir: cache.dir, offline: false, token: undefined, onProgress: () => {} });
   } finally {
     await hub.close();
     await cache.cleanup();
-  }
-}
-
-/** Run `fn` with these environment variables set (undefined = unset), restoring them after. */
-async function withEnv(vars: Record<string, string | undefined>, fn: () => unknown): Promise<void> {
-  const saved = Object.fromEntries(Object.keys(vars).map((k) => [k, Deno.env.get(k)]));
-  const apply = (values: Record<string, string | undefined>) => {
-    for (const [k, v] of Object.entries(values)) v === undefined ? Deno.env.delete(k) : Deno.env.set(k, v);
-  };
-  apply(vars);
-  try {
-    await fn();
-  } finally {
-    apply(saved);
   }
 }
 

@@ -11,7 +11,7 @@ import type { Batch } from "../data.ts";
 import { PRESETS, VisionLanguageModel, type VLMConfig } from "../nanovlm.ts";
 import { computeOnHost, initBackend, readSafetensors, recomputeInBackward } from "../runtime.ts";
 import { AdamW, lowMemoryTraining, paramGroups, train, type TrainConfig, trainStep } from "../train.ts";
-import { assertNoLeak, maxAbsDiff } from "./helpers.ts";
+import { assertNoLeak, maxAbsDiff, MICRO_OVERRIDES } from "./helpers.ts";
 
 await initBackend("wasm", { quiet: true });
 
@@ -246,20 +246,7 @@ Deno.test("train --low_memory=on: the same run as without, and --resume continue
     test_examples: 0,
     runs_dir: dir,
   };
-  const overrides: Partial<VLMConfig> = {
-    vit_hidden_dim: 32,
-    vit_inter_dim: 64,
-    vit_n_heads: 2,
-    vit_n_blocks: 1,
-    vit_img_size: 16,
-    mp_image_token_length: 1,
-    lm_hidden_dim: 32,
-    lm_inter_dim: 64,
-    lm_n_heads: 2,
-    lm_n_kv_heads: 1,
-    lm_n_blocks: 2,
-    lm_max_length: 64,
-  };
+  const overrides = { ...MICRO_OVERRIDES, lm_n_blocks: 2 }; // two checkpointed decoder blocks
   try {
     const lines: string[] = [];
     const log = (line: string) => lines.push(line);

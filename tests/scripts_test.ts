@@ -22,24 +22,12 @@ import { VisionLanguageModel } from "../nanovlm.ts";
 import { initBackend } from "../runtime.ts";
 import { AdamW, modelConfig, paramGroups, saveCheckpoint, trainStep } from "../train.ts";
 import { assert, assertEquals, assertRejects } from "./assert.ts";
+import { MICRO_OVERRIDES } from "./helpers.ts";
 
 await initBackend("wasm", { quiet: true });
 const ROOT = new URL("..", import.meta.url).pathname;
 const tokenizer = await loadTokenizer(`${ROOT}tokenizers/shapes`);
-const MICRO = modelConfig("tiny", {
-  vit_hidden_dim: 32,
-  vit_inter_dim: 64,
-  vit_n_heads: 2,
-  vit_n_blocks: 1,
-  vit_img_size: 16,
-  mp_image_token_length: 1,
-  lm_hidden_dim: 32,
-  lm_inter_dim: 64,
-  lm_n_heads: 2,
-  lm_n_kv_heads: 1,
-  lm_n_blocks: 1,
-  lm_max_length: 40,
-});
+const MICRO = modelConfig("tiny", { ...MICRO_OVERRIDES, lm_max_length: 40 }); // a context the errors below name
 
 async function withTempDir(fn: (dir: string) => Promise<void>): Promise<void> {
   const dir = await Deno.makeTempDir({ prefix: "nanovlm-scripts-test-" });

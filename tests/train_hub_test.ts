@@ -10,11 +10,17 @@ import { train, type TrainConfig } from "../train.ts";
 import { CAULDRON_REPO } from "../datasets.ts";
 import { readSafetensors } from "../runtime.ts";
 import { assert, assertEquals, assertMatch, assertRejects } from "./assert.ts";
-import { cauldronParquet, FakeHub, noisePng, tempCache } from "./fake_hub.ts";
-import { FIXTURE_DIR } from "./helpers.ts";
+import {
+  addBackboneRepos,
+  cauldronParquet,
+  FakeHub,
+  noisePng,
+  SIGLIP_REPO,
+  SMOLLM_REPO,
+  tempCache,
+} from "./fake_hub.ts";
+import { withEnv } from "./helpers.ts";
 
-const SIGLIP_REPO = "google/siglip-base-patch16-224";
-const SMOLLM_REPO = "HuggingFaceTB/SmolLM2-135M";
 const QA = [
   { user: "What color is the circle?", assistant: "red" },
   { user: "How many shapes are there?", assistant: "two" },
@@ -31,49 +37,21 @@ const SMALL_RUN: Partial<TrainConfig> = {
 };
 
 /**
- * The shapes tokenizer grown to the fixture LM's 299-token vocabulary (SmolLM2 has 49152),
- * without `<|image|>` (SmolLM2's has none either: it is appended at load, id 299).
+ * A fake Hub with the backbones, the tokenizer (grown to the fixture LM's 299-token vocabulary: SmolLM2 has 49152) and
+ * a Cauldron subset; HF_* pointing at it while `fn` runs.
  */
-async function smolLM2LikeTokenizer(): Promise<Record<string, string>> {
-  const dir = new URL("../tokenizers/shapes/", import.meta.url).pathname;
-  const tokenizer = JSON.parse(await Deno.readTextFile(`${dir}/tokenizer.json`));
-  tokenizer.added_tokens = tokenizer.added_tokens.filter((t: { content: string }) => t.content !== "<|image|>");
-  const vocab = tokenizer.model.vocab as Record<string, number>;
-  for (let id = Object.keys(vocab).length; id < 299; id++) vocab[`<unused_${id}>`] = id;
-  return {
-    "tokenizer.json": JSON.stringify(tokenizer),
-    "tokenizer_config.json": await Deno.readTextFile(`${dir}/tokenizer_config.json`),
-  };
-}
-
-/** A fake Hub with the backbones, the tokenizer and a Cauldron subset; HF_* pointing at it while `fn` runs. */
 async function withHubEnv(fn: (hub: FakeHub, dir: string) => Promise<void>): Promise<void> {
   const hub = await FakeHub.start();
   const cache = await tempCache();
-  const read = (name: string) => Deno.readFileSync(`${FIXTURE_DIR}/${name}`);
-  hub.addRepo("model", SIGLIP_REPO, {
-    "config.json": read("hf_vit_config.json"),
-    "model.safetensors": read("hf_vit.safetensors"),
-  });
-  hub.addRepo("model", SMOLLM_REPO, {
-    "config.json": read("hf_lm_config.json"),
-    "model.safetensors": read("hf_lm.safetensors"),
-    ...(await smolLM2LikeTokenizer()),
-  });
-  const rows = await Promise.all(
-    Array.from({ length: 6 }, async (_, i) => ({ images: [await noisePng(i)], texts: [QA[i % 3]] })),
-  );
-  hub.addRepo("dataset", CAULDRON_REPO, { "vqav2/train-00000-of-00001.parquet": cauldronParquet(rows, 3) });
-  const vars = { HF_ENDPOINT: hub.url, HF_HOME: cache.dir, HF_TOKEN: hub.writeToken, HF_HUB_OFFLINE: undefined };
-  const saved = Object.fromEntries(Object.keys(vars).map((k) => [k, Deno.env.get(k)]));
-  const apply = (values: Record<string, string | undefined>) => {
-    for (const [k, v] of Object.entries(values)) v === undefined ? Deno.env.delete(k) : Deno.env.set(k, v);
-  };
-  apply(vars);
   try {
-    await fn(hub, cache.dir);
+    await addBackboneRepos(hub, { vocabSize: 299 });
+    const rows = await Promise.all(
+      Array.from({ length: 6 }, async (_, i) => ({ images: [await noisePng(i)], texts: [QA[i % 3]] })),
+    );
+    hub.addRepo("dataset", CAULDRON_REPO, { "vqav2/train-00000-of-00001.parquet": cauldronParquet(rows, 3) });
+    const vars = { HF_ENDPOINT: hub.url, HF_HOME: cache.dir, HF_TOKEN: hub.writeToken, HF_HUB_OFFLINE: undefined };
+    await withEnv(vars, () => fn(hub, cache.dir));
   } finally {
-    apply(saved);
     await hub.close();
     await cache.cleanup();
   }

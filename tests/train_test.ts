@@ -5,7 +5,7 @@
 
 import * as tf from "@tensorflow/tfjs";
 import { type Batch, loadTokenizer, shapesBatches } from "../data.ts";
-import { configFromJSON, PRESETS, VisionLanguageModel, type VLMConfig } from "../nanovlm.ts";
+import { configFromJSON, PRESETS, VisionLanguageModel } from "../nanovlm.ts";
 import { initBackend, readSafetensors } from "../runtime.ts";
 import {
   AdamW,
@@ -24,7 +24,7 @@ import {
   trimPadding,
 } from "../train.ts";
 import { assert, assertEquals, assertMatch, assertRejects, assertThrows } from "./assert.ts";
-import { FIXTURE_DIR, loadFixture, maxAbsDiff } from "./helpers.ts";
+import { FIXTURE_DIR, loadFixture, maxAbsDiff, MICRO, MICRO_OVERRIDES } from "./helpers.ts";
 
 await initBackend("wasm", { quiet: true });
 const SHAPES_TOKENIZER = new URL("../tokenizers/shapes", import.meta.url).pathname;
@@ -199,22 +199,6 @@ Deno.test("trimPadding drops all-padding columns and keeps the loss (RoPE sees o
 
 // ---- Training on a micro model ----
 
-/** A micro model for the shapes tokenizer: 16-px images, one image token, one block each. */
-const MICRO_OVERRIDES: Partial<VLMConfig> = {
-  vit_hidden_dim: 32,
-  vit_inter_dim: 64,
-  vit_n_heads: 2,
-  vit_n_blocks: 1,
-  vit_img_size: 16,
-  mp_image_token_length: 1,
-  lm_hidden_dim: 32,
-  lm_inter_dim: 64,
-  lm_n_heads: 2,
-  lm_n_kv_heads: 1,
-  lm_n_blocks: 1,
-  lm_max_length: 64,
-};
-const MICRO: VLMConfig = modelConfig("tiny", MICRO_OVERRIDES);
 const MICRO_TRAIN: Partial<TrainConfig> = {
   backend: "wasm",
   batch_size: 4,
