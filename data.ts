@@ -71,10 +71,10 @@ class Rng {
 
 // ---- The shapes world: scenes ---------------------------------------------------------------
 //
-// A white image split into four quadrants; 1 to 4 shapes, each in its own quadrant with
+// A black image split into four quadrants; 1 to 4 shapes, each in its own quadrant with
 // some jitter, so shapes never overlap and "where" always has a one-phrase answer. Shapes
-// are drawn without antialiasing: every pixel is either white or exactly its shape's
-// colour, which makes "the answer agrees with the pixels" a testable property.
+// are drawn without antialiasing: every pixel is either the background colour or exactly
+// its shape's colour, which makes "the answer agrees with the pixels" a testable property.
 
 /** The shapes, in the order they are listed everywhere. */
 export const SHAPES = ["circle", "square", "triangle"] as const;
@@ -93,6 +93,15 @@ export const COLOR_RGB: Readonly<Record<Color, readonly [number, number, number]
   blue: [40, 80, 220],
   yellow: [230, 200, 30],
 };
+
+/**
+ * The background's RGB value. Black, because the pixels reach the model un-normalised in
+ * [0, 1], as the reference feeds them: a 0 pixel adds nothing to the patch embedding's
+ * weight gradient, so only the shapes drive it. On the white background the issue first
+ * asked for, every empty pixel fed the same large input, Adam's updates followed that
+ * shared background and the tiny model stayed blind (see README "Train, ask and evaluate").
+ */
+export const BACKGROUND_RGB: readonly [number, number, number] = [0, 0, 0];
 
 /** The two sizes a shape comes in. */
 export const SIZES = ["small", "large"] as const;
@@ -147,7 +156,12 @@ export function renderScene(
   if (out.length !== size * size * 3) {
     throw new Error(`renderScene: out has ${out.length} bytes, need ${size * size * 3}`);
   }
-  out.fill(255);
+  const [backRed, backGreen, backBlue] = BACKGROUND_RGB;
+  for (let i = 0; i < out.length; i += 3) {
+    out[i] = backRed;
+    out[i + 1] = backGreen;
+    out[i + 2] = backBlue;
+  }
   for (const o of objects) {
     const [red, green, blue] = COLOR_RGB[o.color];
     const cx = o.x * size, cy = o.y * size, r = o.radius * size;

@@ -10,6 +10,7 @@ import { Image } from "imagescript";
 import {
   applyChatTemplate,
   assistantPrefixLength,
+  BACKGROUND_RGB,
   CHATML_TEMPLATE,
   CHOICE_INSTRUCTION,
   collate,
@@ -75,14 +76,14 @@ function oracle(question: string, objects: readonly ShapeObject[]): string {
   throw new Error(`no oracle for "${question}"`);
 }
 
-/** Every pixel is white or the colour of the object in its quadrant, and each object's centre has its colour. */
+/** Every pixel is the background or the colour of the object in its quadrant, and each object's centre has its colour. */
 function checkPixels(rgb: Uint8Array, size: number, objects: readonly ShapeObject[]) {
   const half = size / 2;
   for (let y = 0; y < size; y++) {
     for (let x = 0; x < size; x++) {
       const i = (y * size + x) * 3;
       const px = [rgb[i], rgb[i + 1], rgb[i + 2]];
-      if (px.every((v) => v === 255)) continue;
+      if (px.every((v, c) => v === BACKGROUND_RGB[c])) continue;
       const quadrant = QUADRANTS[(y < half ? 0 : 2) + (x < half ? 0 : 1)];
       const owner = objects.find((o) => o.quadrant === quadrant);
       assert.ok(owner, `pixel (${x}, ${y}) is coloured but no object is in the ${quadrant}`);
@@ -640,11 +641,13 @@ Deno.test("shapesBatches: deterministic batches whose labels are exactly the ans
       assert.ok(!trained.includes(tok.imageTokenId));
     }
   }
-  // The first image of the first batch is example 0 rendered at 32 px, as floats.
+  // The first image of the first batch is example 0 rendered at 32 px, as floats. Read under an
+  // object's centre: the corner is background, 0 in every plane, and would pass for an empty image.
   const ex = makeShapesExample("train", 1, 0, 32);
   const first = a[0].images.subarray(0, 3 * 32 * 32);
-  assert.equal(first[0], Math.fround(ex.rgb[0] / 255));
-  assert.equal(first[32 * 32], Math.fround(ex.rgb[1] / 255)); // green plane starts at S·S
+  const centre = Math.floor(ex.objects[0].y * 32) * 32 + Math.floor(ex.objects[0].x * 32);
+  assert.equal(first[centre], Math.fround(ex.rgb[3 * centre] / 255));
+  assert.equal(first[32 * 32 + centre], Math.fround(ex.rgb[3 * centre + 1] / 255)); // green plane starts at S·S
 
   // Kind filter and a finite count.
   const onlyColor = [
