@@ -85,7 +85,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   lr_backbones: 1e-3,
   batch_size: 64,
   gradient_accumulation_steps: 1,
-  max_training_steps: 1000,
+  max_training_steps: 2000,
   max_grad_norm: 1.0,
   eval_interval: 200,
   val_samples: 128,
