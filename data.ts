@@ -1111,6 +1111,11 @@ export interface ShapesBatchOptions {
   config: Pick<DataConfig, "vit_img_size" | "mp_image_token_length" | "lm_max_length">;
   /** Only these question kinds (default: all). */
   kinds?: readonly QuestionKind[];
+  /**
+   * How often a caption is drawn relative to each other kind (default 1: every kind of the scene equally). A caption
+   * names every object's size, colour, shape and place: the densest lesson about the picture.
+   */
+  captionWeight?: number;
   /** First example index (default 0): resume a run at `step · batchSize`. */
   start?: number;
   /** Stop after this many examples (default: never, the world is endless); the last batch may be short. */
@@ -1119,12 +1124,16 @@ export interface ShapesBatchOptions {
 
 /**
  * Collated batches of (image, one question → answer) samples, rendered straight into
- * float arrays (no PNG round trip). Example i gives sample i: its kind is drawn uniformly
- * among the kinds its scene has, then one question of that kind, so the stream is fully
- * determined by (split, seed) and batches can be regenerated from any `start`.
+ * float arrays (no PNG round trip). Example i gives sample i: its kind is drawn among
+ * the kinds its scene has (uniformly, captions weighted by `captionWeight`), then one
+ * question of that kind, so the stream is fully determined by (split, seed) and batches
+ * can be regenerated from any `start`.
  */
 export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
-  const { split, seed, batchSize, tokenizer, config, kinds = QUESTION_KINDS, start = 0 } = options;
+  const { split, seed, batchSize, tokenizer, config, kinds = QUESTION_KINDS, captionWeight = 1, start = 0 } = options;
+  if (!(captionWeight >= 0 && Number.isFinite(captionWeight))) {
+    throw new Error(`caption weight must be a finite number ≥ 0, got ${captionWeight}`);
+  }
   const end = options.count === undefined ? Infinity : start + options.count;
   const S = config.vit_img_size;
   for (let first = start; first < end; first += batchSize) {
@@ -1134,7 +1143,11 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
       const pool = example.questions.filter((q) => kinds.includes(q.kind));
       if (pool.length === 0) continue; // e.g. only "shape" asked and no colour occurs once
       const rng = new Rng(hashString(`pick/${split}/${seed}/${index}`));
-      const kind = rng.pick([...new Set(pool.map((q) => q.kind))]);
+      const present = [...new Set(pool.map((q) => q.kind))];
+      const weights = present.map((k) => (k === "caption" ? captionWeight : 1));
+      let draw = rng.next() * weights.reduce((a, b) => a + b, 0), pick = 0;
+      while (pick < present.length - 1 && draw >= weights[pick]) draw -= weights[pick++];
+      const kind = present[pick];
       const { question, answer } = rng.pick(pool.filter((q) => q.kind === kind));
       const encoded = encodeConversation(
         tokenizer,

@@ -66,6 +66,7 @@ export interface TrainConfig {
   val_samples: number; // val-split samples in the val loss (a fixed subset)
   val_questions: number; // val-split questions answered for the val accuracy (a fixed subset)
   test_examples: number; // after training, score the questions of this many test and test-novel scenes (0 = skip)
+  caption_weight: number; // shapes world: how often a caption question is drawn relative to each other kind
   seed: number; // model init and data order
   backend: string; // "webgpu" | "wasm" | "cpu", or "" for the best available
   runs_dir: string; // runs go to runs_dir/run_name/
@@ -85,12 +86,13 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   lr_backbones: 1e-3,
   batch_size: 64,
   gradient_accumulation_steps: 1,
-  max_training_steps: 2000,
+  max_training_steps: 1800,
   max_grad_norm: 1.0,
   eval_interval: 200,
   val_samples: 128,
   val_questions: 128,
   test_examples: 300,
+  caption_weight: 2,
   seed: 0,
   backend: "",
   runs_dir: "runs",
@@ -910,6 +912,7 @@ async function trainLoop(
       batchSize: config.batch_size,
       tokenizer,
       config: cfg,
+      captionWeight: config.caption_weight,
       start: state.examples_seen,
     });
   // Fixed val subsets, the same at every eval and in every run (seed 0).

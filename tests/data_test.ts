@@ -664,6 +664,33 @@ Deno.test("shapesBatches: deterministic batches whose labels are exactly the ans
     }
   }
 
+  // Caption weight: 1 keeps the uniform draw, 0 asks no caption, 2 about twice as many as 1.
+  const captions = (captionWeight?: number) => {
+    let n = 0;
+    const options = {
+      split: "train" as const,
+      seed: 4,
+      batchSize: 50,
+      tokenizer: tok,
+      config,
+      captionWeight,
+      count: 1400,
+    };
+    for (const batch of shapesBatches(options)) {
+      for (let r = 0; r < batch.batchSize; r++) {
+        const text = tok.decode(Array.from(batch.inputIds.subarray(r * 96, (r + 1) * 96)), { skipSpecialTokens: true });
+        if (text.includes("Describe the image.")) n++;
+      }
+    }
+    return n;
+  };
+  const uniform = captions(), doubled = captions(2);
+  assert.equal(captions(1), uniform);
+  assert.equal(captions(0), 0);
+  assert.ok(uniform > 150 && uniform < 250, `${uniform} captions of 1400 with equal weights (expected about 1/7)`);
+  assert.ok(doubled > 1.6 * uniform && doubled < 2.1 * uniform, `${doubled} captions at weight 2 vs ${uniform}`);
+  assert.throws(() => captions(-1), /caption weight must be a finite number ≥ 0, got -1/);
+
   const t0 = performance.now();
   const it = shapesBatches({ split: "train", seed: 2, batchSize: 32, tokenizer: tok, config });
   for (let i = 0; i < 10; i++) it.next();
