@@ -23,6 +23,7 @@ import { hubDownload } from "../hub.ts";
 import { PRESETS } from "../nanovlm.ts";
 import { assert, assertEquals, assertMatch, assertRejects } from "./assert.ts";
 import { cauldronParquet, FakeHub, noisePng, tempCache } from "./fake_hub.ts";
+import { captureWarnings } from "./helpers.ts";
 
 const TOKENIZER_DIR = new URL("../tokenizers/shapes", import.meta.url).pathname;
 
@@ -45,17 +46,6 @@ async function collect<T>(items: AsyncIterable<T>): Promise<T[]> {
   const out: T[] = [];
   for await (const item of items) out.push(item);
   return out;
-}
-
-async function captureWarnings<T>(fn: () => Promise<T>): Promise<{ result: T; warnings: string[] }> {
-  const warnings: string[] = [];
-  const original = console.warn;
-  console.warn = (...args: unknown[]) => warnings.push(args.join(" "));
-  try {
-    return { result: await fn(), warnings };
-  } finally {
-    console.warn = original;
-  }
 }
 
 /** An AsyncBuffer over bytes that records which ranges were read. */

@@ -102,3 +102,15 @@ export async function withEnv<T>(vars: Record<string, string | undefined>, fn: (
     apply(saved);
   }
 }
+
+/** Collect console.warn output while `fn` runs. */
+export async function captureWarnings<T>(fn: () => Promise<T>): Promise<{ result: T; warnings: string[] }> {
+  const warnings: string[] = [];
+  const original = console.warn;
+  console.warn = (...args: unknown[]) => warnings.push(args.join(" "));
+  try {
+    return { result: await fn(), warnings };
+  } finally {
+    console.warn = original;
+  }
+}

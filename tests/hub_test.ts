@@ -35,7 +35,7 @@ import { PRESETS, VisionLanguageModel } from "../nanovlm.ts";
 import { initBackend } from "../runtime.ts";
 import { assert, assertEquals, assertMatch, assertRejects } from "./assert.ts";
 import { addBackboneRepos, FakeHub, SIGLIP_REPO, SMOLLM_REPO, tempCache } from "./fake_hub.ts";
-import { FIXTURE_DIR, withEnv } from "./helpers.ts";
+import { captureWarnings, FIXTURE_DIR, withEnv } from "./helpers.ts";
 
 await initBackend("cpu", { quiet: true });
 
@@ -66,18 +66,6 @@ async function withHub(fn: (hub: FakeHub, options: HubOptions & { cacheDir: stri
   } finally {
     await hub.close();
     await cache.cleanup();
-  }
-}
-
-/** Collect console.warn output while `fn` runs. */
-async function captureWarnings<T>(fn: () => Promise<T>): Promise<{ result: T; warnings: string[] }> {
-  const warnings: string[] = [];
-  const original = console.warn;
-  console.warn = (...args: unknown[]) => warnings.push(args.join(" "));
-  try {
-    return { result: await fn(), warnings };
-  } finally {
-    console.warn = original;
   }
 }
 

@@ -19,7 +19,7 @@ import {
   SMOLLM_REPO,
   tempCache,
 } from "./fake_hub.ts";
-import { withEnv } from "./helpers.ts";
+import { captureWarnings, withEnv } from "./helpers.ts";
 
 const QA = [
   { user: "What color is the circle?", assistant: "red" },
@@ -54,17 +54,6 @@ async function withHubEnv(fn: (hub: FakeHub, dir: string) => Promise<void>): Pro
   } finally {
     await hub.close();
     await cache.cleanup();
-  }
-}
-
-async function captureWarnings<T>(fn: () => Promise<T>): Promise<{ result: T; warnings: string[] }> {
-  const warnings: string[] = [];
-  const original = console.warn;
-  console.warn = (...args: unknown[]) => warnings.push(args.join(" "));
-  try {
-    return { result: await fn(), warnings };
-  } finally {
-    console.warn = original;
   }
 }
 
