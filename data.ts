@@ -58,6 +58,12 @@ class Rng {
   pick<T>(items: readonly T[]): T {
     return items[this.int(items.length)];
   }
+  /** An item drawn with probability proportional to its weight; equal weights draw as `pick` does. */
+  weighted<T>(items: readonly T[], weights: readonly number[]): T {
+    let draw = this.next() * weights.reduce((a, b) => a + b, 0), i = 0;
+    while (i < items.length - 1 && draw >= weights[i]) draw -= weights[i++];
+    return items[i];
+  }
   /** A shuffled copy (Fisher–Yates). */
   shuffled<T>(items: readonly T[]): T[] {
     const out = items.slice();
@@ -1144,10 +1150,7 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
       if (pool.length === 0) continue; // e.g. only "shape" asked and no colour occurs once
       const rng = new Rng(hashString(`pick/${split}/${seed}/${index}`));
       const present = [...new Set(pool.map((q) => q.kind))];
-      const weights = present.map((k) => (k === "caption" ? captionWeight : 1));
-      let draw = rng.next() * weights.reduce((a, b) => a + b, 0), pick = 0;
-      while (pick < present.length - 1 && draw >= weights[pick]) draw -= weights[pick++];
-      const kind = present[pick];
+      const kind = rng.weighted(present, present.map((k) => (k === "caption" ? captionWeight : 1)));
       const { question, answer } = rng.pick(pool.filter((q) => q.kind === kind));
       const encoded = encodeConversation(
         tokenizer,
