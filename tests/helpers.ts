@@ -38,6 +38,29 @@ export const MICRO_OVERRIDES: Readonly<Partial<VLMConfig>> = Object.freeze({
 });
 export const MICRO: Readonly<VLMConfig> = Object.freeze({ ...PRESETS.tiny, ...MICRO_OVERRIDES });
 
+/**
+ * A small random config for hand-built batches (token ids below 39, `<|image|>` = 39): 16-px images of 4 image tokens,
+ * GQA with 6 query and 2 key/value heads, one ViT block and two decoder blocks.
+ */
+export const SMALL: Readonly<VLMConfig> = Object.freeze({
+  ...PRESETS.tiny,
+  vit_hidden_dim: 32,
+  vit_inter_dim: 64,
+  vit_img_size: 16,
+  vit_patch_size: 4,
+  vit_n_heads: 2,
+  vit_n_blocks: 1,
+  lm_hidden_dim: 48,
+  lm_inter_dim: 96,
+  lm_n_heads: 6,
+  lm_n_kv_heads: 2,
+  lm_n_blocks: 2,
+  lm_base_vocab_size: 39,
+  lm_vocab_size: 40,
+  lm_max_length: 32,
+  mp_image_token_length: 4,
+});
+
 /** A fixture tensor as a tf tensor (ints become int32). */
 export function toTensor(t: SafetensorsTensor): tf.Tensor {
   return tf.tensor(t.data, t.shape, t.data instanceof Int32Array ? "int32" : "float32");

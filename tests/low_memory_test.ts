@@ -11,29 +11,12 @@ import type { Batch } from "../data.ts";
 import { PRESETS, VisionLanguageModel, type VLMConfig } from "../nanovlm.ts";
 import { computeOnHost, initBackend, readSafetensors, recomputeInBackward } from "../runtime.ts";
 import { AdamW, lowMemoryTraining, paramGroups, train, type TrainConfig, trainStep } from "../train.ts";
-import { assertNoLeak, maxAbsDiff, MICRO_OVERRIDES } from "./helpers.ts";
+import { assertNoLeak, maxAbsDiff, MICRO_OVERRIDES, SMALL } from "./helpers.ts";
 
 await initBackend("wasm", { quiet: true });
 
 /** 2 ViT blocks and 3 decoder blocks (GQA, left padding), 2 images of 16×16 with 4 image tokens each. */
-const small: VLMConfig = {
-  ...PRESETS.tiny,
-  vit_hidden_dim: 32,
-  vit_inter_dim: 64,
-  vit_img_size: 16,
-  vit_patch_size: 4,
-  vit_n_heads: 2,
-  vit_n_blocks: 2,
-  lm_hidden_dim: 48,
-  lm_inter_dim: 96,
-  lm_n_heads: 6,
-  lm_n_kv_heads: 2,
-  lm_n_blocks: 3,
-  lm_base_vocab_size: 39,
-  lm_vocab_size: 40,
-  lm_max_length: 32,
-  mp_image_token_length: 4,
-};
+const small: VLMConfig = { ...SMALL, vit_n_blocks: 2, lm_n_blocks: 3 };
 const IMG = 39; // <|image|>
 
 /** Two prompts, the first left-padded: [pad, pad, img×4, 5, 6, 7, 8] and [img×4, 9, 10, 11, 12, 13, 14]. */

@@ -14,29 +14,10 @@ import {
   type VLMConfig,
 } from "../nanovlm.ts";
 import { encodeSafetensors, initBackend, readSafetensors } from "../runtime.ts";
-import { assertNoLeak, FIXTURE_DIR, maxAbsDiff } from "./helpers.ts";
+import { assertNoLeak, FIXTURE_DIR, maxAbsDiff, SMALL } from "./helpers.ts";
 
 await initBackend("wasm", { quiet: true });
 
-/** A small random config: 2 images of 16×16, 4 image tokens each, vocabulary 40. */
-const small: VLMConfig = {
-  ...PRESETS.tiny,
-  vit_hidden_dim: 32,
-  vit_inter_dim: 64,
-  vit_img_size: 16,
-  vit_patch_size: 4,
-  vit_n_heads: 2,
-  vit_n_blocks: 1,
-  lm_hidden_dim: 48,
-  lm_inter_dim: 96,
-  lm_n_heads: 6,
-  lm_n_kv_heads: 2,
-  lm_n_blocks: 2,
-  lm_base_vocab_size: 39,
-  lm_vocab_size: 40,
-  lm_max_length: 32,
-  mp_image_token_length: 4,
-};
 const IMG = 39; // <|image|>
 
 /** Two left-padded prompts: [pad, pad, img×4, 5, 6, 7] and [img×4, img×4, 8, 9, 10]. */
@@ -63,23 +44,23 @@ Deno.test("presets have the reference's parameter counts", () => {
 });
 
 Deno.test("KV-cache decoding equals a full recompute", () => {
-  const model = new VisionLanguageModel(small, { seed: 1 });
+  const model = new VisionLanguageModel(SMALL, { seed: 1 });
   const p = model.params as Map<string, tf.Tensor>;
   tf.tidy(() => {
-    const x = tf.randomNormal([2, 7, small.lm_hidden_dim], 0, 1, "float32", 3);
+    const x = tf.randomNormal([2, 7, SMALL.lm_hidden_dim], 0, 1, "float32", 3);
     const mask = tf.tensor2d([0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [2, 7], "int32");
-    const full = decoder(p, small, x, mask).hidden; // all 7 positions at once
+    const full = decoder(p, SMALL, x, mask).hidden; // all 7 positions at once
     // Prefill 4, then feed positions 4, 5, 6 one at a time through the cache.
-    let { hidden, cache } = decoder(p, small, x.slice([0, 0, 0], [2, 4, -1]), mask.slice([0, 0], [2, 4]));
+    let { hidden, cache } = decoder(p, SMALL, x.slice([0, 0, 0], [2, 4, -1]), mask.slice([0, 0], [2, 4]));
     const pieces = [hidden];
     for (let t = 4; t < 7; t++) {
-      ({ hidden, cache } = decoder(p, small, x.slice([0, t, 0], [2, 1, -1]), mask.slice([0, 0], [2, t + 1]), cache, t));
+      ({ hidden, cache } = decoder(p, SMALL, x.slice([0, t, 0], [2, 1, -1]), mask.slice([0, 0], [2, t + 1]), cache, t));
       pieces.push(hidden);
     }
     const stepwise = tf.concat(pieces, 1);
     const diff = maxAbsDiff(full.dataSync(), stepwise.dataSync(), [0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]);
     assert(diff < 1e-5, `cache vs recompute differ by ${diff}`);
-    const logitDiff = maxAbsDiff(lmHead(p, small, full).dataSync(), lmHead(p, small, stepwise).dataSync(), [
+    const logitDiff = maxAbsDiff(lmHead(p, SMALL, full).dataSync(), lmHead(p, SMALL, stepwise).dataSync(), [
       0,
       1,
       1,
@@ -101,7 +82,7 @@ Deno.test("KV-cache decoding equals a full recompute", () => {
 });
 
 Deno.test("generate with the cache picks the tokens a full recompute picks", async () => {
-  const model = new VisionLanguageModel(small, { seed: 2 });
+  const model = new VisionLanguageModel(SMALL, { seed: 2 });
   const { inputIds, mask, images } = batch();
   const generated = Array.from(
     await (await model.generate(inputIds, images, mask, { maxNewTokens: 6, greedy: true, eosTokenId: -1 })).data(),
@@ -125,7 +106,7 @@ Deno.test("generate with the cache picks the tokens a full recompute picks", asy
 
 Deno.test("save → load gives exactly the same logits, in nanoVLM's file layout", async () => {
   const dir = await Deno.makeTempDir();
-  const model = new VisionLanguageModel(small, { seed: 3 });
+  const model = new VisionLanguageModel(SMALL, { seed: 3 });
   await model.savePretrained(dir);
   const file = await readSafetensors(`${dir}/model.safetensors`);
   assert(file.tensors.has("decoder.head.weight") && !file.tensors.has("decoder.token_embedding.weight"));
@@ -144,7 +125,7 @@ Deno.test("save → load gives exactly the same logits, in nanoVLM's file layout
 });
 
 Deno.test("no tensor leaks across repeated forward, backward and generate", async () => {
-  const model = new VisionLanguageModel(small, { seed: 4 });
+  const model = new VisionLanguageModel(SMALL, { seed: 4 });
   const { inputIds, mask, images, targets } = batch();
   const step = async () => {
     const { logits, loss } = model.forward(inputIds, images, mask, targets);
@@ -164,7 +145,7 @@ Deno.test("no tensor leaks across repeated forward, backward and generate", asyn
 
 Deno.test("the decoder's tables: made with the model, the per-call values exactly, no growth, freed by dispose", async () => {
   const before = tf.memory().numTensors;
-  const model = new VisionLanguageModel(small, { seed: 8 });
+  const model = new VisionLanguageModel(SMALL, { seed: 8 });
   assertEquals(tf.memory().numTensors - before, model.params.size + 3, "weights + RoPE cos, sin and positions");
   const { inputIds, mask, images, targets } = batch();
   const forward = async () => {
@@ -180,19 +161,19 @@ Deno.test("the decoder's tables: made with the model, the per-call values exactl
   assertEquals(tf.memory().numTensors, withInputs, "nor does the second");
   // The free decoder, which makes RoPE tables and the causal mask for the call, gives the very same logits.
   const p = model.params as Map<string, tf.Tensor>;
-  const perCall = tf.tidy(() => lmHead(p, small, decoder(p, small, model.embed(inputIds, images), mask).hidden));
+  const perCall = tf.tidy(() => lmHead(p, SMALL, decoder(p, SMALL, model.embed(inputIds, images), mask).hidden));
   assertEquals(maxAbsDiff(first, await perCall.data()), 0);
   tf.dispose([perCall, inputIds, mask, images, targets]);
   model.dispose();
   assertEquals(tf.memory().numTensors, before);
   // A context that may pass lm_max_position_embeddings has no tables: dynamic RoPE scaling is per call.
-  const long = new VisionLanguageModel({ ...small, lm_max_position_embeddings: 16 });
+  const long = new VisionLanguageModel({ ...SMALL, lm_max_position_embeddings: 16 });
   assertEquals(tf.memory().numTensors - before, long.params.size);
   long.dispose();
 });
 
 Deno.test("sampling is repeatable with a seed and respects top-k", async () => {
-  const model = new VisionLanguageModel(small, { seed: 5 });
+  const model = new VisionLanguageModel(SMALL, { seed: 5 });
   const { inputIds, mask, images } = batch();
   const run = async (seed: number) =>
     Array.from(
@@ -216,7 +197,7 @@ Deno.test("sampling is repeatable with a seed and respects top-k", async () => {
 });
 
 Deno.test("bad input gets an error that names the problem", async () => {
-  const model = new VisionLanguageModel(small, { seed: 6 });
+  const model = new VisionLanguageModel(SMALL, { seed: 6 });
   const { inputIds, mask, images } = batch();
   assertThrows(() => model.forward(inputIds, tf.zeros([3, 3, 20, 20]), mask), Error, "[N, 3, 16, 16]");
   assertThrows(() => model.forward(inputIds, tf.zeros([3, 1, 16, 16]), mask), Error, "got [3,1,16,16]");
@@ -255,7 +236,7 @@ Deno.test("the fixture checkpoint saves back to the same config.json and tensors
 Deno.test("checkpoint problems are named: missing files, truncation, wrong shapes, unknown keys", async () => {
   const dir = await Deno.makeTempDir();
   await assertRejects(() => VisionLanguageModel.fromPretrained(dir), Error, "config.json is missing");
-  const model = new VisionLanguageModel(small, { seed: 7 });
+  const model = new VisionLanguageModel(SMALL, { seed: 7 });
   await model.savePretrained(dir);
   model.dispose();
   await Deno.remove(`${dir}/model.safetensors`);
