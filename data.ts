@@ -1122,6 +1122,13 @@ export interface ShapesBatchOptions {
    * names every object's size, colour, shape and place: the densest lesson about the picture.
    */
   captionWeight?: number;
+  /**
+   * Batches sorted by length together (default 1: stream order). With k > 1 the samples of each k batches of the
+   * stream are sorted by length (stably) before they are cut into batches, shortest first: short questions (21 tokens)
+   * then share a batch instead of being padded to a caption or multiple-choice prompt (up to 55). The trainer makes
+   * the k batches the micro-batches of one step, so the step sees exactly the samples it would see unsorted.
+   */
+  lengthBuckets?: number;
   /** First example index (default 0): resume a run at `step · batchSize`. */
   start?: number;
   /** Stop after this many examples (default: never, the world is endless); the last batch may be short. */
@@ -1133,33 +1140,55 @@ export interface ShapesBatchOptions {
  * float arrays (no PNG round trip). Example i gives sample i: its kind is drawn among
  * the kinds its scene has (uniformly, captions weighted by `captionWeight`), then one
  * question of that kind, so the stream is fully determined by (split, seed) and batches
- * can be regenerated from any `start`.
+ * can be regenerated from any `start` (with length buckets: any whole batch).
  */
 export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
   const { split, seed, batchSize, tokenizer, config, kinds = QUESTION_KINDS, captionWeight = 1, start = 0 } = options;
+  const { lengthBuckets = 1 } = options;
   if (!(captionWeight >= 0 && Number.isFinite(captionWeight))) {
     throw new Error(`caption weight must be a finite number ≥ 0, got ${captionWeight}`);
   }
+  if (!(Number.isInteger(lengthBuckets) && lengthBuckets >= 1)) {
+    throw new Error(`length buckets must be a whole number ≥ 1, got ${lengthBuckets}`);
+  }
+  if (lengthBuckets > 1 && start % batchSize !== 0) {
+    throw new Error(
+      `with length buckets a stream restarts at a whole batch: start ${start} is not a multiple of ${batchSize}`,
+    );
+  }
   const end = options.count === undefined ? Infinity : start + options.count;
   const S = config.vit_img_size;
-  for (let first = start; first < end; first += batchSize) {
+  const sampleAt = (index: number): EncodedSample | undefined => {
+    const example = makeShapesExample(split, seed, index, S);
+    const pool = example.questions.filter((q) => kinds.includes(q.kind));
+    if (pool.length === 0) return undefined; // e.g. only "shape" asked and no colour occurs once
+    const rng = new Rng(hashString(`pick/${split}/${seed}/${index}`));
+    const present = [...new Set(pool.map((q) => q.kind))];
+    const kind = rng.weighted(present, present.map((k) => (k === "caption" ? captionWeight : 1)));
+    const { question, answer } = rng.pick(pool.filter((q) => q.kind === kind));
+    const encoded = encodeConversation(
+      tokenizer,
+      { turns: [{ user: question, assistant: answer }], imageCount: 1 },
+      config.mp_image_token_length,
+    );
+    return { ...encoded, images: [toCHWFloat(example.rgb, S)] };
+  };
+  // A window is lengthBuckets batches of the stream, starting at a multiple of its size (without buckets: at `start`).
+  const window = batchSize * lengthBuckets;
+  for (let first = lengthBuckets > 1 ? start - (start % window) : start; first < end; first += window) {
+    const last = Math.min(first + window, end);
+    const batchStarts = Array.from({ length: Math.ceil((last - first) / batchSize) }, (_, b) => first + b * batchSize);
     const samples: EncodedSample[] = [];
-    for (let index = first; index < Math.min(first + batchSize, end); index++) {
-      const example = makeShapesExample(split, seed, index, S);
-      const pool = example.questions.filter((q) => kinds.includes(q.kind));
-      if (pool.length === 0) continue; // e.g. only "shape" asked and no colour occurs once
-      const rng = new Rng(hashString(`pick/${split}/${seed}/${index}`));
-      const present = [...new Set(pool.map((q) => q.kind))];
-      const kind = rng.weighted(present, present.map((k) => (k === "caption" ? captionWeight : 1)));
-      const { question, answer } = rng.pick(pool.filter((q) => q.kind === kind));
-      const encoded = encodeConversation(
-        tokenizer,
-        { turns: [{ user: question, assistant: answer }], imageCount: 1 },
-        config.mp_image_token_length,
-      );
-      samples.push({ ...encoded, images: [toCHWFloat(example.rgb, S)] });
+    for (let index = first; index < last; index++) {
+      const sample = sampleAt(index);
+      if (sample) samples.push(sample);
     }
-    yield collate(samples, { maxLength: config.lm_max_length, padTokenId: tokenizer.padTokenId });
+    if (lengthBuckets > 1) samples.sort((a, b) => a.inputIds.length - b.inputIds.length); // stable: ties keep order
+    for (const [b, batchStart] of batchStarts.entries()) {
+      if (batchStart < start) continue; // seen before a resume
+      const batch = lengthBuckets > 1 ? samples.slice(b * batchSize, (b + 1) * batchSize) : samples;
+      yield collate(batch, { maxLength: config.lm_max_length, padTokenId: tokenizer.padTokenId });
+    }
   }
 }
 

@@ -24,7 +24,7 @@
 
 import * as tf from "@tensorflow/tfjs";
 import { parseArgs } from "node:util";
-import { type Batch, type ChatTokenizer, checkTokenizerFitsConfig, shapesBatches } from "./data.ts";
+import { type Batch, type ChatTokenizer, checkTokenizerFitsConfig, IGNORE_INDEX, shapesBatches } from "./data.ts";
 import { evaluate, shapesQuestions } from "./eval.ts";
 import { resolveTokenizerPath } from "./generate.ts";
 import { modelFromBackbones } from "./backbones.ts";
@@ -67,6 +67,7 @@ export interface TrainConfig {
   val_questions: number; // val-split questions answered for the val accuracy (a fixed subset)
   test_examples: number; // after training, score the questions of this many test and test-novel scenes (0 = skip)
   caption_weight: number; // shapes world: how often a caption question is drawn relative to each other kind
+  sort_by_length: boolean; // shapes world: sort each step's samples by length into its micro-batches (less padding)
   seed: number; // model init and data order
   backend: string; // "webgpu" | "wasm" | "cpu", or "" for the best available
   runs_dir: string; // runs go to runs_dir/run_name/
@@ -84,15 +85,16 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   preset: "tiny",
   lr_mp: 1e-3,
   lr_backbones: 1e-3,
-  batch_size: 64,
-  gradient_accumulation_steps: 1,
-  max_training_steps: 1800,
+  batch_size: 32,
+  gradient_accumulation_steps: 2,
+  max_training_steps: 2400,
   max_grad_norm: 1.0,
   eval_interval: 200,
   val_samples: 128,
   val_questions: 128,
   test_examples: 300,
   caption_weight: 2,
+  sort_by_length: true,
   seed: 0,
   backend: "",
   runs_dir: "runs",
@@ -512,19 +514,21 @@ export class NonFiniteError extends Error {}
 
 /** What one optimizer step measured. */
 export interface StepResult {
-  /** Mean of the micro-batches' losses. */
+  /** Mean loss over the step's trained tokens. */
   loss: number;
   /** Global gradient norm before clipping. */
   gradNorm: number;
 }
 
 /**
- * One optimizer step: forward + backward on each micro-batch with its loss divided by
- * their number (so the summed gradients are the mean, as the reference's
- * `loss / gradient_accumulation_steps`), clip, then AdamW with one learning rate per
- * group. If the loss or the gradient norm is not finite, nothing is updated and a
- * NonFiniteError is thrown. One read from the device per step (loss and norm together);
- * every tensor it makes is freed.
+ * One optimizer step: forward + backward on each micro-batch, clip, then AdamW with one
+ * learning rate per group. Each micro-batch's loss (a mean over its trained tokens) is
+ * weighted by its share of the step's trained tokens, so the step's loss and gradient are
+ * those of one batch holding every micro-batch: exact also when micro-batches differ in
+ * length (sort_by_length). The reference divides by the number of micro-batches instead,
+ * the same when every micro-batch trains as many tokens. If the loss or the gradient norm
+ * is not finite, nothing is updated and a NonFiniteError is thrown. One read from the
+ * device per step (loss and norm together); every tensor it makes is freed.
  */
 export async function trainStep(
   model: VisionLanguageModel,
@@ -535,12 +539,17 @@ export async function trainStep(
   const names = optimizer.trainable, variables = optimizer.variables;
   const nameOf = new Map(variables.map((v, i) => [v.name, names[i]]));
   const grads = new Map<string, tf.Tensor>();
+  const trained = microBatches.map((micro) =>
+    micro.labels.reduce((n, label) => n + (label === IGNORE_INDEX ? 0 : 1), 0)
+  );
+  const total = trained.reduce((a, b) => a + b, 0);
   let lossSum: tf.Tensor = tf.scalar(0);
-  for (const micro of microBatches) {
+  for (const [i, micro] of microBatches.entries()) {
     const t = batchTensors(trimPadding(micro));
+    const share = total > 0 ? trained[i] / total : 1 / microBatches.length;
     const { value, grads: g } = tf.variableGrads(() => {
       const { loss } = model.forward(t.inputIds, t.images, t.attentionMask, t.labels);
-      return loss!.div(microBatches.length) as tf.Scalar;
+      return loss!.mul(share) as tf.Scalar;
     }, variables);
     tf.dispose(Object.values(t));
     for (const [varName, grad] of Object.entries(g)) {
@@ -913,6 +922,7 @@ async function trainLoop(
       tokenizer,
       config: cfg,
       captionWeight: config.caption_weight,
+      lengthBuckets: config.sort_by_length ? config.gradient_accumulation_steps : 1,
       start: state.examples_seen,
     });
   // Fixed val subsets, the same at every eval and in every run (seed 0).
@@ -960,7 +970,8 @@ async function trainLoop(
     }
     const ms = performance.now() - started;
     state.step++;
-    state.examples_seen += micro.reduce((n, b) => n + b.batchSize, 0);
+    // A dataset counts the conversations it used; the shapes stream counts places (batch_size per batch).
+    state.examples_seen += source ? micro.reduce((n, b) => n + b.batchSize, 0) : samplesPerStep;
     state.elapsed_seconds += ms / 1000;
     lastLoss = result.loss;
     // The first step of a session pays for kernel compilation and warm-up: keep it out of the ETA.

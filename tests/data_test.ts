@@ -11,6 +11,7 @@ import {
   applyChatTemplate,
   assistantPrefixLength,
   BACKGROUND_RGB,
+  type Batch,
   CHATML_TEMPLATE,
   CHOICE_INSTRUCTION,
   collate,
@@ -690,6 +691,43 @@ Deno.test("shapesBatches: deterministic batches whose labels are exactly the ans
   assert.ok(uniform > 150 && uniform < 250, `${uniform} captions of 1400 with equal weights (expected about 1/7)`);
   assert.ok(doubled > 1.6 * uniform && doubled < 2.1 * uniform, `${doubled} captions at weight 2 vs ${uniform}`);
   assert.throws(() => captions(-1), /caption weight must be a finite number ≥ 0, got -1/);
+
+  // Length buckets: a window of k batches holds the same samples as the stream's k batches, sorted by length, so
+  // batches trimmed to their longest sample carry fewer pad tokens; a resume at a whole batch continues the window.
+  const bucketed = (start: number, lengthBuckets = 4) =>
+    shapesBatches({
+      split: "train",
+      seed: 5,
+      batchSize: 16,
+      tokenizer: tok,
+      config,
+      lengthBuckets,
+      start,
+      count: 64 - start,
+    });
+  const rows = (batches: Iterable<Batch>) =>
+    [...batches].flatMap((batch) =>
+      Array.from({ length: batch.batchSize }, (_, r) => {
+        const mask = batch.attentionMask.subarray(r * 96, (r + 1) * 96);
+        const ids = Array.from(batch.inputIds.subarray(r * 96, (r + 1) * 96)).filter((_, t) => mask[t] === 1);
+        const pixels = batch.images.subarray(r * 3 * 32 * 32, (r + 1) * 3 * 32 * 32).reduce((sum, v) => sum + v, 0);
+        return { ids, key: `${ids.join(",")}|${pixels}` };
+      })
+    );
+  const plain = rows(bucketed(0, 1)), sorted = [...bucketed(0)];
+  assert.deepEqual(rows(sorted).map((r) => r.key).sort(), plain.map((r) => r.key).sort());
+  const padded = (lengths: number[][]) => lengths.reduce((n, batch) => n + batch.length * Math.max(...batch), 0);
+  const lengths = (rs: { ids: number[] }[]) =>
+    Array.from({ length: 4 }, (_, b) => rs.slice(16 * b, 16 * b + 16).map((r) => r.ids.length));
+  const sortedLengths = sorted.map((batch) => rows([batch]).map((r) => r.ids.length));
+  assert.ok(
+    padded(sortedLengths) < 0.8 * padded(lengths(plain)),
+    `padded tokens: ${padded(sortedLengths)} sorted vs ${padded(lengths(plain))} in stream order`,
+  );
+  // The four batches are the sorted samples cut in four, shortest first.
+  assert.deepEqual(sortedLengths.flat(), [...sortedLengths.flat()].sort((x, y) => x - y));
+  assert.deepEqual([...bucketed(32)], sorted.slice(2));
+  assert.throws(() => bucketed(8).next(), /start 8 is not a multiple of 16/);
 
   const t0 = performance.now();
   const it = shapesBatches({ split: "train", seed: 2, batchSize: 32, tokenizer: tok, config });

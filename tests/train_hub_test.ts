@@ -29,6 +29,7 @@ const QA = [
 const SMALL_RUN: Partial<TrainConfig> = {
   backend: "wasm",
   batch_size: 2,
+  gradient_accumulation_steps: 1,
   max_training_steps: 2,
   eval_interval: 2,
   val_samples: 2,

@@ -229,6 +229,31 @@ Deno.test("the loss of a fixed batch falls during 30 steps, and steps leak no te
   model.dispose();
 });
 
+Deno.test("micro-batches sorted by length make the same step as one batch: loss, norm and weights", async () => {
+  const tokenizer = await loadTokenizer(SHAPES_TOKENIZER);
+  const options = { split: "train" as const, seed: 3, tokenizer, config: MICRO, captionWeight: 2 };
+  const [whole] = shapesBatches({ ...options, batchSize: 12 });
+  const halves = [...shapesBatches({ ...options, batchSize: 6, lengthBuckets: 2, count: 12 })];
+  // The sorted halves differ in length and in trained tokens: dividing each half's mean by 2 would not match.
+  assert(trimPadding(halves[0]).length < trimPadding(halves[1]).length);
+  const trained = (b: Batch) => b.labels.filter((l) => l !== -100).length;
+  assert(trained(halves[0]) !== trained(halves[1]), `${trained(halves[0])} and ${trained(halves[1])} trained tokens`);
+  const step = async (batches: Batch[]) => {
+    const model = new VisionLanguageModel(MICRO, { seed: 1 });
+    const optimizer = new AdamW(model.params, paramGroups(model, 1e-3, 1e-3));
+    const result = await trainStep(model, batches, optimizer, { lrs: [1e-3, 1e-3], maxGradNorm: 0.5 });
+    const weights = await model.params.get("decoder.blocks.0.attn.q_proj.weight")!.data();
+    optimizer.dispose();
+    model.dispose();
+    return { ...result, weights };
+  };
+  const one = await step([whole]), two = await step(halves);
+  assert(Math.abs(one.loss - two.loss) < 1e-5, `loss ${one.loss} vs ${two.loss}`);
+  assert(Math.abs(one.gradNorm - two.gradNorm) < 1e-4 * one.gradNorm, `norm ${one.gradNorm} vs ${two.gradNorm}`);
+  assert(one.gradNorm > 0.5); // clipped: the scale came from the norm both ways
+  assert(maxAbsDiff(one.weights, two.weights) < 1e-6, `weights differ by ${maxAbsDiff(one.weights, two.weights)}`);
+});
+
 Deno.test("a non-finite loss throws NonFiniteError and leaves weights and optimizer untouched", async () => {
   const model = new VisionLanguageModel(MICRO, { seed: 1 });
   const optimizer = new AdamW(model.params, paramGroups(model, 1e-3, 1e-3));
@@ -349,7 +374,8 @@ Deno.test("--resume continues step count, schedule and data: 3 + 3 steps equal 6
     for (const file of ["config.json", "train_config.json", "metrics.jsonl", "loss.svg", "best/model.safetensors"]) {
       await Deno.stat(`${dir}/split/${file}`);
     }
-    assertEquals(JSON.parse(await Deno.readTextFile(`${dir}/split/latest/trainer_state.json`)).examples_seen, 24);
+    // 6 steps of 2 micro-batches of 4 (the default accumulation, sorted by length): resumed at a window's start.
+    assertEquals(JSON.parse(await Deno.readTextFile(`${dir}/split/latest/trainer_state.json`)).examples_seen, 48);
   });
 });
 
