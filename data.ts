@@ -1186,7 +1186,7 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
     if (lengthBuckets > 1) samples.sort((a, b) => a.inputIds.length - b.inputIds.length); // stable: ties keep order
     for (const [b, batchStart] of batchStarts.entries()) {
       if (batchStart < start) continue; // seen before a resume
-      const batch = lengthBuckets > 1 ? samples.slice(b * batchSize, (b + 1) * batchSize) : samples;
+      const batch = samples.slice(b * batchSize, (b + 1) * batchSize);
       yield collate(batch, { maxLength: config.lm_max_length, padTokenId: tokenizer.padTokenId });
     }
   }
