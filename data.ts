@@ -208,7 +208,9 @@ export async function encodePng(rgb: Uint8Array, width: number, height: number =
     rgba[j + 2] = rgb[i + 2];
     rgba[j + 3] = 255;
   }
-  return await image.encode();
+  // imagescript writes a "Creation Time" text chunk, by default the current time: a fixed one keeps the bytes a
+  // function of the pixels alone.
+  return await image.encode(1, { creationTime: 0 });
 }
 
 // ---- The shapes world: questions ------------------------------------------------------------
