@@ -4,7 +4,7 @@
 // NaN stops the run without touching the last good checkpoint, options are type-checked.
 
 import * as tf from "@tensorflow/tfjs";
-import { type Batch, loadTokenizer, shapesBatches } from "../data.ts";
+import { type Batch, IGNORE_INDEX, loadTokenizer, shapesBatches } from "../data.ts";
 import { configFromJSON, PRESETS, VisionLanguageModel } from "../nanovlm.ts";
 import { initBackend, readSafetensors } from "../runtime.ts";
 import {
@@ -236,7 +236,7 @@ Deno.test("micro-batches sorted by length make the same step as one batch: loss,
   const halves = [...shapesBatches({ ...options, batchSize: 6, lengthBuckets: 2, count: 12 })];
   // The sorted halves differ in length and in trained tokens: dividing each half's mean by 2 would not match.
   assert(trimPadding(halves[0]).length < trimPadding(halves[1]).length);
-  const trained = (b: Batch) => b.labels.filter((l) => l !== -100).length;
+  const trained = (b: Batch) => b.labels.filter((l) => l !== IGNORE_INDEX).length;
   assert(trained(halves[0]) !== trained(halves[1]), `${trained(halves[0])} and ${trained(halves[1])} trained tokens`);
   const step = async (batches: Batch[]) => {
     const model = new VisionLanguageModel(MICRO, { seed: 1 });
