@@ -1131,6 +1131,12 @@ export interface ShapesBatchOptions {
    * the k batches the micro-batches of one step, so the step sees exactly the samples it would see unsorted.
    */
   lengthBuckets?: number;
+  /**
+   * The share of multiple-choice samples (default 0) whose question line ends with its answer ("How many shapes are
+   * there? four", then the options): a reading exercise, find the option that says "four" and answer its letter. It
+   * trains the look-up by content in the text that a real multiple-choice question needs after its look-up in the image.
+   */
+  choiceHints?: number;
   /** First example index (default 0): resume a run at `step · batchSize`. */
   start?: number;
   /** Stop after this many examples (default: never, the world is endless); the last batch may be short. */
@@ -1146,9 +1152,12 @@ export interface ShapesBatchOptions {
  */
 export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
   const { split, seed, batchSize, tokenizer, config, kinds = QUESTION_KINDS, captionWeight = 1, start = 0 } = options;
-  const { lengthBuckets = 1 } = options;
+  const { lengthBuckets = 1, choiceHints = 0 } = options;
   if (!(captionWeight >= 0 && Number.isFinite(captionWeight))) {
     throw new Error(`caption weight must be a finite number ≥ 0, got ${captionWeight}`);
+  }
+  if (!(choiceHints >= 0 && choiceHints <= 1)) {
+    throw new Error(`choice hints must be a share in [0, 1], got ${choiceHints}`);
   }
   if (!(Number.isInteger(lengthBuckets) && lengthBuckets >= 1)) {
     throw new Error(`length buckets must be a whole number ≥ 1, got ${lengthBuckets}`);
@@ -1167,7 +1176,13 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
     const rng = new Rng(hashString(`pick/${split}/${seed}/${index}`));
     const present = [...new Set(pool.map((q) => q.kind))];
     const kind = rng.weighted(present, present.map((k) => (k === "caption" ? captionWeight : 1)));
-    const { question, answer } = rng.pick(pool.filter((q) => q.kind === kind));
+    const { answer, ...picked } = rng.pick(pool.filter((q) => q.kind === kind));
+    let question = picked.question;
+    if (kind === "choice" && choiceHints > 0 && rng.next() < choiceHints) {
+      const [first, ...rest] = question.split("\n"); // the question, "A. …" to "D. …", the instruction
+      const option = rest.find((line) => line.startsWith(`${answer}. `))!.slice(answer.length + 2);
+      question = [`${first} ${option}`, ...rest].join("\n");
+    }
     const encoded = encodeConversation(
       tokenizer,
       { turns: [{ user: question, assistant: answer }], imageCount: 1 },

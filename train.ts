@@ -68,6 +68,8 @@ export interface TrainConfig {
   test_examples: number; // after training, score the questions of this many test and test-novel scenes (0 = skip)
   caption_weight: number; // shapes world: how often a caption question is drawn relative to each other kind
   sort_by_length: boolean; // shapes world: sort each step's samples by length into its micro-batches (less padding)
+  share_spaced_words: boolean; // a decoder from scratch: "red" and " red" start from one embedding row
+  choice_hints: number; // shapes world: share of multiple-choice questions that say their answer (a reading exercise)
   seed: number; // model init and data order
   backend: string; // "webgpu" | "wasm" | "cpu", or "" for the best available
   runs_dir: string; // runs go to runs_dir/run_name/
@@ -95,6 +97,8 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   test_examples: 300,
   caption_weight: 2,
   sort_by_length: true,
+  share_spaced_words: true,
+  choice_hints: 0.5,
   seed: 0,
   backend: "",
   runs_dir: "runs",
@@ -241,6 +245,38 @@ export function paramGroups(model: VisionLanguageModel, lrMp: number, lrBackbone
     groups.push({ name: "backbones", maxLr: lrBackbones, params: names.filter((n) => !n.startsWith("MP.")) });
   }
   return groups;
+}
+
+/** The id of " word" when the tokenizer has it as one token. */
+function spacedId(tokenizer: ChatTokenizer, word: string): number | undefined {
+  try {
+    const ids = tokenizer.encode(" " + word);
+    return ids.length === 1 ? ids[0] : undefined;
+  } catch {
+    return undefined; // a vocabulary without " word" (the shapes tokenizer has no " A")
+  }
+}
+
+/**
+ * Start each word that the tokenizer spells two ways, with a leading space (" red" inside
+ * a question) and without ("red" opening an answer, right after "assistant\n"), from one
+ * embedding row. A pretrained decoder already knows the two mean the
+ * same; one trained from scratch learns it only from the few questions that need it,
+ * such as a multiple-choice answer ("red") that must be found among the options
+ * (" red"). The rows drift apart in training as they need to. Returns the pairs shared.
+ */
+export function shareSpacedWordEmbeddings(model: VisionLanguageModel, tokenizer: ChatTokenizer): number {
+  const source = Array.from({ length: model.cfg.lm_vocab_size }, (_, id) => id); // row id starts as row source[id]
+  let pairs = 0;
+  for (let id = 0; id < tokenizer.baseVocabSize; id++) {
+    const word = tokenizer.decode([id]);
+    if (!/^[A-Za-z]+$/.test(word)) continue; // special tokens, punctuation and spaced words
+    const spaced = spacedId(tokenizer, word);
+    if (spaced !== undefined) [source[id], pairs] = [spaced, pairs + 1];
+  }
+  const embedding = model.params.get("decoder.token_embedding.weight")!; // [V, D], tied to the head
+  tf.tidy(() => embedding.assign(tf.gather(embedding, source)));
+  return pairs;
 }
 
 /** AdamW options; the defaults are torch's. */
@@ -838,6 +874,9 @@ export async function train(
   const tokenizer = await hubTokenizer(await exists(localTokenizer) ? localTokenizer : cfg.lm_tokenizer);
   checkTokenizerFitsConfig(tokenizer, cfg);
   model.eosTokenId = tokenizer.eosTokenId;
+  if (!config.resume && !cfg.vlm_load_backbone_weights && config.share_spaced_words) {
+    log(`${shareSpacedWordEmbeddings(model, tokenizer)} words start with the embedding of their spaced spelling`);
+  }
 
   try {
     await Deno.mkdir(runDir, { recursive: true });
@@ -923,6 +962,7 @@ async function trainLoop(
       config: cfg,
       captionWeight: config.caption_weight,
       lengthBuckets: config.sort_by_length ? config.gradient_accumulation_steps : 1,
+      choiceHints: config.choice_hints,
       start: state.examples_seen,
     });
   // Fixed val subsets, the same at every eval and in every run (seed 0).

@@ -29,6 +29,7 @@ import {
   NOVEL_PAIRS,
   preprocessImage,
   QUADRANTS,
+  type QuestionKind,
   type ShapeObject,
   shapesBatches,
   shapesDataset,
@@ -734,4 +735,44 @@ Deno.test("shapesBatches: deterministic batches whose labels are exactly the ans
   const it = shapesBatches({ split: "train", seed: 2, batchSize: 32, tokenizer: tok, config });
   for (let i = 0; i < 10; i++) it.next();
   console.log(`    shapesBatches: ${((performance.now() - t0) / 10).toFixed(1)} ms per batch of 32 at 32×32`);
+});
+
+Deno.test("shapesBatches: choice hints end the question line with the answer's option; other samples stay as they were", async () => {
+  const tok = await loadTokenizer(SHAPES_DIR);
+  const config = { vit_img_size: 32, mp_image_token_length: 4, lm_max_length: 96 };
+  const texts = (choiceHints?: number, kinds?: QuestionKind[]) =>
+    [...shapesBatches({
+      split: "train",
+      seed: 2,
+      batchSize: 20,
+      tokenizer: tok,
+      config,
+      choiceHints,
+      kinds,
+      count: 200,
+    })]
+      .flatMap((batch) =>
+        Array.from({ length: batch.batchSize }, (_, r) => {
+          const ids = Array.from(batch.inputIds.subarray(r * 96, (r + 1) * 96));
+          const labels = Array.from(batch.labels.subarray(r * 96, (r + 1) * 96)).filter((l) => l !== IGNORE_INDEX);
+          const prompt = tok.decode(ids, { skipSpecialTokens: true });
+          return { prompt, answer: tok.decode(labels, { skipSpecialTokens: true }).trim() };
+        })
+      );
+  // Every hinted question: "<question> <option text>", then the options, and the answer is that option's letter.
+  for (const { prompt, answer } of texts(1, ["choice"])) {
+    const lines = prompt.split("\n");
+    const question = lines[lines.findIndex((line) => line.startsWith("A. ")) - 1];
+    const option = lines.find((line) => line.startsWith(`${answer}. `))!.slice(3);
+    assert.ok(question.endsWith(`? ${option}`), `${question} / answer ${answer}. ${option}`);
+  }
+  // Half hinted: about half the multiple-choice prompts change, nothing else does.
+  const [plain, half] = [texts(0), texts(0.5)];
+  assert.deepEqual(texts(), plain);
+  const changed = plain.filter((sample, i) => sample.prompt !== half[i].prompt);
+  const choices = plain.filter((sample) => sample.prompt.includes(CHOICE_INSTRUCTION)).length;
+  assert.ok(changed.every((sample) => sample.prompt.includes(CHOICE_INSTRUCTION)));
+  assert.ok(changed.length > 0.3 * choices && changed.length < 0.7 * choices, `${changed.length} of ${choices} hinted`);
+  assert.deepEqual(half.map((s) => s.answer), plain.map((s) => s.answer));
+  assert.throws(() => texts(1.5), /choice hints must be a share in \[0, 1\], got 1.5/);
 });

@@ -18,13 +18,14 @@ import {
   paramGroups,
   parseTrainArgs,
   saveCheckpoint,
+  shareSpacedWordEmbeddings,
   train,
   type TrainConfig,
   trainStep,
   trimPadding,
 } from "../train.ts";
 import { assert, assertEquals, assertMatch, assertRejects, assertThrows } from "./assert.ts";
-import { FIXTURE_DIR, loadFixture, maxAbsDiff, MICRO, MICRO_OVERRIDES } from "./helpers.ts";
+import { assertNoLeak, FIXTURE_DIR, loadFixture, maxAbsDiff, MICRO, MICRO_OVERRIDES } from "./helpers.ts";
 
 await initBackend("wasm", { quiet: true });
 const SHAPES_TOKENIZER = new URL("../tokenizers/shapes", import.meta.url).pathname;
@@ -226,6 +227,26 @@ Deno.test("the loss of a fixed batch falls during 30 steps, and steps leak no te
   assertEquals(tf.memory().numTensors, tensorsAfterFirst);
   assert(losses[29] < 0.5 * losses[0], `loss ${losses[0].toFixed(3)} → ${losses[29].toFixed(3)}`);
   optimizer.dispose();
+  model.dispose();
+});
+
+Deno.test("shareSpacedWordEmbeddings starts 'red' from the row of ' red' and leaves every other row alone", async () => {
+  const tokenizer = await loadTokenizer(SHAPES_TOKENIZER);
+  const model = new VisionLanguageModel(MICRO, { seed: 1 });
+  const embedding = model.params.get("decoder.token_embedding.weight")!;
+  const before = await embedding.array() as number[][];
+  let pairs = 0;
+  await assertNoLeak(() => {
+    pairs = shareSpacedWordEmbeddings(model, tokenizer);
+  });
+  const after = await embedding.array() as number[][];
+  const id = (token: string) => tokenizer.tokenToId(token)!;
+  // The shapes vocabulary's 20 words in both spellings: a, the colours, shapes (and plurals), sizes, places, numbers.
+  assertEquals(pairs, 20);
+  for (const word of ["red", "triangles", "top", "four", "a"]) assertEquals(after[id(word)], before[id(" " + word)]);
+  const changed = after.filter((row, i) => row.some((x, j) => x !== before[i][j])).length;
+  assertEquals(changed, 20);
+  for (const token of [" red", "yes", "A", "<|im_end|>"]) assertEquals(after[id(token)], before[id(token)]);
   model.dispose();
 });
 
