@@ -1176,7 +1176,8 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
     const rng = new Rng(hashString(`pick/${split}/${seed}/${index}`));
     const present = [...new Set(pool.map((q) => q.kind))];
     const kind = rng.weighted(present, present.map((k) => (k === "caption" ? captionWeight : 1)));
-    const { answer, ...picked } = rng.pick(pool.filter((q) => q.kind === kind));
+    const picked = rng.pick(pool.filter((q) => q.kind === kind));
+    const answer = picked.answer;
     let question = picked.question;
     if (kind === "choice" && choiceHints > 0 && rng.next() < choiceHints) {
       const [first, ...rest] = question.split("\n"); // the question, "A. …" to "D. …", the instruction

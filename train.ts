@@ -260,10 +260,10 @@ function spacedId(tokenizer: ChatTokenizer, word: string): number | undefined {
 /**
  * Start each word that the tokenizer spells two ways, with a leading space (" red" inside
  * a question) and without ("red" opening an answer, right after "assistant\n"), from one
- * embedding row. A pretrained decoder already knows the two mean the
- * same; one trained from scratch learns it only from the few questions that need it,
- * such as a multiple-choice answer ("red") that must be found among the options
- * (" red"). The rows drift apart in training as they need to. Returns the pairs shared.
+ * embedding row. A pretrained decoder already knows that the two mean the same; one trained
+ * from scratch learns it only from the few questions that need it, such as a multiple-choice
+ * answer ("red") to be found among the options (" red"). The rows drift apart in training
+ * as far as they need to. Returns the number of words shared.
  */
 export function shareSpacedWordEmbeddings(model: VisionLanguageModel, tokenizer: ChatTokenizer): number {
   const source = Array.from({ length: model.cfg.lm_vocab_size }, (_, id) => id); // row id starts as row source[id]
@@ -274,7 +274,7 @@ export function shareSpacedWordEmbeddings(model: VisionLanguageModel, tokenizer:
     const spaced = spacedId(tokenizer, word);
     if (spaced !== undefined) [source[id], pairs] = [spaced, pairs + 1];
   }
-  const embedding = model.params.get("decoder.token_embedding.weight")!; // [V, D], tied to the head
+  const embedding = model.params.get("decoder.token_embedding.weight")!; // [V, D] (the output layer too, when tied)
   tf.tidy(() => embedding.assign(tf.gather(embedding, source)));
   return pairs;
 }
