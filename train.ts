@@ -89,7 +89,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   lr_backbones: 1e-3,
   batch_size: 32,
   gradient_accumulation_steps: 2,
-  max_training_steps: 2400,
+  max_training_steps: 2200,
   max_grad_norm: 1.0,
   eval_interval: 200,
   val_samples: 128,
