@@ -15,6 +15,7 @@
 #   --no-deno   skip the 1-2 minute xz of the Deno binary (tests; or when the GPU machine has Deno 2.9.6)
 # On the GPU machine: tar xf nanovlm-gpu.tar && cd nanovlm-gpu && ./run.sh bench --backend webgpu --preset tiny
 set -euo pipefail
+trap 'echo "pack-gpu.sh: line $LINENO failed: $BASH_COMMAND" >&2' ERR
 cd "$(dirname "$0")/.."
 
 with_deno=1
@@ -47,7 +48,9 @@ cp "$wasm_dir"/tfjs-backend-wasm.wasm "$wasm_dir"/tfjs-backend-wasm-simd.wasm "$
 codecs="$(package_dir imagescript)/codecs/node/bin/x64-linux.node"
 cp "$codecs" "$pack/bin/"
 cp -r tokenizers "$pack/"
-loader="$(ldconfig -p 2>/dev/null | awk '/libvulkan\.so\.1 .*x86-64/ { print $NF; exit }')"
+# awk and grep read ldconfig's whole listing (no `exit`, no `grep -q`): its ~64 KB fill a pipe, so a reader that
+# stops early kills ldconfig with SIGPIPE, and pipefail turns that into a silent failure of this script.
+loader="$(ldconfig -p 2>/dev/null | awk '/libvulkan\.so\.1 .*x86-64/ && !found { print $NF; found = 1 }' || true)"
 if [ -n "$loader" ]; then cp -L "$loader" "$pack/lib/libvulkan.so.1"; fi
 cat > "$pack/nvidia_icd.json" <<'EOF'
 { "file_format_version": "1.0.0", "ICD": { "library_path": "libGLX_nvidia.so.0", "api_version": "1.3.0" } }
@@ -69,9 +72,9 @@ export DENO_DIR="${DENO_DIR:-$here/.deno}" NANOVLM_COMMIT="${NANOVLM_COMMIT:-$(c
 # The Vulkan loader wants a private runtime dir; without one it prints harmless warnings.
 if [ -z "${XDG_RUNTIME_DIR:-}" ]; then export XDG_RUNTIME_DIR="$here/.xdg"; mkdir -p -m 700 "$XDG_RUNTIME_DIR"; fi
 # Deno reaches the GPU through the Vulkan loader and the driver's ICD file; supply either if the machine lacks it.
-if ! ldconfig -p 2>/dev/null | grep -q 'libvulkan\.so\.1 '; then export LD_LIBRARY_PATH="$here/lib:${LD_LIBRARY_PATH:-}"; fi
+if ! ldconfig -p 2>/dev/null | grep 'libvulkan\.so\.1 ' >/dev/null; then export LD_LIBRARY_PATH="$here/lib:${LD_LIBRARY_PATH:-}"; fi
 if [ -z "${VK_ICD_FILENAMES:-}" ] && ! ls /usr/share/vulkan/icd.d/nvidia* /etc/vulkan/icd.d/nvidia* >/dev/null 2>&1 &&
-  ldconfig -p 2>/dev/null | grep -q libGLX_nvidia.so.0; then
+  ldconfig -p 2>/dev/null | grep libGLX_nvidia.so.0 >/dev/null; then
   export VK_ICD_FILENAMES="$here/nvidia_icd.json"
 fi
 command="${1:?usage: ./run.sh bench|memory|train|generate|eval [flags]}"

@@ -93,12 +93,30 @@ Deno.test("deno task memory (smoke): peak memory by batch size, stopping at the 
 Deno.test("scripts/pack-gpu.sh: the archive fits 64 MiB and its bundled bench runs offline from an empty folder", async () => {
   const dir = await Deno.makeTempDir();
   try {
-    await run("bash", ["scripts/pack-gpu.sh", "--no-deno", dir]);
-    const { size } = await Deno.stat(`${dir}/nanovlm-gpu.tar`);
+    // A stand-in ldconfig whose listing (over 64 KiB, the Vulkan loader first) outgrows a pipe's buffer, as on a
+    // machine with many libraries: the script must read it all, not die of SIGPIPE under pipefail.
+    const fakeLoader = `${dir}/libvulkan-fake.so.1`;
+    await Deno.writeTextFile(fakeLoader, "not a real library");
+    const others = Array.from(
+      { length: 1500 },
+      (_, i) => `\tlibother${i}.so.1 (libc6,x86-64) => /lib/libother${i}.so.1`,
+    );
+    await Deno.mkdir(`${dir}/fakebin`);
+    await Deno.writeTextFile(
+      `${dir}/ldconfig.txt`,
+      [`\tlibvulkan.so.1 (libc6,x86-64) => ${fakeLoader}`, ...others].join("\n"),
+    );
+    await Deno.writeTextFile(`${dir}/fakebin/ldconfig`, `#!/bin/sh\ncat ${dir}/ldconfig.txt\n`, { mode: 0o755 });
+    assert.ok((await Deno.stat(`${dir}/ldconfig.txt`)).size > 64 * 1024);
+    await run("bash", ["scripts/pack-gpu.sh", "--no-deno", `${dir}/out`], {
+      PATH: `${dir}/fakebin:${Deno.env.get("PATH")}`,
+    });
+    assert.equal(await Deno.readTextFile(`${dir}/out/nanovlm-gpu/lib/libvulkan.so.1`), "not a real library");
+    const { size } = await Deno.stat(`${dir}/out/nanovlm-gpu.tar`);
     assert.ok(size < 64 * 2 ** 20 - 32e6, `${size} bytes leave no room for the 30 MB deno.xz`);
     const unpacked = `${dir}/unpacked`;
     await Deno.mkdir(unpacked);
-    await run("tar", ["-C", unpacked, "-xf", `${dir}/nanovlm-gpu.tar`]);
+    await run("tar", ["-C", unpacked, "-xf", `${dir}/out/nanovlm-gpu.tar`]);
     const folder = `${unpacked}/nanovlm-gpu`;
     // No deno.xz (--no-deno): run.sh uses the deno on PATH, with its own empty DENO_DIR and no network.
     const path = `${Deno.execPath().replace(/\/[^/]+$/, "")}:${Deno.env.get("PATH")}`;
