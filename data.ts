@@ -1137,6 +1137,14 @@ export interface ShapesBatchOptions {
    * trains the look-up by content in the text that a real multiple-choice question needs after its look-up in the image.
    */
   choiceHints?: number;
+  /**
+   * The share of multiple-choice samples (default 0) whose options come in alphabetical order, the answer's letter
+   * following its option. Under a uniform shuffle, knowing the answer earns nothing until the whole look-up (answer →
+   * its option line → that line's letter) works, and a decoder trained from scratch stays at chance (README). In
+   * sorted samples the answer alone names the letter: that partial credit teaches the model to carry the answer to
+   * where the letter is written, the first half of the look-up; the shuffled rest still needs the whole of it.
+   */
+  sortedChoices?: number;
   /** First example index (default 0): resume a run at `step · batchSize`. */
   start?: number;
   /** Stop after this many examples (default: never, the world is endless); the last batch may be short. */
@@ -1152,12 +1160,15 @@ export interface ShapesBatchOptions {
  */
 export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
   const { split, seed, batchSize, tokenizer, config, kinds = QUESTION_KINDS, captionWeight = 1, start = 0 } = options;
-  const { lengthBuckets = 1, choiceHints = 0 } = options;
+  const { lengthBuckets = 1, choiceHints = 0, sortedChoices = 0 } = options;
   if (!(captionWeight >= 0 && Number.isFinite(captionWeight))) {
     throw new Error(`caption weight must be a finite number ≥ 0, got ${captionWeight}`);
   }
   if (!(choiceHints >= 0 && choiceHints <= 1)) {
     throw new Error(`choice hints must be a share in [0, 1], got ${choiceHints}`);
+  }
+  if (!(sortedChoices >= 0 && sortedChoices <= 1)) {
+    throw new Error(`sorted choices must be a share in [0, 1], got ${sortedChoices}`);
   }
   if (!(Number.isInteger(lengthBuckets) && lengthBuckets >= 1)) {
     throw new Error(`length buckets must be a whole number ≥ 1, got ${lengthBuckets}`);
@@ -1177,12 +1188,18 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
     const present = [...new Set(pool.map((q) => q.kind))];
     const kind = rng.weighted(present, present.map((k) => (k === "caption" ? captionWeight : 1)));
     const picked = rng.pick(pool.filter((q) => q.kind === kind));
-    const answer = picked.answer;
-    let question = picked.question;
+    let { question, answer } = picked;
     if (kind === "choice" && choiceHints > 0 && rng.next() < choiceHints) {
       const [first, ...rest] = question.split("\n"); // the question, "A. …" to "D. …", the instruction
       const option = rest.find((line) => line.startsWith(`${answer}. `))!.slice(answer.length + 2);
       question = [`${first} ${option}`, ...rest].join("\n");
+    }
+    if (kind === "choice" && sortedChoices > 0 && rng.next() < sortedChoices) {
+      const [first, ...rest] = question.split("\n");
+      const options = rest.slice(0, LETTERS.length).map((line) => line.slice(3)); // "A. red" → "red"
+      const sorted = options.toSorted();
+      answer = LETTERS[sorted.indexOf(options[LETTERS.indexOf(answer as typeof LETTERS[number])])];
+      question = [first, ...sorted.map((option, i) => `${LETTERS[i]}. ${option}`), CHOICE_INSTRUCTION].join("\n");
     }
     const encoded = encodeConversation(
       tokenizer,

@@ -70,6 +70,7 @@ export interface TrainConfig {
   sort_by_length: boolean; // shapes world: sort each step's samples by length into its micro-batches (less padding)
   share_spaced_words: boolean; // a decoder from scratch: "red" and " red" start from one embedding row
   choice_hints: number; // shapes world: share of multiple-choice questions that say their answer (a reading exercise)
+  sorted_choices: number; // shapes world: share of multiple-choice questions with options in alphabetical order
   seed: number; // model init and data order
   backend: string; // "webgpu" | "wasm" | "cpu", or "" for the best available
   runs_dir: string; // runs go to runs_dir/run_name/
@@ -99,6 +100,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   sort_by_length: true,
   share_spaced_words: true,
   choice_hints: 0.5,
+  sorted_choices: 0,
   seed: 0,
   backend: "",
   runs_dir: "runs",
@@ -963,6 +965,7 @@ async function trainLoop(
       captionWeight: config.caption_weight,
       lengthBuckets: config.sort_by_length ? config.gradient_accumulation_steps : 1,
       choiceHints: config.choice_hints,
+      sortedChoices: config.sorted_choices,
       start: state.examples_seen,
     });
   // Fixed val subsets, the same at every eval and in every run (seed 0).

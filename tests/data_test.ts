@@ -776,3 +776,53 @@ Deno.test("shapesBatches: choice hints end the question line with the answer's o
   assert.deepEqual(half.map((s) => s.answer), plain.map((s) => s.answer));
   assert.throws(() => texts(1.5), /choice hints must be a share in \[0, 1\], got 1.5/);
 });
+
+Deno.test("shapesBatches: sorted choices put the options in alphabetical order, the letter following its option", async () => {
+  const tok = await loadTokenizer(SHAPES_DIR);
+  const config = { vit_img_size: 32, mp_image_token_length: 4, lm_max_length: 96 };
+  const samples = (sortedChoices?: number, kinds?: QuestionKind[]) =>
+    [...shapesBatches({
+      split: "train",
+      seed: 2,
+      batchSize: 20,
+      tokenizer: tok,
+      config,
+      sortedChoices,
+      kinds,
+      count: 200,
+    })]
+      .flatMap((batch) =>
+        Array.from({ length: batch.batchSize }, (_, r) => {
+          const ids = Array.from(batch.inputIds.subarray(r * 96, (r + 1) * 96));
+          const labels = Array.from(batch.labels.subarray(r * 96, (r + 1) * 96)).filter((l) => l !== IGNORE_INDEX);
+          const lines = tok.decode(ids, { skipSpecialTokens: true }).split("\n");
+          const answer = tok.decode(labels, { skipSpecialTokens: true }).trim();
+          const options = lines.filter((line) => /^[A-D]\. /.test(line)).map((line) => line.slice(3));
+          // What the answer says: the text of its option (multiple choice), else the answer itself.
+          const meaning = options.length ? options["ABCD".indexOf(answer)] : answer;
+          return { prompt: lines.join("\n"), options, meaning };
+        })
+      );
+  const plain = samples(0, ["choice"]);
+  const sorted = samples(1, ["choice"]);
+  assert.equal(sorted.length, plain.length);
+  for (const [i, sample] of sorted.entries()) {
+    assert.deepEqual(sample.options, plain[i].options.toSorted(), sample.prompt);
+    assert.equal(sample.meaning, plain[i].meaning, "the answer still names the same option");
+    const lines = sample.prompt.split("\n");
+    assert.equal(lines[lines.findIndex((line) => line.startsWith("D. ")) + 1], CHOICE_INSTRUCTION);
+  }
+  assert.ok(plain.some((sample, i) => sample.prompt !== sorted[i].prompt), "the dataset's own orders are shuffled");
+  // Half sorted: only multiple-choice prompts change, about half of them; 0 is the default stream.
+  const [all, half] = [samples(0), samples(0.5)];
+  assert.deepEqual(samples(), all);
+  const changed = all.filter((sample, i) => sample.prompt !== half[i].prompt);
+  const choices = all.filter((sample) => sample.options.length > 0).length;
+  assert.ok(changed.every((sample) => sample.options.length > 0));
+  assert.ok(
+    changed.length > 0.25 * choices && changed.length < 0.6 * choices,
+    `${changed.length} of ${choices} sorted`,
+  );
+  assert.deepEqual(half.map((s) => s.meaning), all.map((s) => s.meaning));
+  assert.throws(() => samples(-0.1), /sorted choices must be a share in \[0, 1\], got -0.1/);
+});
