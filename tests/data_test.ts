@@ -32,6 +32,7 @@ import {
   type QuestionKind,
   type ShapeObject,
   shapesBatches,
+  type ShapesBatchOptions,
   shapesDataset,
   type ShapesQuestion,
   shapesTokenizerFiles,
@@ -737,74 +738,52 @@ Deno.test("shapesBatches: deterministic batches whose labels are exactly the ans
   console.log(`    shapesBatches: ${((performance.now() - t0) / 10).toFixed(1)} ms per batch of 32 at 32×32`);
 });
 
-Deno.test("shapesBatches: choice hints end the question line with the answer's option; other samples stay as they were", async () => {
+/**
+ * The first 200 samples of a training stream (seed 2) decoded: the prompt, the answer, the multiple-choice options'
+ * texts (none for other kinds) and what the answer means (its option's text, else the answer itself).
+ */
+async function decodedTrainSamples(options: Pick<ShapesBatchOptions, "choiceHints" | "sortedChoices" | "kinds">) {
   const tok = await loadTokenizer(SHAPES_DIR);
   const config = { vit_img_size: 32, mp_image_token_length: 4, lm_max_length: 96 };
-  const texts = (choiceHints?: number, kinds?: QuestionKind[]) =>
-    [...shapesBatches({
-      split: "train",
-      seed: 2,
-      batchSize: 20,
-      tokenizer: tok,
-      config,
-      choiceHints,
-      kinds,
-      count: 200,
-    })]
-      .flatMap((batch) =>
-        Array.from({ length: batch.batchSize }, (_, r) => {
-          const ids = Array.from(batch.inputIds.subarray(r * 96, (r + 1) * 96));
-          const labels = Array.from(batch.labels.subarray(r * 96, (r + 1) * 96)).filter((l) => l !== IGNORE_INDEX);
-          const prompt = tok.decode(ids, { skipSpecialTokens: true });
-          return { prompt, answer: tok.decode(labels, { skipSpecialTokens: true }).trim() };
-        })
-      );
+  const batches = [
+    ...shapesBatches({ split: "train", seed: 2, batchSize: 20, tokenizer: tok, config, count: 200, ...options }),
+  ];
+  return batches.flatMap((batch) =>
+    Array.from({ length: batch.batchSize }, (_, r) => {
+      const ids = Array.from(batch.inputIds.subarray(r * 96, (r + 1) * 96));
+      const labels = Array.from(batch.labels.subarray(r * 96, (r + 1) * 96)).filter((l) => l !== IGNORE_INDEX);
+      const prompt = tok.decode(ids, { skipSpecialTokens: true });
+      const answer = tok.decode(labels, { skipSpecialTokens: true }).trim();
+      const choices = prompt.split("\n").filter((line) => /^[A-D]\. /.test(line)).map((line) => line.slice(3));
+      return { prompt, answer, options: choices, meaning: choices.length ? choices["ABCD".indexOf(answer)] : answer };
+    })
+  );
+}
+
+Deno.test("shapesBatches: choice hints end the question line with the answer's option; other samples stay as they were", async () => {
+  const texts = (choiceHints?: number, kinds?: QuestionKind[]) => decodedTrainSamples({ choiceHints, kinds });
   // Every hinted question: "<question> <option text>", then the options, and the answer is that option's letter.
-  for (const { prompt, answer } of texts(1, ["choice"])) {
+  for (const { prompt, answer } of await texts(1, ["choice"])) {
     const lines = prompt.split("\n");
     const question = lines[lines.findIndex((line) => line.startsWith("A. ")) - 1];
     const option = lines.find((line) => line.startsWith(`${answer}. `))!.slice(3);
     assert.ok(question.endsWith(`? ${option}`), `${question} / answer ${answer}. ${option}`);
   }
   // Half hinted: about half the multiple-choice prompts change, nothing else does.
-  const [plain, half] = [texts(0), texts(0.5)];
-  assert.deepEqual(texts(), plain);
+  const [plain, half] = [await texts(0), await texts(0.5)];
+  assert.deepEqual(await texts(), plain);
   const changed = plain.filter((sample, i) => sample.prompt !== half[i].prompt);
   const choices = plain.filter((sample) => sample.prompt.includes(CHOICE_INSTRUCTION)).length;
   assert.ok(changed.every((sample) => sample.prompt.includes(CHOICE_INSTRUCTION)));
   assert.ok(changed.length > 0.3 * choices && changed.length < 0.7 * choices, `${changed.length} of ${choices} hinted`);
   assert.deepEqual(half.map((s) => s.answer), plain.map((s) => s.answer));
-  assert.throws(() => texts(1.5), /choice hints must be a share in \[0, 1\], got 1.5/);
+  await assert.rejects(() => texts(1.5), /choice hints must be a share in \[0, 1\], got 1.5/);
 });
 
 Deno.test("shapesBatches: sorted choices put the options in alphabetical order, the letter following its option", async () => {
-  const tok = await loadTokenizer(SHAPES_DIR);
-  const config = { vit_img_size: 32, mp_image_token_length: 4, lm_max_length: 96 };
-  const samples = (sortedChoices?: number, kinds?: QuestionKind[]) =>
-    [...shapesBatches({
-      split: "train",
-      seed: 2,
-      batchSize: 20,
-      tokenizer: tok,
-      config,
-      sortedChoices,
-      kinds,
-      count: 200,
-    })]
-      .flatMap((batch) =>
-        Array.from({ length: batch.batchSize }, (_, r) => {
-          const ids = Array.from(batch.inputIds.subarray(r * 96, (r + 1) * 96));
-          const labels = Array.from(batch.labels.subarray(r * 96, (r + 1) * 96)).filter((l) => l !== IGNORE_INDEX);
-          const lines = tok.decode(ids, { skipSpecialTokens: true }).split("\n");
-          const answer = tok.decode(labels, { skipSpecialTokens: true }).trim();
-          const options = lines.filter((line) => /^[A-D]\. /.test(line)).map((line) => line.slice(3));
-          // What the answer says: the text of its option (multiple choice), else the answer itself.
-          const meaning = options.length ? options["ABCD".indexOf(answer)] : answer;
-          return { prompt: lines.join("\n"), options, meaning };
-        })
-      );
-  const plain = samples(0, ["choice"]);
-  const sorted = samples(1, ["choice"]);
+  const samples = (sortedChoices?: number, kinds?: QuestionKind[]) => decodedTrainSamples({ sortedChoices, kinds });
+  const plain = await samples(0, ["choice"]);
+  const sorted = await samples(1, ["choice"]);
   assert.equal(sorted.length, plain.length);
   for (const [i, sample] of sorted.entries()) {
     assert.deepEqual(sample.options, plain[i].options.toSorted(), sample.prompt);
@@ -814,8 +793,8 @@ Deno.test("shapesBatches: sorted choices put the options in alphabetical order, 
   }
   assert.ok(plain.some((sample, i) => sample.prompt !== sorted[i].prompt), "the dataset's own orders are shuffled");
   // Half sorted: only multiple-choice prompts change, about half of them; 0 is the default stream.
-  const [all, half] = [samples(0), samples(0.5)];
-  assert.deepEqual(samples(), all);
+  const [all, half] = [await samples(0), await samples(0.5)];
+  assert.deepEqual(await samples(), all);
   const changed = all.filter((sample, i) => sample.prompt !== half[i].prompt);
   const choices = all.filter((sample) => sample.options.length > 0).length;
   assert.ok(changed.every((sample) => sample.options.length > 0));
@@ -824,5 +803,5 @@ Deno.test("shapesBatches: sorted choices put the options in alphabetical order, 
     `${changed.length} of ${choices} sorted`,
   );
   assert.deepEqual(half.map((s) => s.meaning), all.map((s) => s.meaning));
-  assert.throws(() => samples(-0.1), /sorted choices must be a share in \[0, 1\], got -0.1/);
+  await assert.rejects(() => samples(-0.1), /sorted choices must be a share in \[0, 1\], got -0.1/);
 });
