@@ -100,7 +100,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   sort_by_length: true,
   share_spaced_words: true,
   choice_hints: 0.5,
-  sorted_choices: 0,
+  sorted_choices: 0.5,
   seed: 0,
   backend: "",
   runs_dir: "runs",
