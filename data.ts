@@ -236,6 +236,18 @@ export interface ShapesQuestion {
 /** The closing line of a multiple-choice question, as MMStar prompts it. */
 export const CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly.";
 const LETTERS = ["A", "B", "C", "D"] as const;
+
+/** MMStar's layout: the question, one "A. …" line per option (letters from A, up to Z), then the instruction. */
+export function choicePrompt(question: string, options: readonly string[]): string {
+  const lines = options.map((option, i) => `${String.fromCharCode(65 + i)}. ${option}`);
+  return [question, ...lines, CHOICE_INSTRUCTION].join("\n");
+}
+
+/** The question and the options' texts of a prompt that `choicePrompt` wrote. */
+function parseChoicePrompt(prompt: string): { question: string; options: string[] } {
+  const [question, ...rest] = prompt.split("\n");
+  return { question, options: rest.slice(0, -1).map((line) => line.slice(3)) }; // "A. red" → "red"; the instruction
+}
 const NUMBER_WORDS = ["zero", "one", "two", "three", "four"] as const;
 
 const pairName = (color: Color, shape: Shape) => `${color} ${shape}`;
@@ -248,13 +260,12 @@ function caption(objects: readonly ShapeObject[]): string {
   return (parts.length > 0 ? `${parts.join(", ")} and ${last}` : last) + ".";
 }
 
-/** MMStar's layout: the question, one "X. option" line per letter, then the instruction; the answer is a letter. */
+/** A multiple-choice question in MMStar's layout (`choicePrompt`) with shuffled options; the answer is a letter. */
 function multipleChoice(rng: Rng, base: ShapesQuestion, options: readonly string[]): ShapesQuestion {
   const order = rng.shuffled(options);
-  const lines = order.map((option, i) => `${LETTERS[i]}. ${option}`);
   return {
     kind: "choice",
-    question: [base.question, ...lines, CHOICE_INSTRUCTION].join("\n"),
+    question: choicePrompt(base.question, order),
     answer: LETTERS[order.indexOf(base.answer)],
     topics: base.topics,
   };
@@ -1189,17 +1200,13 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
     const kind = rng.weighted(present, present.map((k) => (k === "caption" ? captionWeight : 1)));
     const picked = rng.pick(pool.filter((q) => q.kind === kind));
     let { question, answer } = picked;
-    if (kind === "choice" && choiceHints > 0 && rng.next() < choiceHints) {
-      const [first, ...rest] = question.split("\n"); // the question, "A. …" to "D. …", the instruction
-      const option = rest.find((line) => line.startsWith(`${answer}. `))!.slice(answer.length + 2);
-      question = [`${first} ${option}`, ...rest].join("\n");
-    }
-    if (kind === "choice" && sortedChoices > 0 && rng.next() < sortedChoices) {
-      const [first, ...rest] = question.split("\n");
-      const options = rest.slice(0, LETTERS.length).map((line) => line.slice(3)); // "A. red" → "red"
-      const sorted = options.toSorted();
-      answer = LETTERS[sorted.indexOf(options[LETTERS.indexOf(answer as typeof LETTERS[number])])];
-      question = [first, ...sorted.map((option, i) => `${LETTERS[i]}. ${option}`), CHOICE_INSTRUCTION].join("\n");
+    if (kind === "choice") {
+      const { question: line, options } = parseChoicePrompt(question);
+      const answerText = options[LETTERS.indexOf(answer as typeof LETTERS[number])];
+      const hinted = choiceHints > 0 && rng.next() < choiceHints ? `${line} ${answerText}` : line;
+      const order = sortedChoices > 0 && rng.next() < sortedChoices ? options.toSorted() : options;
+      question = choicePrompt(hinted, order);
+      answer = LETTERS[order.indexOf(answerText)];
     }
     const encoded = encodeConversation(
       tokenizer,

@@ -19,7 +19,7 @@ import * as tf from "@tensorflow/tfjs";
 import { parseArgs } from "node:util";
 import {
   type ChatTokenizer,
-  CHOICE_INSTRUCTION,
+  choicePrompt,
   collatePrompts,
   encodePrompt,
   loadImage,
@@ -137,7 +137,7 @@ export function isCorrect(item: EvalItem, prediction: string): boolean {
 /** The user's text: the question, then for multiple choice MMStar's "A. …" lines and instruction. */
 export function promptOf(item: EvalItem): string {
   if (!item.choices) return item.question;
-  return [item.question, ...item.choices.map((c, i) => `${LETTERS[i]}. ${c}`), CHOICE_INSTRUCTION].join("\n");
+  return choicePrompt(item.question, item.choices);
 }
 
 // ---- Batched generation ------------------------------------------------------------------
