@@ -1136,6 +1136,11 @@ export interface ShapesBatchOptions {
    */
   captionWeight?: number;
   /**
+   * How often a multiple-choice question is drawn relative to each other kind (default 1). Its letter look-up is the
+   * slowest lesson of the shapes world to form (README): more of it gives that look-up more chances.
+   */
+  choiceWeight?: number;
+  /**
    * Batches sorted by length together (default 1: stream order). With k > 1 the samples of each k batches of the
    * stream are sorted by length (stably) before they are cut into batches, shortest first: short questions (21 tokens)
    * then share a batch instead of being padded to a caption or multiple-choice prompt (up to 55). The trainer makes
@@ -1165,15 +1170,18 @@ export interface ShapesBatchOptions {
 /**
  * Collated batches of (image, one question → answer) samples, rendered straight into
  * float arrays (no PNG round trip). Example i gives sample i: its kind is drawn among
- * the kinds its scene has (uniformly, captions weighted by `captionWeight`), then one
- * question of that kind, so the stream is fully determined by (split, seed) and batches
- * can be regenerated from any `start` (with length buckets: any whole batch).
+ * the kinds its scene has (uniformly, captions weighted by `captionWeight` and multiple
+ * choice by `choiceWeight`), then one question of that kind, so the stream is fully
+ * determined by (split, seed) and batches can be regenerated from any `start` (with
+ * length buckets: any whole batch).
  */
 export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
   const { split, seed, batchSize, tokenizer, config, kinds = QUESTION_KINDS, captionWeight = 1, start = 0 } = options;
-  const { lengthBuckets = 1, choiceHints = 0, sortedChoices = 0 } = options;
-  if (!(captionWeight >= 0 && Number.isFinite(captionWeight))) {
-    throw new Error(`caption weight must be a finite number ≥ 0, got ${captionWeight}`);
+  const { lengthBuckets = 1, choiceHints = 0, sortedChoices = 0, choiceWeight = 1 } = options;
+  for (const [name, weight] of [["caption", captionWeight], ["choice", choiceWeight]] as const) {
+    if (!(weight >= 0 && Number.isFinite(weight))) {
+      throw new Error(`${name} weight must be a finite number ≥ 0, got ${weight}`);
+    }
   }
   if (!(choiceHints >= 0 && choiceHints <= 1)) {
     throw new Error(`choice hints must be a share in [0, 1], got ${choiceHints}`);
@@ -1197,7 +1205,8 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
     if (pool.length === 0) return undefined; // e.g. only "shape" asked and no colour occurs once
     const rng = new Rng(hashString(`pick/${split}/${seed}/${index}`));
     const present = [...new Set(pool.map((q) => q.kind))];
-    const kind = rng.weighted(present, present.map((k) => (k === "caption" ? captionWeight : 1)));
+    const weightOf = (k: QuestionKind) => (k === "caption" ? captionWeight : k === "choice" ? choiceWeight : 1);
+    const kind = rng.weighted(present, present.map(weightOf));
     const picked = rng.pick(pool.filter((q) => q.kind === kind));
     let { question, answer } = picked;
     if (kind === "choice") {

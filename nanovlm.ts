@@ -608,9 +608,9 @@ export function replaceImageTokens(
  * Mean cross-entropy over the positions whose target is not -100. Targets are already shifted by the data pipeline
  * (targets[t] is the token after t), as in the reference. The log-probability of each target is picked with a 1-D
  * gather from the flattened [B·T·V] log-softmax: no [B·T, V] one-hot, and a gradient on every backend.
- * logits [B, T, V], targets int32 [B, T] → scalar
+ * logits [B, T, V], targets int32 [B, T], optional weights [B, T] (a weighted mean; the reference's is 1) → scalar
  */
-export function crossEntropy(logits: tf.Tensor, targets: tf.Tensor): tf.Scalar {
+export function crossEntropy(logits: tf.Tensor, targets: tf.Tensor, tokenWeights?: tf.Tensor): tf.Scalar {
   const V = logits.shape[logits.shape.length - 1]!;
   const flatTargets = targets.reshape([-1]);
   const n = flatTargets.shape[0]!;
@@ -619,7 +619,7 @@ export function crossEntropy(logits: tf.Tensor, targets: tf.Tensor): tf.Scalar {
   const index = tf.range(0, n, 1, "int32").mul(tf.scalar(V, "int32")).add(safeTargets); // row·V + target
   const logProbs = tf.logSoftmax(logits.reshape([n, V])).reshape([-1]);
   const picked = tf.gather(logProbs, index); // [B·T]
-  const weights = keep.toFloat();
+  const weights = tokenWeights ? keep.toFloat().mul(tokenWeights.reshape([-1])) : keep.toFloat();
   return picked.mul(weights).sum().neg().div(weights.sum().maximum(1)) as tf.Scalar;
 }
 

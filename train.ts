@@ -32,6 +32,7 @@ import { type DataSource, heldOutBatches, newDataStats, openDataset, trainingBat
 import { hubToken, hubTokenizer, loadBackbones, pushToHub } from "./hub.ts";
 import {
   configFromJSON,
+  crossEntropy,
   parameterSpecs,
   PRESETS,
   validateConfig,
@@ -67,10 +68,12 @@ export interface TrainConfig {
   val_questions: number; // val-split questions answered for the val accuracy (a fixed subset)
   test_examples: number; // after training, score the questions of this many test and test-novel scenes (0 = skip)
   caption_weight: number; // shapes world: how often a caption question is drawn relative to each other kind
+  choice_weight: number; // shapes world: how often a multiple-choice question is drawn relative to each other kind
   sort_by_length: boolean; // shapes world: sort each step's samples by length into its micro-batches (less padding)
   share_spaced_words: boolean; // a decoder from scratch: "red" and " red" start from one embedding row
   choice_hints: number; // shapes world: share of multiple-choice questions that say their answer (a reading exercise)
   sorted_choices: number; // shapes world: share of multiple-choice questions with options in alphabetical order
+  answer_floor: number; // a sample's answer weighs at least this many tokens in the loss (0: every token 1, the reference)
   seed: number; // model init and data order
   backend: string; // "webgpu" | "wasm" | "cpu", or "" for the best available
   runs_dir: string; // runs go to runs_dir/run_name/
@@ -97,10 +100,12 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   val_questions: 128,
   test_examples: 300,
   caption_weight: 2,
+  choice_weight: 1,
   sort_by_length: true,
   share_spaced_words: true,
   choice_hints: 0.5,
   sorted_choices: 0.5,
+  answer_floor: 0,
   seed: 0,
   backend: "",
   runs_dir: "runs",
@@ -552,10 +557,27 @@ export class NonFiniteError extends Error {}
 
 /** What one optimizer step measured. */
 export interface StepResult {
-  /** Mean loss over the step's trained tokens. */
+  /** Mean loss over the step's trained tokens (weighted, with an answer floor). */
   loss: number;
   /** Global gradient norm before clipping. */
   gradNorm: number;
+}
+
+/**
+ * The loss weight of every position of a batch (labels [B·T], row-major): 0 where nothing is trained, else
+ * max(1, floor / n) for a row with n trained tokens, so a short answer ("red", <|im_end|>, newline: 3 tokens) weighs
+ * as much as `floor` tokens while a 40-token caption keeps weight 1 per token. With floor 0 every trained token
+ * weighs 1: the reference's mean over tokens.
+ */
+export function answerWeights(labels: Int32Array, B: number, T: number, floor: number): Float32Array {
+  const weights = new Float32Array(B * T);
+  for (let b = 0; b < B; b++) {
+    const row = labels.subarray(b * T, (b + 1) * T);
+    const trained = row.reduce((n, label) => n + (label === IGNORE_INDEX ? 0 : 1), 0);
+    const weight = Math.max(1, floor / Math.max(trained, 1));
+    row.forEach((label, t) => weights[b * T + t] = label === IGNORE_INDEX ? 0 : weight);
+  }
+  return weights;
 }
 
 /**
@@ -564,7 +586,8 @@ export interface StepResult {
  * weighted by its share of the step's trained tokens, so the step's loss and gradient are
  * those of one batch holding every micro-batch: exact also when micro-batches differ in
  * length (sort_by_length). The reference divides by the number of micro-batches instead,
- * the same when every micro-batch trains as many tokens. If the loss or the gradient norm
+ * the same when every micro-batch trains as many tokens. With `answerFloor` > 0 tokens
+ * are weighted by `answerWeights` (and shares by weight). If the loss or the gradient norm
  * is not finite, nothing is updated and a NonFiniteError is thrown. One read from the
  * device per step (loss and norm together); every tensor it makes is freed.
  */
@@ -572,24 +595,25 @@ export async function trainStep(
   model: VisionLanguageModel,
   microBatches: Batch[],
   optimizer: AdamW,
-  { lrs, maxGradNorm = 1.0 }: { lrs: number[]; maxGradNorm?: number },
+  { lrs, maxGradNorm = 1.0, answerFloor = 0 }: { lrs: number[]; maxGradNorm?: number; answerFloor?: number },
 ): Promise<StepResult> {
   const names = optimizer.trainable, variables = optimizer.variables;
   const nameOf = new Map(variables.map((v, i) => [v.name, names[i]]));
   const grads = new Map<string, tf.Tensor>();
-  const trained = microBatches.map((micro) =>
-    micro.labels.reduce((n, label) => n + (label === IGNORE_INDEX ? 0 : 1), 0)
-  );
+  const trimmed = microBatches.map(trimPadding);
+  const weights = trimmed.map((micro) => answerWeights(micro.labels, micro.batchSize, micro.length, answerFloor));
+  const trained = weights.map((w) => w.reduce((a, b) => a + b, 0));
   const total = trained.reduce((a, b) => a + b, 0);
   let lossSum: tf.Tensor = tf.scalar(0);
-  for (const [i, micro] of microBatches.entries()) {
-    const t = batchTensors(trimPadding(micro));
+  for (const [i, micro] of trimmed.entries()) {
+    const t = batchTensors(micro);
     const share = total > 0 ? trained[i] / total : 1 / microBatches.length;
+    const tokenWeights = answerFloor > 0 ? tf.tensor2d(weights[i], [micro.batchSize, micro.length]) : undefined;
     const { value, grads: g } = tf.variableGrads(() => {
-      const { loss } = model.forward(t.inputIds, t.images, t.attentionMask, t.labels);
-      return loss!.mul(share) as tf.Scalar;
+      const { logits } = model.forward(t.inputIds, t.images, t.attentionMask);
+      return crossEntropy(logits, t.labels, tokenWeights).mul(share) as tf.Scalar;
     }, variables);
-    tf.dispose(Object.values(t));
+    tf.dispose([...Object.values(t), tokenWeights]);
     for (const [varName, grad] of Object.entries(g)) {
       const name = nameOf.get(varName)!, previous = grads.get(name);
       grads.set(name, previous ? previous.add(grad) : grad);
@@ -963,6 +987,7 @@ async function trainLoop(
       tokenizer,
       config: cfg,
       captionWeight: config.caption_weight,
+      choiceWeight: config.choice_weight,
       lengthBuckets: config.sort_by_length ? config.gradient_accumulation_steps : 1,
       choiceHints: config.choice_hints,
       sortedChoices: config.sorted_choices,
@@ -1000,7 +1025,11 @@ async function trainLoop(
     const started = performance.now();
     let result: StepResult;
     try {
-      result = await trainStep(model, micro, optimizer, { lrs, maxGradNorm: config.max_grad_norm });
+      result = await trainStep(model, micro, optimizer, {
+        lrs,
+        maxGradNorm: config.max_grad_norm,
+        answerFloor: config.answer_floor,
+      });
     } catch (e) {
       if (!(e instanceof NonFiniteError)) throw e;
       const kept = await exists(`${runDir}/latest`)

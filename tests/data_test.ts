@@ -668,8 +668,8 @@ Deno.test("shapesBatches: deterministic batches whose labels are exactly the ans
     }
   }
 
-  // Caption weight: 1 keeps the uniform draw, 0 asks no caption, 2 about twice as many as 1.
-  const captions = (captionWeight?: number) => {
+  // Caption and choice weights: 1 keeps the uniform draw, 0 asks no such question, 2 about twice as many as 1.
+  const asked = (marker: string, weights: Pick<ShapesBatchOptions, "captionWeight" | "choiceWeight">) => {
     let n = 0;
     const options = {
       split: "train" as const,
@@ -677,23 +677,28 @@ Deno.test("shapesBatches: deterministic batches whose labels are exactly the ans
       batchSize: 50,
       tokenizer: tok,
       config,
-      captionWeight,
       count: 1400,
+      ...weights,
     };
     for (const batch of shapesBatches(options)) {
       for (let r = 0; r < batch.batchSize; r++) {
         const text = tok.decode(Array.from(batch.inputIds.subarray(r * 96, (r + 1) * 96)), { skipSpecialTokens: true });
-        if (text.includes("Describe the image.")) n++;
+        if (text.includes(marker)) n++;
       }
     }
     return n;
   };
-  const uniform = captions(), doubled = captions(2);
-  assert.equal(captions(1), uniform);
-  assert.equal(captions(0), 0);
-  assert.ok(uniform > 150 && uniform < 250, `${uniform} captions of 1400 with equal weights (expected about 1/7)`);
-  assert.ok(doubled > 1.6 * uniform && doubled < 2.1 * uniform, `${doubled} captions at weight 2 vs ${uniform}`);
-  assert.throws(() => captions(-1), /caption weight must be a finite number ≥ 0, got -1/);
+  for (
+    const [marker, key] of [["Describe the image.", "captionWeight"], [CHOICE_INSTRUCTION, "choiceWeight"]] as const
+  ) {
+    const uniform = asked(marker, {}), doubled = asked(marker, { [key]: 2 });
+    assert.equal(asked(marker, { [key]: 1 }), uniform);
+    assert.equal(asked(marker, { [key]: 0 }), 0);
+    assert.ok(uniform > 150 && uniform < 250, `${uniform} "${marker}" of 1400 with equal weights (expected about 1/7)`);
+    assert.ok(doubled > 1.6 * uniform && doubled < 2.1 * uniform, `${doubled} "${marker}" at weight 2 vs ${uniform}`);
+  }
+  assert.throws(() => asked("", { captionWeight: -1 }), /caption weight must be a finite number ≥ 0, got -1/);
+  assert.throws(() => asked("", { choiceWeight: NaN }), /choice weight must be a finite number ≥ 0, got NaN/);
 
   // Length buckets: a window of k batches holds the same samples as the stream's k batches, sorted by length, so
   // batches trimmed to their longest sample carry fewer pad tokens; a resume at a whole batch continues the window.

@@ -9,6 +9,8 @@ import { configFromJSON, PRESETS, VisionLanguageModel } from "../nanovlm.ts";
 import { initBackend, readSafetensors } from "../runtime.ts";
 import {
   AdamW,
+  answerWeights,
+  batchTensors,
   clipGradients,
   loadCheckpoint,
   lossCurveSvg,
@@ -272,6 +274,54 @@ Deno.test("micro-batches sorted by length make the same step as one batch: loss,
   assert(Math.abs(one.loss - two.loss) < 1e-5, `loss ${one.loss} vs ${two.loss}`);
   assert(Math.abs(one.gradNorm - two.gradNorm) < 1e-4 * one.gradNorm, `norm ${one.gradNorm} vs ${two.gradNorm}`);
   assert(one.gradNorm > 0.5); // clipped: the scale came from the norm both ways
+  assert(maxAbsDiff(one.weights, two.weights) < 1e-6, `weights differ by ${maxAbsDiff(one.weights, two.weights)}`);
+});
+
+Deno.test("answerWeights: a short answer weighs `floor` tokens; trainStep takes the weighted mean, split or not", async () => {
+  const I = IGNORE_INDEX;
+  // Rows: 3 trained tokens, 6 trained tokens, none. T = 7.
+  const labels = new Int32Array([I, I, I, I, 5, 6, 7, I, 1, 2, 3, 4, 5, 6, I, I, I, I, I, I, I]);
+  assertEquals([...answerWeights(labels, 3, 7, 12)], [0, 0, 0, 0, 4, 4, 4, 0, 2, 2, 2, 2, 2, 2, 0, 0, 0, 0, 0, 0, 0]);
+  assertEquals([...answerWeights(labels, 3, 7, 4)].slice(4, 14), [
+    ...new Float32Array([4 / 3, 4 / 3, 4 / 3, 0, 1, 1, 1, 1, 1, 1]),
+  ]);
+  assertEquals([...answerWeights(labels, 3, 7, 0)], [...labels].map((l) => (l === I ? 0 : 1)));
+
+  const tokenizer = await loadTokenizer(SHAPES_TOKENIZER);
+  const options = { split: "train" as const, seed: 3, tokenizer, config: MICRO, captionWeight: 2 };
+  const [whole] = shapesBatches({ ...options, batchSize: 12 });
+  const halves = [...shapesBatches({ ...options, batchSize: 6, lengthBuckets: 2, count: 12 })];
+  // The expected loss by hand: per-token cross-entropy of the initial model, weighted by answerWeights.
+  const expected = await (async () => {
+    const model = new VisionLanguageModel(MICRO, { seed: 1 });
+    const batch = trimPadding(whole), t = batchTensors(batch);
+    const logProbs = tf.tidy(() => tf.logSoftmax(model.forward(t.inputIds, t.images, t.attentionMask).logits));
+    const rows = (await logProbs.array()) as number[][][];
+    tf.dispose([logProbs, ...Object.values(t)]);
+    model.dispose();
+    const weights = answerWeights(batch.labels, batch.batchSize, batch.length, 12);
+    let sum = 0, total = 0, plain = 0, count = 0;
+    batch.labels.forEach((label, i) => {
+      if (label === IGNORE_INDEX) return;
+      const ce = -rows[Math.floor(i / batch.length)][i % batch.length][label];
+      [sum, total, plain, count] = [sum + weights[i] * ce, total + weights[i], plain + ce, count + 1];
+    });
+    return { weighted: sum / total, plain: plain / count };
+  })();
+  const step = async (batches: Batch[], answerFloor: number) => {
+    const model = new VisionLanguageModel(MICRO, { seed: 1 });
+    const optimizer = new AdamW(model.params, paramGroups(model, 1e-3, 1e-3));
+    const result = await trainStep(model, batches, optimizer, { lrs: [1e-3, 1e-3], answerFloor });
+    const weights = await model.params.get("decoder.blocks.0.attn.q_proj.weight")!.data();
+    optimizer.dispose();
+    model.dispose();
+    return { ...result, weights };
+  };
+  const one = await step([whole], 12), two = await step(halves, 12), plain = await step([whole], 0);
+  assert(Math.abs(one.loss - expected.weighted) < 1e-4, `loss ${one.loss} vs ${expected.weighted} by hand`);
+  assert(Math.abs(plain.loss - expected.plain) < 1e-4, `loss ${plain.loss} vs ${expected.plain} by hand`);
+  assert(Math.abs(expected.weighted - expected.plain) > 1e-3, "the floor changes the loss of this batch");
+  assert(Math.abs(one.loss - two.loss) < 1e-5, `loss ${one.loss} vs ${two.loss}`);
   assert(maxAbsDiff(one.weights, two.weights) < 1e-6, `weights differ by ${maxAbsDiff(one.weights, two.weights)}`);
 });
 
