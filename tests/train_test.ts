@@ -252,25 +252,32 @@ Deno.test("shareSpacedWordEmbeddings starts 'red' from the row of ' red' and lea
   model.dispose();
 });
 
-Deno.test("micro-batches sorted by length make the same step as one batch: loss, norm and weights", async () => {
+/** One batch of 12 shapes-world samples, and the same 12 sorted by length into two micro-batches of 6. */
+async function wholeAndSortedHalves(): Promise<{ whole: Batch; halves: Batch[] }> {
   const tokenizer = await loadTokenizer(SHAPES_TOKENIZER);
   const options = { split: "train" as const, seed: 3, tokenizer, config: MICRO, captionWeight: 2 };
   const [whole] = shapesBatches({ ...options, batchSize: 12 });
-  const halves = [...shapesBatches({ ...options, batchSize: 6, lengthBuckets: 2, count: 12 })];
+  return { whole, halves: [...shapesBatches({ ...options, batchSize: 6, lengthBuckets: 2, count: 12 })] };
+}
+
+/** One training step of a fresh MICRO model (seed 1) on these micro-batches: its result and a weight after it. */
+async function stepFromInit(batches: Batch[], options: { maxGradNorm?: number; answerFloor?: number } = {}) {
+  const model = new VisionLanguageModel(MICRO, { seed: 1 });
+  const optimizer = new AdamW(model.params, paramGroups(model, 1e-3, 1e-3));
+  const result = await trainStep(model, batches, optimizer, { lrs: [1e-3, 1e-3], ...options });
+  const weights = await model.params.get("decoder.blocks.0.attn.q_proj.weight")!.data();
+  optimizer.dispose();
+  model.dispose();
+  return { ...result, weights };
+}
+
+Deno.test("micro-batches sorted by length make the same step as one batch: loss, norm and weights", async () => {
+  const { whole, halves } = await wholeAndSortedHalves();
   // The sorted halves differ in length and in trained tokens: dividing each half's mean by 2 would not match.
   assert(trimPadding(halves[0]).length < trimPadding(halves[1]).length);
   const trained = (b: Batch) => b.labels.filter((l) => l !== IGNORE_INDEX).length;
   assert(trained(halves[0]) !== trained(halves[1]), `${trained(halves[0])} and ${trained(halves[1])} trained tokens`);
-  const step = async (batches: Batch[]) => {
-    const model = new VisionLanguageModel(MICRO, { seed: 1 });
-    const optimizer = new AdamW(model.params, paramGroups(model, 1e-3, 1e-3));
-    const result = await trainStep(model, batches, optimizer, { lrs: [1e-3, 1e-3], maxGradNorm: 0.5 });
-    const weights = await model.params.get("decoder.blocks.0.attn.q_proj.weight")!.data();
-    optimizer.dispose();
-    model.dispose();
-    return { ...result, weights };
-  };
-  const one = await step([whole]), two = await step(halves);
+  const one = await stepFromInit([whole], { maxGradNorm: 0.5 }), two = await stepFromInit(halves, { maxGradNorm: 0.5 });
   assert(Math.abs(one.loss - two.loss) < 1e-5, `loss ${one.loss} vs ${two.loss}`);
   assert(Math.abs(one.gradNorm - two.gradNorm) < 1e-4 * one.gradNorm, `norm ${one.gradNorm} vs ${two.gradNorm}`);
   assert(one.gradNorm > 0.5); // clipped: the scale came from the norm both ways
@@ -287,10 +294,7 @@ Deno.test("answerWeights: a short answer weighs `floor` tokens; trainStep takes 
   ]);
   assertEquals([...answerWeights(labels, 3, 7, 0)], [...labels].map((l) => (l === I ? 0 : 1)));
 
-  const tokenizer = await loadTokenizer(SHAPES_TOKENIZER);
-  const options = { split: "train" as const, seed: 3, tokenizer, config: MICRO, captionWeight: 2 };
-  const [whole] = shapesBatches({ ...options, batchSize: 12 });
-  const halves = [...shapesBatches({ ...options, batchSize: 6, lengthBuckets: 2, count: 12 })];
+  const { whole, halves } = await wholeAndSortedHalves();
   // The expected loss by hand: per-token cross-entropy of the initial model, weighted by answerWeights.
   const expected = await (async () => {
     const model = new VisionLanguageModel(MICRO, { seed: 1 });
@@ -308,16 +312,8 @@ Deno.test("answerWeights: a short answer weighs `floor` tokens; trainStep takes 
     });
     return { weighted: sum / total, plain: plain / count };
   })();
-  const step = async (batches: Batch[], answerFloor: number) => {
-    const model = new VisionLanguageModel(MICRO, { seed: 1 });
-    const optimizer = new AdamW(model.params, paramGroups(model, 1e-3, 1e-3));
-    const result = await trainStep(model, batches, optimizer, { lrs: [1e-3, 1e-3], answerFloor });
-    const weights = await model.params.get("decoder.blocks.0.attn.q_proj.weight")!.data();
-    optimizer.dispose();
-    model.dispose();
-    return { ...result, weights };
-  };
-  const one = await step([whole], 12), two = await step(halves, 12), plain = await step([whole], 0);
+  const one = await stepFromInit([whole], { answerFloor: 12 }), two = await stepFromInit(halves, { answerFloor: 12 });
+  const plain = await stepFromInit([whole]);
   assert(Math.abs(one.loss - expected.weighted) < 1e-4, `loss ${one.loss} vs ${expected.weighted} by hand`);
   assert(Math.abs(plain.loss - expected.plain) < 1e-4, `loss ${plain.loss} vs ${expected.plain} by hand`);
   assert(Math.abs(expected.weighted - expected.plain) > 1e-3, "the floor changes the loss of this batch");
