@@ -1199,13 +1199,13 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
   }
   const end = options.count === undefined ? Infinity : start + options.count;
   const S = config.vit_img_size;
+  const weightOf = (k: QuestionKind) => (k === "caption" ? captionWeight : k === "choice" ? choiceWeight : 1);
   const sampleAt = (index: number): EncodedSample | undefined => {
     const example = makeShapesExample(split, seed, index, S);
     const pool = example.questions.filter((q) => kinds.includes(q.kind));
     if (pool.length === 0) return undefined; // e.g. only "shape" asked and no colour occurs once
     const rng = new Rng(hashString(`pick/${split}/${seed}/${index}`));
     const present = [...new Set(pool.map((q) => q.kind))];
-    const weightOf = (k: QuestionKind) => (k === "caption" ? captionWeight : k === "choice" ? choiceWeight : 1);
     const kind = rng.weighted(present, present.map(weightOf));
     const picked = rng.pick(pool.filter((q) => q.kind === kind));
     let { question, answer } = picked;
