@@ -178,12 +178,7 @@ export type Params = Map<string, tf.Tensor>;
 
 type Layout = "linear" | "conv" | "plain";
 type Init = "normal" | "zeros" | "ones" | "uniform";
-interface ParamSpec {
-  name: string;
-  shape: number[]; // our layout
-  layout: Layout;
-  init: Init;
-}
+type ParamSpec = { name: string; shape: number[]; layout: Layout; init: Init }; // shape: our layout
 
 /** Every parameter of the model: name, our shape, how PyTorch lays it out, and how the reference initialises it. */
 export function parameterSpecs(cfg: VLMConfig): ParamSpec[] {
@@ -389,11 +384,13 @@ export function modalityProjector(p: Params, cfg: VLMConfig, x: tf.Tensor): tf.T
 // ---- Language model (SmolLM2 / Llama-style decoder) -----------------------------------
 
 /**
- * Rotary position embedding tables for the given positions, HF-Llama "rotate half" layout: cos/sin [T, hd] with the
- * hd/2 frequencies repeated twice. Beyond lm_max_position_embeddings the frequencies are divided by
+ * Rotary position embedding, HF-Llama "rotate half" layout: cos/sin [T, hd] (the hd/2 frequencies twice) and
+ * rotateHalf [hd, hd], the ±1 matrix with x·rotateHalf = concat(−x₂, x₁): on wasm one small matMul beats a split, a
+ * negation and a concat, forward and backward. Beyond lm_max_position_embeddings the frequencies are divided by
  * (max position + 1) / max ("dynamic scaling"), for the whole call, as the reference does.
  */
-export function rotaryEmbedding(cfg: VLMConfig, positions: number[]): { cos: tf.Tensor2D; sin: tf.Tensor2D } {
+export type Rope = { cos: tf.Tensor2D; sin: tf.Tensor2D; rotateHalf: tf.Tensor2D };
+export function rotaryEmbedding(cfg: VLMConfig, positions: number[]): Rope {
   const hd = cfg.lm_hidden_dim / cfg.lm_n_heads, longest = Math.max(...positions) + 1;
   const scale = longest > cfg.lm_max_position_embeddings ? longest / cfg.lm_max_position_embeddings : 1;
   return tf.tidy(() => {
@@ -403,15 +400,16 @@ export function rotaryEmbedding(cfg: VLMConfig, positions: number[]): { cos: tf.
     const freqs = tf.tensor2d(positions, [positions.length, 1]).mul(invFreq.expandDims(0)); // [T, hd/2]
     const angles = tf.concat([freqs, freqs], -1); // [T, hd]
     const [cos, sin] = [tf.cos(angles), tf.sin(angles)].map((t) => t.mul(cfg.lm_attn_scaling) as tf.Tensor2D);
-    return { cos, sin };
+    const r = new Float32Array(hd * hd); // column j < hd/2 takes −x_{j+hd/2}, column j + hd/2 takes x_j
+    for (let j = 0; j < hd / 2; j++) [r[(j + hd / 2) * hd + j], r[j * hd + j + hd / 2]] = [-1, 1];
+    return { cos, sin, rotateHalf: tf.tensor2d(r, [hd, hd]) };
   });
 }
 
-/** Rotate each (x_i, x_{i+hd/2}) pair by its position's angle. x [B, heads, T, hd], cos/sin [T, hd] */
-export function applyRotary(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor): tf.Tensor {
-  const [first, second] = tf.split(x, 2, -1);
-  const rotatedHalf = tf.concat([second.neg(), first], -1); // rotate_half(x)
-  return x.mul(cos).add(rotatedHalf.mul(sin));
+/** Rotate each (x_i, x_{i+hd/2}) pair by its position's angle. x [B, heads, T, hd], rope.cos/sin [T, hd] */
+export function applyRotary(x: tf.Tensor, rope: Rope): tf.Tensor {
+  const rotatedHalf = x.reshape([-1, x.shape[3]!]).matMul(rope.rotateHalf).reshape(x.shape); // rotate_half(x)
+  return x.mul(rope.cos).add(rotatedHalf.mul(rope.sin));
 }
 
 /**
@@ -453,10 +451,10 @@ export function attentionBias(
 
 /**
  * Decoder inputs that depend only on the config, made once per model so that each forward pass or decoding step slices
- * them instead of remaking them from uploaded data: RoPE cos/sin [Lmax, hd] and positions 0…Lmax−1 [Lmax], Lmax =
- * lm_max_length. None if that passes lm_max_position_embeddings (dynamic RoPE scaling then depends on the call).
+ * them instead of remaking them from uploaded data: RoPE (Lmax = lm_max_length rows) and positions 0…Lmax−1 [Lmax].
+ * None if Lmax passes lm_max_position_embeddings (dynamic RoPE scaling then depends on the call).
  */
-export type DecoderTables = { cos: tf.Tensor2D; sin: tf.Tensor2D; positions: tf.Tensor1D };
+export type DecoderTables = Rope & { positions: tf.Tensor1D };
 
 /** The tables of `cfg`, kept (a model frees them in `dispose`), or undefined (see DecoderTables). */
 export function decoderTables(cfg: VLMConfig): DecoderTables | undefined {
@@ -481,15 +479,15 @@ export function decoderAttention(
   prefix: string,
   cfg: VLMConfig,
   x: tf.Tensor,
-  rope: { cos: tf.Tensor; sin: tf.Tensor },
+  rope: Rope,
   bias: tf.Tensor | undefined,
   cache: KVCache | undefined,
 ): { out: tf.Tensor; cache: KVCache } {
   const w = (k: string) => p.get(`${prefix}.${k}.weight`)!;
   const [B, T] = x.shape;
   const H = cfg.lm_n_heads, KV = cfg.lm_n_kv_heads, rep = H / KV, hd = cfg.lm_hidden_dim / H;
-  const q = applyRotary(splitHeads(linear(x, w("q_proj")), H), rope.cos, rope.sin); // [B, H, T, hd]
-  let k = applyRotary(splitHeads(linear(x, w("k_proj")), KV), rope.cos, rope.sin); // [B, KV, T, hd]
+  const q = applyRotary(splitHeads(linear(x, w("q_proj")), H), rope); // [B, H, T, hd]
+  let k = applyRotary(splitHeads(linear(x, w("k_proj")), KV), rope); // [B, KV, T, hd]
   let v: tf.Tensor = splitHeads(linear(x, w("v_proj")), KV); // [B, KV, T, hd]
   if (cache) {
     k = tf.concat([cache.k, k], 2); // [B, KV, Tk, hd]
@@ -509,7 +507,7 @@ export function decoderBlock(
   cfg: VLMConfig,
   i: number,
   x: tf.Tensor,
-  rope: { cos: tf.Tensor; sin: tf.Tensor },
+  rope: Rope,
   bias?: tf.Tensor,
   cache?: KVCache,
 ): { out: tf.Tensor3D; cache: KVCache } {
@@ -542,22 +540,24 @@ export function decoder(
 ): { hidden: tf.Tensor3D; cache: KVCache[] } {
   const T = x.shape[1]!;
   const Tk = T + (cache ? cache[0].k.shape[2]! : 0);
-  const rope = tables
-    ? { cos: tables.cos.slice([startPos, 0], [T, -1]), sin: tables.sin.slice([startPos, 0], [T, -1]) } // [T, hd]
+  const rope: Rope = tables // cos/sin [T, hd]
+    ? { ...tables, cos: tables.cos.slice([startPos, 0], [T, -1]), sin: tables.sin.slice([startPos, 0], [T, -1]) }
     : rotaryEmbedding(cfg, Array.from({ length: T }, (_, t) => startPos + t));
   const bias = attentionBias(attentionMask, T, Tk, tables?.positions);
   const newCache: KVCache[] = [];
   for (let i = 0; i < cfg.lm_n_blocks; i++) {
     if (checkpoint) { // a checkpointed block may read no tensor but its inputs: RoPE tables and mask go in too
-      const run = (w: Params, [x, cos, sin, bias]: tf.Tensor[]) => decoderBlock(w, cfg, i, x, { cos, sin }, bias).out;
-      x = checkpointed(p, `decoder.blocks.${i}`, [x, rope.cos, rope.sin, ...(bias ? [bias] : [])], run);
+      const run = (w: Params, [x, cos, sin, rotateHalf, bias]: tf.Tensor[]) =>
+        decoderBlock(w, cfg, i, x, { cos, sin, rotateHalf } as Rope, bias).out;
+      const inputs = [x, rope.cos, rope.sin, rope.rotateHalf, ...(bias ? [bias] : [])];
+      x = checkpointed(p, `decoder.blocks.${i}`, inputs, run);
       continue;
     }
     const block = decoderBlock(p, cfg, i, x, rope, bias, cache?.[i]);
     x = block.out;
     newCache.push(block.cache);
   }
-  tf.dispose([rope.cos, rope.sin, bias]);
+  tf.dispose([rope.cos, rope.sin, tables ? undefined : rope.rotateHalf, bias]);
   return { hidden: rmsNorm(x, p.get("decoder.norm.weight")!, cfg.lm_rms_eps) as tf.Tensor3D, cache: newCache };
 }
 

@@ -14,7 +14,7 @@
 //        p.get(`${prefix}.out_proj.weight`) [H·hd, D]
 //      stored [in, out], so `linear(x, w)` from nanovlm.ts computes x·w for any rank.
 //   2. Split heads: [B, T, H·hd] → [B, T, H, hd] → [B, H, T, hd] (same for k, v with KV).
-//   3. Rotate q and k (not v) with `applyRotary(q, rope.cos, rope.sin)` from nanovlm.ts.
+//   3. Rotate q and k (not v) with `applyRotary(q, rope)` from nanovlm.ts.
 //   4. Scores: for each query head h, q_h · k_{floor(h/rep)}ᵀ / √hd    → [B, H, T, T]
 //   5. Causal mask: score[…, i, j] = −Infinity where key j comes after query i (j > i).
 //   6. Softmax over the keys (last axis), times v_{floor(h/rep)}         → [B, H, T, hd]
@@ -23,7 +23,7 @@
 // Shapes (legend of nanovlm.ts: B batch, T tokens, D decoder width, H query heads,
 // KV key/value heads, hd head size = D / H):
 //   x          [B, T, D]
-//   rope       { cos, sin } each [T, hd], for positions 0 … T−1
+//   rope       { cos, sin } each [T, hd], for positions 0 … T−1, and rotateHalf [hd, hd]
 //   cfg        cfg.lm_n_heads = H, cfg.lm_n_kv_heads = KV, cfg.lm_hidden_dim = D
 //   →          [B, T, D]
 //
@@ -39,7 +39,7 @@
 
 // deno-lint-ignore-file no-unused-vars -- the parameters stay unused until you write the body
 import * as tf from "@tensorflow/tfjs";
-import { applyRotary, linear, type Params, type VLMConfig } from "../nanovlm.ts";
+import { applyRotary, linear, type Params, type Rope, type VLMConfig } from "../nanovlm.ts";
 import { TodoError } from "./todo.ts";
 
 /** One block's causal grouped-query self-attention, no KV cache. x [B, T, D] → [B, T, D] */
@@ -48,7 +48,7 @@ export function causalSelfAttention(
   prefix: string,
   cfg: VLMConfig,
   x: tf.Tensor,
-  rope: { cos: tf.Tensor; sin: tf.Tensor },
+  rope: Rope,
 ): tf.Tensor {
   throw new TodoError("causalSelfAttention: project, split heads, rotate q and k, masked softmax(q·kᵀ/√hd)·v, merge");
 }

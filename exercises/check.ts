@@ -36,6 +36,7 @@ import {
   PRESETS,
   replaceImageTokens,
   rmsNorm,
+  type Rope,
   rotaryEmbedding,
   softmax,
   topKTopPFilter,
@@ -707,7 +708,7 @@ const rotaryExercise: Exercise = {
 
     const B = c.int(1, 2), H = c.int(1, 3), T = c.int(1, 5), hd = c.pick([4, 8]);
     const positions = Array.from({ length: T }, (_, t) => c.int(0, 30) + t);
-    const { cos, sin } = rotaryEmbedding(decoderConfig(1, 1, hd, 1), positions);
+    const rope = rotaryEmbedding(decoderConfig(1, 1, hd, 1), positions), { cos, sin } = rope;
     const x = c.normal([B, H, T, hd]);
     c.startCase(
       `rotation: x ${shapeText([B, H, T, hd])}, cos and sin ${shapeText([T, hd])} (from nanovlm.ts) → ` +
@@ -715,7 +716,7 @@ const rotaryExercise: Exercise = {
     );
     const got = c.call("applyRotary", x, cos, sin);
     const [x1, x2] = tf.split(x, 2, -1);
-    await c.expectClose("rotated x", got, applyRotary(x, cos, sin), {
+    await c.expectClose("rotated x", got, applyRotary(x, rope), {
       hint: applyHint,
       explain: ([b, h, t, j]) =>
         `batch ${b}, head ${h}, token ${t}, dimension ${j} (the ${j < hd / 2 ? "first" : "second"} half)`,
@@ -752,16 +753,16 @@ function attentionVariant(
   prefix: string,
   cfg: VLMConfig,
   x: tf.Tensor,
-  rope: { cos: tf.Tensor; sin: tf.Tensor },
+  rope: Rope,
   change: { noMask?: boolean; tileHeads?: boolean; noScale?: boolean; keysNotRotated?: boolean; softmaxAxis?: number },
 ): tf.Tensor {
   const [B, T] = x.shape;
   const H = cfg.lm_n_heads, KV = cfg.lm_n_kv_heads, hd = cfg.lm_hidden_dim / H;
   const w = (k: string) => p.get(`${prefix}.${k}.weight`)!;
   const heads = (t: tf.Tensor, n: number) => t.reshape([B, T, n, hd]).transpose([0, 2, 1, 3]);
-  const q = applyRotary(heads(linear(x, w("q_proj")), H), rope.cos, rope.sin);
+  const q = applyRotary(heads(linear(x, w("q_proj")), H), rope);
   let k = heads(linear(x, w("k_proj")), KV);
-  if (!change.keysNotRotated) k = applyRotary(k, rope.cos, rope.sin);
+  if (!change.keysNotRotated) k = applyRotary(k, rope);
   const v = heads(linear(x, w("v_proj")), KV);
   const kvHead = Array.from({ length: H }, (_, h) => change.tileHeads ? h % KV : Math.floor(h / (H / KV)));
   const index = tf.tensor1d(kvHead, "int32");

@@ -21,6 +21,7 @@ import {
   lmHead,
   type Params,
   rmsNorm,
+  type Rope,
   rotaryEmbedding,
   type VisionLanguageModel,
   type VLMConfig,
@@ -239,15 +240,15 @@ Deno.test("other classic mistakes are recognised: patch order, pixel-shuffle res
       prefix: string,
       cfg: VLMConfig,
       x: tf.Tensor,
-      rope: { cos: tf.Tensor; sin: tf.Tensor },
+      rope: Rope,
     ) {
       const [B, T] = x.shape;
       const H = cfg.lm_n_heads, KV = cfg.lm_n_kv_heads, hd = cfg.lm_hidden_dim / H;
       const w = (k: string) => p.get(`${prefix}.${k}.weight`)!;
       const heads = (t: tf.Tensor, n: number) => t.reshape([B, T, n, hd]).transpose([0, 2, 1, 3]);
       const kvHead = tf.tensor1d(Array.from({ length: H }, (_, h) => Math.floor(h / (H / KV))), "int32");
-      const q = applyRotary(heads(linear(x, w("q_proj")), H), rope.cos, rope.sin);
-      const k = tf.gather(applyRotary(heads(linear(x, w("k_proj")), KV), rope.cos, rope.sin), kvHead, 1);
+      const q = applyRotary(heads(linear(x, w("q_proj")), H), rope);
+      const k = tf.gather(applyRotary(heads(linear(x, w("k_proj")), KV), rope), kvHead, 1);
       const v = tf.gather(heads(linear(x, w("v_proj")), KV), kvHead, 1);
       const out = tf.matMul(tf.softmax(tf.matMul(q, k, false, true).div(Math.sqrt(hd))), v); // no mask
       return linear(out.transpose([0, 2, 1, 3]).reshape([B, T, H * hd]), w("out_proj"));

@@ -146,7 +146,7 @@ Deno.test("no tensor leaks across repeated forward, backward and generate", asyn
 Deno.test("the decoder's tables: made with the model, the per-call values exactly, no growth, freed by dispose", async () => {
   const before = tf.memory().numTensors;
   const model = new VisionLanguageModel(SMALL, { seed: 8 });
-  assertEquals(tf.memory().numTensors - before, model.params.size + 3, "weights + RoPE cos, sin and positions");
+  assertEquals(tf.memory().numTensors - before, model.params.size + 4, "weights + RoPE tables and positions");
   const { inputIds, mask, images, targets } = batch();
   const forward = async () => {
     const { logits, loss } = model.forward(inputIds, images, mask, targets);

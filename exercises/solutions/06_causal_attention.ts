@@ -2,7 +2,7 @@
 // copy each key/value head to the query heads that use it (a gather on the head axis),
 // then ordinary causal multi-head attention. nanovlm.ts avoids the copies instead.
 import * as tf from "@tensorflow/tfjs";
-import { applyRotary, linear, type Params, type VLMConfig } from "../../nanovlm.ts";
+import { applyRotary, linear, type Params, type Rope, type VLMConfig } from "../../nanovlm.ts";
 
 /** One block's causal grouped-query self-attention, no KV cache. x [B, T, D] → [B, T, D] */
 export function causalSelfAttention(
@@ -10,13 +10,13 @@ export function causalSelfAttention(
   prefix: string,
   cfg: VLMConfig,
   x: tf.Tensor,
-  rope: { cos: tf.Tensor; sin: tf.Tensor },
+  rope: Rope,
 ): tf.Tensor {
   const [B, T] = x.shape;
   const H = cfg.lm_n_heads, KV = cfg.lm_n_kv_heads, hd = cfg.lm_hidden_dim / H, rep = H / KV;
   const heads = (t: tf.Tensor, n: number) => t.reshape([B, T, n, hd]).transpose([0, 2, 1, 3]); // [B, n, T, hd]
-  const q = applyRotary(heads(linear(x, p.get(`${prefix}.q_proj.weight`)!), H), rope.cos, rope.sin);
-  const k = applyRotary(heads(linear(x, p.get(`${prefix}.k_proj.weight`)!), KV), rope.cos, rope.sin);
+  const q = applyRotary(heads(linear(x, p.get(`${prefix}.q_proj.weight`)!), H), rope);
+  const k = applyRotary(heads(linear(x, p.get(`${prefix}.k_proj.weight`)!), KV), rope);
   const v = heads(linear(x, p.get(`${prefix}.v_proj.weight`)!), KV);
 
   // Query head h reads key/value head floor(h / rep): [0, 0, 1, 1] for H = 4, KV = 2.
