@@ -30,6 +30,7 @@ import { resolveTokenizerPath } from "./generate.ts";
 import { modelFromBackbones } from "./backbones.ts";
 import { type DataSource, heldOutBatches, newDataStats, openDataset, trainingBatches } from "./datasets.ts";
 import { hubToken, hubTokenizer, loadBackbones, pushToHub } from "./hub.ts";
+import { GradientHelper, type GradientWork, splitRows } from "./parallel.ts";
 import {
   configFromJSON,
   crossEntropy,
@@ -84,6 +85,7 @@ export interface TrainConfig {
   shuffle_buffer: number; // conversations mixed at a time when streaming --data (0 = in file order)
   push_to_hub: string; // "owner/repo": upload the best checkpoint with a model card when training ends ("" = don't)
   low_memory: string; // "auto" | "on" | "off": activation checkpointing + AdamW moments in JS memory (lowMemoryTraining)
+  threads: number; // threads computing each step's gradient (parallel.ts): 0 = automatic (trainingThreads)
 }
 
 /** The defaults: `deno task train` with no arguments (chosen for the shapes world on a 2-core CPU: see README). */
@@ -116,6 +118,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   shuffle_buffer: 1000,
   push_to_hub: "",
   low_memory: "auto",
+  threads: 0,
 });
 
 /** A VLMConfig key, a TrainConfig key, or neither. */
@@ -472,6 +475,19 @@ export function lowMemoryTraining(setting: string, backend: string, cfg: VLMConf
   return setting === "on" || (setting === "auto" && backend === "wasm" && 16 * parameters > 2 * 2 ** 30);
 }
 
+/**
+ * How many threads compute each step's gradient: this one plus helpers (parallel.ts). Automatic (0) is up to 2 on
+ * the wasm backend, one per core, and 1 in low-memory mode (each helper holds a copy of the model) and on the other
+ * backends (WebGPU runs on one device; the cpu backend is for tests).
+ */
+export function trainingThreads(setting: number, backend: string, lowMemory: boolean): number {
+  if (!(Number.isInteger(setting) && setting >= 0)) {
+    throw new Error(`--threads=${setting}: expected 0 (automatic), 1, 2, ...`);
+  }
+  if (setting > 0) return setting;
+  return backend === "wasm" && !lowMemory ? Math.min(2, navigator.hardwareConcurrency) : 1;
+}
+
 // ---- Gradient clipping -----------------------------------------------------------------
 //
 // torch.nn.utils.clip_grad_norm_ in two halves, so that trainStep can read the norm together with the loss in one
@@ -581,39 +597,27 @@ export function answerWeights(labels: Int32Array, B: number, T: number, floor: n
 }
 
 /**
- * One optimizer step: forward + backward on each micro-batch, clip, then AdamW with one
- * learning rate per group. Each micro-batch's loss (a mean over its trained tokens) is
- * weighted by its share of the step's trained tokens, so the step's loss and gradient are
- * those of one batch holding every micro-batch: exact also when micro-batches differ in
- * length (sort_by_length). The reference divides by the number of micro-batches instead,
- * the same when every micro-batch trains as many tokens. With `answerFloor` > 0 tokens
- * are weighted by `answerWeights` (and shares by weight). If the loss or the gradient norm
- * is not finite, nothing is updated and a NonFiniteError is thrown. One read from the
- * device per step (loss and norm together); every tensor it makes is freed.
+ * Add the gradient of Σ share·loss over `work` (rows of micro-batches, parallel.ts) to `grads`, by name, for the
+ * parameters `names`, and return that weighted loss: the forward + backward of a training step, shared by trainStep
+ * and its helper threads (parallel_worker.ts).
  */
-export async function trainStep(
+export function gradientsOf(
   model: VisionLanguageModel,
-  microBatches: Batch[],
-  optimizer: AdamW,
-  { lrs, maxGradNorm = 1.0, answerFloor = 0 }: { lrs: number[]; maxGradNorm?: number; answerFloor?: number },
-): Promise<StepResult> {
-  const names = optimizer.trainable, variables = optimizer.variables;
+  names: string[],
+  work: GradientWork[],
+  grads: Map<string, tf.Tensor>,
+): tf.Scalar {
+  const variables = names.map((name) => model.params.get(name)!);
   const nameOf = new Map(variables.map((v, i) => [v.name, names[i]]));
-  const grads = new Map<string, tf.Tensor>();
-  const trimmed = microBatches.map(trimPadding);
-  const weights = trimmed.map((micro) => answerWeights(micro.labels, micro.batchSize, micro.length, answerFloor));
-  const trained = weights.map((w) => w.reduce((a, b) => a + b, 0));
-  const total = trained.reduce((a, b) => a + b, 0);
   let lossSum: tf.Tensor = tf.scalar(0);
-  for (const [i, micro] of trimmed.entries()) {
-    const t = batchTensors(micro);
-    const share = total > 0 ? trained[i] / total : 1 / microBatches.length;
-    const tokenWeights = answerFloor > 0 ? tf.tensor2d(weights[i], [micro.batchSize, micro.length]) : undefined;
+  for (const { batch, share, tokenWeights } of work) {
+    const t = batchTensors(batch);
+    const weights = tokenWeights && tf.tensor2d(tokenWeights, [batch.batchSize, batch.length]);
     const { value, grads: g } = tf.variableGrads(() => {
       const { logits } = model.forward(t.inputIds, t.images, t.attentionMask);
-      return crossEntropy(logits, t.labels, tokenWeights).mul(share) as tf.Scalar;
+      return crossEntropy(logits, t.labels, weights).mul(share) as tf.Scalar;
     }, variables);
-    tf.dispose([...Object.values(t), tokenWeights]);
+    tf.dispose([...Object.values(t), weights]);
     for (const [varName, grad] of Object.entries(g)) {
       const name = nameOf.get(varName)!, previous = grads.get(name);
       grads.set(name, previous ? previous.add(grad) : grad);
@@ -623,10 +627,74 @@ export async function trainStep(
     lossSum = lossSum.add(value);
     tf.dispose([previousLoss, value]);
   }
-  // The step's only GPU→CPU read: loss and gradient norm together, before AdamW, so a NaN changes nothing.
-  const measured = tf.tidy(() => tf.stack([lossSum, gradientNorm(grads)])); // [2]
-  lossSum.dispose();
+  return lossSum as tf.Scalar;
+}
+
+/**
+ * One optimizer step: forward + backward on each micro-batch, clip, then AdamW with one
+ * learning rate per group. Each micro-batch's loss (a mean over its trained tokens) is
+ * weighted by its share of the step's trained tokens, so the step's loss and gradient are
+ * those of one batch holding every micro-batch: exact also when micro-batches differ in
+ * length (sort_by_length). The reference divides by the number of micro-batches instead,
+ * the same when every micro-batch trains as many tokens. With `answerFloor` > 0 tokens
+ * are weighted by `answerWeights` (and shares by weight). With `helpers` (parallel.ts) the
+ * rows of every micro-batch are split between this thread and the helpers, each part
+ * weighted by its share in the same way, so the sum is unchanged. If the loss or the
+ * gradient norm is not finite, nothing is updated and a NonFiniteError is thrown. One read
+ * from the device per step (loss and norm together); every tensor it makes is freed.
+ */
+export async function trainStep(
+  model: VisionLanguageModel,
+  microBatches: Batch[],
+  optimizer: AdamW,
+  { lrs, maxGradNorm = 1.0, answerFloor = 0, helpers = [] }: {
+    lrs: number[];
+    maxGradNorm?: number;
+    answerFloor?: number;
+    helpers?: GradientHelper[];
+  },
+): Promise<StepResult> {
+  const names = optimizer.trainable, threads = helpers.length + 1;
+  // Who computes what: whole micro-batches in turn when there are enough (the first, the shortest when sorted by
+  // length, stays on this thread, which also runs AdamW), else the rows of each micro-batch split between threads.
+  const pieces = microBatches.length >= threads
+    ? microBatches.map((batch, i) => ({ batch: trimPadding(batch), thread: i % threads }))
+    : microBatches.flatMap((micro) =>
+      splitRows(micro, threads).map((rows, thread) => ({ batch: trimPadding(rows), thread }))
+    );
+  const weights = pieces.map(({ batch }) => answerWeights(batch.labels, batch.batchSize, batch.length, answerFloor));
+  const trained = weights.map((w) => w.reduce((a, b) => a + b, 0));
+  const total = trained.reduce((a, b) => a + b, 0), rows = microBatches.reduce((n, b) => n + b.batchSize, 0);
+  const work = (thread: number): GradientWork[] =>
+    pieces.flatMap(({ batch, thread: owner }, i) =>
+      owner === thread && batch.batchSize > 0
+        ? [{
+          batch,
+          share: total > 0 ? trained[i] / total : batch.batchSize / rows,
+          tokenWeights: answerFloor > 0 ? weights[i] : undefined,
+        }]
+        : []
+    );
+  // The helpers start on the current weights, then this thread computes its own rows meanwhile.
+  const current = helpers.length ? optimizer.variables.map((v) => v.dataSync() as Float32Array) : [];
+  const pending = helpers.map((helper, k) => [helper, work(k + 1)] as const)
+    .map(([helper, w]) => w.length ? helper.compute(current, w) : null);
+  const grads = new Map<string, tf.Tensor>();
+  let lossSum = gradientsOf(model, names, work(0), grads), measured: tf.Tensor | undefined;
   try {
+    for (const result of await Promise.all(pending)) {
+      if (!result) continue;
+      names.forEach((name, i) => {
+        const previous = grads.get(name)!;
+        grads.set(name, tf.tidy(() => previous.add(tf.tensor(result.grads[i], previous.shape))));
+        previous.dispose();
+      });
+      const previousLoss = lossSum;
+      lossSum = previousLoss.add(result.loss);
+      previousLoss.dispose();
+    }
+    // The step's only GPU→CPU read: loss and gradient norm together, before AdamW, so a NaN changes nothing.
+    measured = tf.tidy(() => tf.stack([lossSum, gradientNorm(grads)])); // [2]
     const [loss, gradNorm] = await measured.data();
     if (!Number.isFinite(loss) || !Number.isFinite(gradNorm)) {
       throw new NonFiniteError(`loss ${loss}, gradient norm ${gradNorm}`);
@@ -635,7 +703,7 @@ export async function trainStep(
     optimizer.step(grads, lrs);
     return { loss, gradNorm };
   } finally {
-    tf.dispose([measured, ...grads.values()]);
+    tf.dispose([lossSum, measured, ...grads.values()]);
   }
 }
 
@@ -864,6 +932,10 @@ export async function train(
   }
   // Open the dataset first, so a wrong --data fails before any model is built.
   const source = config.data === "shapes" ? undefined : await openDataset(config.data);
+  // Helper threads (parallel.ts) each call the native matMul: one BLAS thread per caller, unless told otherwise.
+  if (config.threads !== 1 && Deno.env.get("OPENBLAS_NUM_THREADS") === undefined) {
+    Deno.env.set("OPENBLAS_NUM_THREADS", "1");
+  }
   // initBackend prints its own detailed line; a caller with its own `log` gets just the name.
   const backend = await initBackend((config.backend || undefined) as BackendName | undefined, {
     quiet: log !== console.log,
@@ -895,6 +967,7 @@ export async function train(
   }
   model.checkpointBlocks = lowMemory;
   const cfg = model.cfg;
+
   // A tokenizer folder of this project (tokenizers/shapes), or a Hub repo such as HuggingFaceTB/SmolLM2-135M.
   const localTokenizer = resolveTokenizerPath(cfg.lm_tokenizer);
   const tokenizer = await hubTokenizer(await exists(localTokenizer) ? localTokenizer : cfg.lm_tokenizer);
@@ -904,7 +977,16 @@ export async function train(
     log(`${shareSpacedWordEmbeddings(model, tokenizer)} words start with the embedding of their spaced spelling`);
   }
 
+  const helpers: GradientHelper[] = [];
   try {
+    for (let i = 1; i < trainingThreads(config.threads, backend, lowMemory); i++) {
+      try {
+        helpers.push(await GradientHelper.start(cfg, optimizer.trainable));
+      } catch (e) {
+        log(`threads: helper ${i} did not start (${(e as Error).message}); training with ${i}`);
+        break;
+      }
+    }
     await Deno.mkdir(runDir, { recursive: true });
     await writeFileAtomic(`${runDir}/config.json`, JSON.stringify(cfg, null, 4) + "\n");
     await writeFileAtomic(`${runDir}/train_config.json`, JSON.stringify(config, null, 2) + "\n");
@@ -926,9 +1008,14 @@ export async function train(
         .join(", ")
     }${config.lr_backbones > 0 ? "" : ", backbones frozen"}`);
     if (lowMemory) log("low memory: every block checkpointed, AdamW moments in JS memory (--low_memory=off to stop)");
+    if (helpers.length) {
+      log(
+        `threads: ${helpers.length + 1}, each computing part of every step's gradient (parallel.ts; --threads=1: one)`,
+      );
+    }
 
     if (source) log(`data: ${source.name}`);
-    const summary = await trainLoop(model, optimizer, state, tokenizer, config, runDir, metrics, log, source);
+    const summary = await trainLoop(model, optimizer, state, tokenizer, config, runDir, metrics, log, helpers, source);
     if (config.push_to_hub && summary.steps === config.max_training_steps) {
       const { url } = await pushToHub(`${runDir}/best`, config.push_to_hub, {
         log,
@@ -950,6 +1037,7 @@ export async function train(
     }
     return summary;
   } finally {
+    helpers.forEach((helper) => helper.close());
     optimizer.dispose();
     model.dispose();
   }
@@ -965,6 +1053,7 @@ async function trainLoop(
   runDir: string,
   metrics: MetricsRecord[],
   log: (line: string) => void,
+  helpers: GradientHelper[],
   source?: DataSource,
 ): Promise<TrainSummary> {
   const cfg = model.cfg, maxSteps = config.max_training_steps;
@@ -1029,6 +1118,7 @@ async function trainLoop(
         lrs,
         maxGradNorm: config.max_grad_norm,
         answerFloor: config.answer_floor,
+        helpers,
       });
     } catch (e) {
       if (!(e instanceof NonFiniteError)) throw e;

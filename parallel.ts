@@ -1,0 +1,101 @@
+// parallel.ts — data parallelism on one machine: helper threads that compute part of each training step's gradient.
+//
+// On the wasm backend a training step runs on one thread, except its matMuls (OpenBLAS may use a second one), so on
+// two cores the second core idles for about half of every step. A helper is a Deno Worker with its own tfjs, its own
+// WASM heap and its own copy of the model. Each step trainStep (train.ts) splits the rows of every micro-batch between
+// itself and its helpers, sends each helper the current weights and its rows, computes its own rows meanwhile, then
+// adds the helpers' gradients to its own. Each part's loss is weighted by its share of the step's trained tokens, so
+// the sum is the gradient of the whole batch: training is the same as without helpers (to float rounding), faster.
+//
+// The helper's side is parallel_worker.ts. Shapes as in nanovlm.ts: B batch, T tokens, S image side.
+
+import type { Batch } from "./data.ts";
+import type { VLMConfig } from "./nanovlm.ts";
+
+/**
+ * The rows of a collated batch in `parts` contiguous groups, as many rows each as can be (the first ones take the
+ * remainder); each group keeps its samples' images (by `imageCounts`). A group may be empty when B < parts.
+ */
+export function splitRows(batch: Batch, parts: number): Batch[] {
+  const { batchSize: B, length: T, imageSize: S } = batch;
+  const plane = 3 * S * S;
+  const groups: Batch[] = [];
+  let row = 0, image = 0;
+  for (let part = 0; part < parts; part++) {
+    const rows = Math.floor(B / parts) + (part < B % parts ? 1 : 0);
+    const counts = batch.imageCounts.slice(row, row + rows);
+    const images = counts.reduce((n, c) => n + c, 0);
+    const take = (x: Int32Array) => x.slice(row * T, (row + rows) * T);
+    groups.push({
+      ...batch,
+      inputIds: take(batch.inputIds),
+      labels: take(batch.labels),
+      attentionMask: take(batch.attentionMask),
+      batchSize: rows,
+      images: batch.images.slice(image * plane, (image + images) * plane),
+      imageCount: images,
+      imageCounts: counts,
+      dropped: part === 0 ? batch.dropped : 0,
+    });
+    [row, image] = [row + rows, image + images];
+  }
+  return groups;
+}
+
+/** One piece of a step's work: some rows of a micro-batch, the share of the step's loss they carry, token weights. */
+export interface GradientWork {
+  batch: Batch;
+  share: number;
+  /** [B·T] loss weight of each position (train.ts's answerWeights), or undefined for the plain token mean. */
+  tokenWeights?: Float32Array;
+}
+
+/** What a helper sends back: the sum of share·loss over its work, and the gradient of each trainable parameter. */
+export interface HelperResult {
+  loss: number;
+  grads: Float32Array[];
+}
+
+/** A worker thread that computes gradients for part of each step (see the top of this file). */
+export class GradientHelper {
+  private constructor(private readonly worker: Worker) {}
+
+  /**
+   * Start a helper for a model of `cfg` whose trainable parameters are `names` (in the optimizer's order): the
+   * worker loads tfjs and the wasm backend and builds the model (its weights come with each step). Rejects with the
+   * worker's error if it cannot start.
+   */
+  static async start(cfg: VLMConfig, names: string[]): Promise<GradientHelper> {
+    const worker = new Worker(new URL("./parallel_worker.ts", import.meta.url), { type: "module" });
+    const helper = new GradientHelper(worker);
+    try {
+      await helper.request({ type: "init", cfg, names }, []);
+    } catch (e) {
+      worker.terminate();
+      throw e;
+    }
+    return helper;
+  }
+
+  /** The loss and gradients of `work` at `weights` (one array per trainable parameter, in order; not transferred). */
+  compute(weights: Float32Array[], work: GradientWork[]): Promise<HelperResult> {
+    return this.request({ type: "step", weights, work }, []) as Promise<HelperResult>;
+  }
+
+  /** Stop the worker (its memory goes with it). */
+  close(): void {
+    this.worker.terminate();
+  }
+
+  private request(message: unknown, transfer: Transferable[]): Promise<unknown> {
+    return new Promise((resolve, reject) => {
+      this.worker.onmessage = ({ data }) =>
+        data.error ? reject(new Error(`gradient helper: ${data.error}`)) : resolve(data);
+      this.worker.onerror = (event) => {
+        event.preventDefault();
+        reject(new Error(`gradient helper: ${event.message}`));
+      };
+      this.worker.postMessage(message, transfer);
+    });
+  }
+}
