@@ -95,7 +95,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   lr_backbones: 1e-3,
   batch_size: 32,
   gradient_accumulation_steps: 2,
-  max_training_steps: 2200,
+  max_training_steps: 4000,
   max_grad_norm: 1.0,
   eval_interval: 200,
   val_samples: 128,
@@ -638,7 +638,7 @@ export function gradientsOf(
  * length (sort_by_length). The reference divides by the number of micro-batches instead,
  * the same when every micro-batch trains as many tokens. With `answerFloor` > 0 tokens
  * are weighted by `answerWeights` (and shares by weight). With `helpers` (parallel.ts) the
- * rows of every micro-batch are split between this thread and the helpers, each part
+ * micro-batches, or their rows, are shared between this thread and the helpers, each part
  * weighted by its share in the same way, so the sum is unchanged. If the loss or the
  * gradient norm is not finite, nothing is updated and a NonFiniteError is thrown. One read
  * from the device per step (loss and norm together); every tensor it makes is freed.
