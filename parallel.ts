@@ -2,9 +2,9 @@
 //
 // On the wasm backend a training step runs on one thread, except its matMuls (OpenBLAS may use a second one), so on
 // two cores the second core idles for about half of every step. A helper is a Deno Worker with its own tfjs, its own
-// WASM heap and its own copy of the model. Each step trainStep (train.ts) splits the rows of every micro-batch between
-// itself and its helpers, sends each helper the current weights and its rows, computes its own rows meanwhile, then
-// adds the helpers' gradients to its own. Each part's loss is weighted by its share of the step's trained tokens, so
+// WASM heap and its own copy of the model. Each step trainStep (train.ts) shares the micro-batches (or, with fewer
+// micro-batches than threads, their rows) between itself and its helpers, sends each helper the current weights and
+// its part, computes its own part meanwhile, then adds the helpers' gradients to its own. Each part's loss is weighted by its share of the step's trained tokens, so
 // the sum is the gradient of the whole batch: training is the same as without helpers (to float rounding), faster.
 //
 // The helper's side is parallel_worker.ts. Shapes as in nanovlm.ts: B batch, T tokens, S image side.
@@ -69,7 +69,7 @@ export class GradientHelper {
     const worker = new Worker(new URL("./parallel_worker.ts", import.meta.url), { type: "module" });
     const helper = new GradientHelper(worker);
     try {
-      await helper.request({ type: "init", cfg, names }, []);
+      await helper.request({ type: "init", cfg, names });
     } catch (e) {
       worker.terminate();
       throw e;
@@ -79,7 +79,7 @@ export class GradientHelper {
 
   /** The loss and gradients of `work` at `weights` (one array per trainable parameter, in order; not transferred). */
   compute(weights: Float32Array[], work: GradientWork[]): Promise<HelperResult> {
-    return this.request({ type: "step", weights, work }, []) as Promise<HelperResult>;
+    return this.request({ type: "step", weights, work }) as Promise<HelperResult>;
   }
 
   /** Stop the worker (its memory goes with it). */
@@ -87,7 +87,7 @@ export class GradientHelper {
     this.worker.terminate();
   }
 
-  private request(message: unknown, transfer: Transferable[]): Promise<unknown> {
+  private request(message: unknown): Promise<unknown> {
     return new Promise((resolve, reject) => {
       this.worker.onmessage = ({ data }) =>
         data.error ? reject(new Error(`gradient helper: ${data.error}`)) : resolve(data);
@@ -95,7 +95,7 @@ export class GradientHelper {
         event.preventDefault();
         reject(new Error(`gradient helper: ${event.message}`));
       };
-      this.worker.postMessage(message, transfer);
+      this.worker.postMessage(message);
     });
   }
 }

@@ -675,10 +675,12 @@ export async function trainStep(
         }]
         : []
     );
-  // The helpers start on the current weights, then this thread computes its own rows meanwhile.
+  // The helpers start on the current weights, then this thread computes its own part meanwhile.
   const current = helpers.length ? optimizer.variables.map((v) => v.dataSync() as Float32Array) : [];
-  const pending = helpers.map((helper, k) => [helper, work(k + 1)] as const)
-    .map(([helper, w]) => w.length ? helper.compute(current, w) : null);
+  const pending = helpers.map((helper, k) => {
+    const part = work(k + 1);
+    return part.length ? helper.compute(current, part) : null;
+  });
   const grads = new Map<string, tf.Tensor>();
   let lossSum = gradientsOf(model, names, work(0), grads), measured: tf.Tensor | undefined;
   try {
