@@ -597,7 +597,7 @@ export function answerWeights(labels: Int32Array, B: number, T: number, floor: n
 }
 
 /**
- * Add the gradient of Σ share·loss over `work` (rows of micro-batches, parallel.ts) to `grads`, by name, for the
+ * Add the gradient of Σ share·loss over `work` (micro-batches or their rows, parallel.ts) to `grads`, by name, for the
  * parameters `names`, and return that weighted loss: the forward + backward of a training step, shared by trainStep
  * and its helper threads (parallel_worker.ts).
  */
@@ -969,7 +969,6 @@ export async function train(
   }
   model.checkpointBlocks = lowMemory;
   const cfg = model.cfg;
-
   // A tokenizer folder of this project (tokenizers/shapes), or a Hub repo such as HuggingFaceTB/SmolLM2-135M.
   const localTokenizer = resolveTokenizerPath(cfg.lm_tokenizer);
   const tokenizer = await hubTokenizer(await exists(localTokenizer) ? localTokenizer : cfg.lm_tokenizer);
