@@ -1143,8 +1143,10 @@ export interface ShapesBatchOptions {
   /**
    * Batches sorted by length together (default 1: stream order). With k > 1 the samples of each k batches of the
    * stream are sorted by length (stably) before they are cut into batches, shortest first: short questions (21 tokens)
-   * then share a batch instead of being padded to a caption or multiple-choice prompt (up to 55). The trainer makes
-   * the k batches the micro-batches of one step, so the step sees exactly the samples it would see unsorted.
+   * then share a batch instead of being padded to a caption or multiple-choice prompt (up to 55). The cuts even out
+   * the batches' padded tokens (evenCuts), so batches of short samples hold more of them than `batchSize`, batches of
+   * long ones fewer. The trainer makes the k batches the micro-batches of one step, so the step sees exactly the
+   * samples it would see unsorted.
    */
   lengthBuckets?: number;
   /**
@@ -1165,6 +1167,40 @@ export interface ShapesBatchOptions {
   start?: number;
   /** Stop after this many examples (default: never, the world is endless); the last batch may be short. */
   count?: number;
+}
+
+/**
+ * Where to cut samples sorted by length (ascending) into `parts` batches so that the largest batch, counted in padded
+ * tokens (rows × its longest row), is as small as it can be: the sizes of the parts, in order, each ≥ 1. Cutting in
+ * equal rows instead puts every long sample in the last batch and pads the short ones beside them to its length;
+ * with two threads, one per micro-batch, the step waits for that batch (README, "Every core for training").
+ */
+export function evenCuts(sortedLengths: readonly number[], parts: number): number[] {
+  const n = sortedLengths.length;
+  if (!(Number.isInteger(parts) && parts >= 1 && parts <= n)) {
+    throw new Error(`cannot cut ${n} samples into ${parts} non-empty batches`);
+  }
+  // Greedy: each part takes rows while its padded tokens stay ≤ bound, leaving a row for every part still to come.
+  const cut = (bound: number): number[] | undefined => {
+    const sizes: number[] = [];
+    for (let first = 0; first < n;) {
+      const rowsLeftForOthers = parts - sizes.length - 1;
+      let last = first;
+      while (last + 1 < n - rowsLeftForOthers && (last + 2 - first) * sortedLengths[last + 1] <= bound) last++;
+      if (sortedLengths[last] > bound || sizes.length === parts) return undefined;
+      sizes.push(last + 1 - first);
+      first = last + 1;
+    }
+    return sizes.length === parts ? sizes : undefined;
+  };
+  // The smallest bound the greedy meets (feasibility only grows with the bound): a binary search.
+  let low = sortedLengths[n - 1], high = n * sortedLengths[n - 1];
+  while (low < high) {
+    const mid = Math.floor((low + high) / 2);
+    if (cut(mid)) high = mid;
+    else low = mid + 1;
+  }
+  return cut(low)!;
 }
 
 /**
@@ -1234,10 +1270,17 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
       const sample = sampleAt(index);
       if (sample) samples.push(sample);
     }
-    if (lengthBuckets > 1) samples.sort((a, b) => a.inputIds.length - b.inputIds.length); // stable: ties keep order
+    // Sorted by length, the window is cut where its batches' padded tokens even out (evenCuts); else every batchSize.
+    const sorted = lengthBuckets > 1 && samples.length >= batchStarts.length;
+    if (sorted) samples.sort((a, b) => a.inputIds.length - b.inputIds.length); // stable: ties keep order
+    const sizes = sorted
+      ? evenCuts(samples.map((sample) => sample.inputIds.length), batchStarts.length)
+      : batchStarts.map((_, b) => Math.max(0, Math.min(batchSize, samples.length - b * batchSize)));
+    let from = 0;
     for (const [b, batchStart] of batchStarts.entries()) {
-      if (batchStart < start) continue; // seen before a resume
-      const batch = samples.slice(b * batchSize, (b + 1) * batchSize);
+      const batch = samples.slice(from, from + sizes[b]);
+      from += sizes[b];
+      if (batchStart < start || batch.length === 0) continue; // seen before a resume, or nothing left
       yield collate(batch, { maxLength: config.lm_max_length, padTokenId: tokenizer.padTokenId });
     }
   }

@@ -60,7 +60,7 @@ export interface TrainConfig {
   preset: string; // the model preset (PRESETS) that model-config overrides apply to
   lr_mp: number; // peak learning rate of the modality projector (MP.*)
   lr_backbones: number; // peak learning rate of the ViT and the decoder; 0 freezes them
-  batch_size: number; // samples per micro-batch
+  batch_size: number; // samples per micro-batch (on average when sort_by_length cuts them: evenCuts in data.ts)
   gradient_accumulation_steps: number; // micro-batches per optimizer step
   max_training_steps: number; // optimizer steps; the schedule spans exactly these
   max_grad_norm: number; // clip the global gradient norm to this (0 = no clipping)

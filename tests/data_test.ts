@@ -22,6 +22,7 @@ import {
   encodeConversation,
   encodePng,
   encodePrompt,
+  evenCuts,
   IGNORE_INDEX,
   loadImage,
   loadTokenizer,
@@ -39,7 +40,7 @@ import {
   SPLITS,
   tokenizerFromJson,
 } from "../data.ts";
-import { readSafetensors } from "../runtime.ts";
+import { readSafetensors, seededRandom } from "../runtime.ts";
 
 const FIXTURE = new URL("./fixtures/nanovlm-tiny-a/", import.meta.url);
 const fixturePath = (name: string) => new URL(name, FIXTURE).pathname;
@@ -732,8 +733,9 @@ Deno.test("shapesBatches: deterministic batches whose labels are exactly the ans
     padded(sortedLengths) < 0.8 * padded(lengths(plain)),
     `padded tokens: ${padded(sortedLengths)} sorted vs ${padded(lengths(plain))} in stream order`,
   );
-  // The four batches are the sorted samples cut in four, shortest first.
+  // The four batches are the sorted samples cut in four, shortest first, where evenCuts says.
   assert.deepEqual(sortedLengths.flat(), [...sortedLengths.flat()].sort((x, y) => x - y));
+  assert.deepEqual(sortedLengths.map((batch) => batch.length), evenCuts(sortedLengths.flat(), 4));
   assert.deepEqual([...bucketed(32)], sorted.slice(2));
   assert.throws(() => bucketed(8).next(), /start 8 is not a multiple of 16/);
 
@@ -764,6 +766,38 @@ async function decodedTrainSamples(options: Pick<ShapesBatchOptions, "choiceHint
     })
   );
 }
+
+Deno.test("evenCuts: the cut of sorted lengths whose largest batch (rows × longest) is smallest", () => {
+  // A window of the default run: 44 questions of 21-27 tokens, 20 captions and multiple-choice prompts of 36-55.
+  const window = [...Array(26).fill(21), ...Array(18).fill(22), 27, ...Array(5).fill(36), ...Array(4).fill(45)];
+  window.push(51, 51, 52, 52, 52, 52, 54, 54, 54, 55);
+  // Equal halves would pad 32 × 55 = 1,760 tokens in the second batch; 44 + 20 gives 968 and 1,100.
+  assert.deepEqual(evenCuts(window, 2), [44, 20]);
+  // Against every possible cut, for random sorted lengths and 1 to 4 parts.
+  const largest = (lengths: number[], sizes: number[]) => {
+    let first = 0, worst = 0;
+    for (const size of sizes) {
+      worst = Math.max(worst, size * lengths[first + size - 1]);
+      first += size;
+    }
+    return worst;
+  };
+  const allCuts = (n: number, parts: number): number[][] =>
+    parts === 1 ? [[n]] : Array.from({ length: n - parts + 1 }, (_, i) => i + 1)
+      .flatMap((size) => allCuts(n - size, parts - 1).map((rest) => [size, ...rest]));
+  const random = seededRandom(7);
+  for (let trial = 0; trial < 200; trial++) {
+    const n = 1 + Math.floor(random() * 12), parts = 1 + Math.floor(random() * Math.min(n, 4));
+    const lengths = Array.from({ length: n }, () => 1 + Math.floor(random() * 60)).sort((a, b) => a - b);
+    const sizes = evenCuts(lengths, parts);
+    assert.equal(sizes.length, parts);
+    assert.equal(sizes.reduce((a, b) => a + b, 0), n);
+    assert.ok(sizes.every((size) => size >= 1), `sizes ${sizes}`);
+    const best = Math.min(...allCuts(n, parts).map((cut) => largest(lengths, cut)));
+    assert.equal(largest(lengths, sizes), best, `lengths ${lengths}, ${parts} parts: ${sizes}`);
+  }
+  assert.throws(() => evenCuts([3, 4], 3), /cannot cut 2 samples into 3 non-empty batches/);
+});
 
 Deno.test("shapesBatches: choice hints end the question line with the answer's option; other samples stay as they were", async () => {
   const texts = (choiceHints?: number, kinds?: QuestionKind[]) => decodedTrainSamples({ choiceHints, kinds });
