@@ -3,7 +3,8 @@
 // One table per run. For a model config (a preset, or one of the comparison configs
 // below), a backend and some batch sizes, each row measures:
 //   - the training step: forward + backward + AdamW, train.ts's own `trainStep` (ms, samples/s),
-//     in train.ts's low-memory mode where it would use it (nanovlm-222m on wasm),
+//     in train.ts's low-memory mode where it would use it (nanovlm-222m on wasm), and with as many
+//     threads as train.ts would use (--threads: helper threads of parallel.ts share the rows),
 //   - a forward pass with the loss, and forward + backward without the optimizer (ms),
 //   - generation with the KV cache: time to first token (prefill, ViT included) and decode tokens/s,
 //   - memory: the peak bytes of live tensors during a step (tf.profile), the backend's own
@@ -34,7 +35,8 @@ import {
   wasmMatMulEngine,
   webgpuBindingLimit,
 } from "./runtime.ts";
-import { AdamW, batchTensors, lowMemoryTraining, paramGroups, trainStep } from "./train.ts";
+import { AdamW, batchTensors, lowMemoryTraining, paramGroups, trainingThreads, trainStep } from "./train.ts";
+import { GradientHelper } from "./parallel.ts";
 
 // ---- What to measure ------------------------------------------------------------------
 
@@ -103,6 +105,7 @@ export interface BenchOptions {
   newTokens?: number; // tokens generated per prompt (clipped to the context)
   only?: Measurement[]; // default: all of MEASUREMENTS
   lowMemory?: string; // train.ts's --low_memory: "auto" (default), "on" or "off"
+  threads?: number; // threads of the training step (train.ts's --threads): 0 (default) automatic, as train.ts
   profile?: boolean; // print the slowest kernels of one training step
   log?: (line: string) => void;
 }
@@ -133,6 +136,7 @@ export interface BenchRow {
   matmul_gflops: number;
   load: number; // 1-minute load average when the row finished (other processes on the machine)
   low_memory: boolean; // activation checkpointing + AdamW moments in JS memory (train.ts's lowMemoryTraining)
+  threads: number; // threads computing the training step's gradient (1: no helpers)
   note: string;
 }
 
@@ -284,6 +288,10 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
   const steps = options.steps ?? 5, warmup = options.warmup ?? 2;
   if (seq > cfg.lm_max_length) throw new Error(`--seq ${seq} exceeds the context (lm_max_length ${cfg.lm_max_length})`);
 
+  // As train.ts: with helper threads, each caller of the native matMul gets one BLAS thread unless told otherwise.
+  if (options.threads !== 1 && Deno.env.get("OPENBLAS_NUM_THREADS") === undefined) {
+    Deno.env.set("OPENBLAS_NUM_THREADS", "1");
+  }
   const backend = await initBackend(options.backend, { quiet: options.log !== undefined });
   const machine = machineDescription(), commit = commitId();
   log(`machine: ${machine} | Deno ${Deno.version.deno} | tfjs ${tf.version.tfjs} | commit ${commit}`);
@@ -319,6 +327,17 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
     ? new AdamW(model.params, paramGroups(model, 1e-4, 1e-4), { momentsOnHost: lowMemory })
     : null;
   const variables = [...model.params.values()];
+  // The training step's helper threads, as train.ts starts them (one that cannot start is named and left out).
+  const helpers: GradientHelper[] = [];
+  for (let k = 1; optimizer && k < trainingThreads(options.threads ?? 0, backend, lowMemory); k++) {
+    try {
+      helpers.push(await GradientHelper.start(cfg, optimizer.trainable));
+    } catch (e) {
+      log(`helper thread ${k} did not start (${(e as Error).message}): fewer threads`);
+      break;
+    }
+  }
+  if (helpers.length) log(`training step on ${helpers.length + 1} threads (parallel.ts), rows shared between them`);
 
   const rows: BenchRow[] = [];
   try {
@@ -339,7 +358,7 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
         await value.data();
         tf.dispose([value, ...Object.values(grads)]);
       };
-      const step = async () => void await trainStep(model, [batch], optimizer!, { lrs: [1e-4, 1e-4] });
+      const step = async () => void await trainStep(model, [batch], optimizer!, { lrs: [1e-4, 1e-4], helpers });
       const measure = (what: Measurement, fn: () => Promise<void>) =>
         only.has(what) ? medianMs(fn, steps, warmup) : Promise.resolve(null);
 
@@ -377,10 +396,12 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
         matmul_gflops: gflops,
         load: Deno.loadavg()[0],
         low_memory: lowMemory,
+        threads: helpers.length + 1,
         note: notes.join("; "),
       });
     }
   } finally {
+    helpers.forEach((helper) => helper.close());
     optimizer?.dispose();
     model.dispose();
   }
@@ -467,6 +488,7 @@ export function formatTable(rows: BenchRow[]): string {
   const header = [
     "config",
     "backend",
+    "threads",
     "B",
     "T",
     "train step ms",
@@ -482,6 +504,7 @@ export function formatTable(rows: BenchRow[]): string {
   const lines = rows.map((r) => [
     r.config,
     r.backend,
+    String(r.threads),
     String(r.batch),
     String(r.seq),
     number(r.step_ms),
@@ -502,7 +525,7 @@ export function formatTable(rows: BenchRow[]): string {
 
 const USAGE = `deno task bench [--preset NAME] [--backend webgpu|wasm|cpu] [--batch 1,8,32] [--seq T]
   [--steps N] [--warmup N] [--new-tokens N] [--only train,fwd-bwd,forward,generate] [--out FILE]
-  [--low-memory auto|on|off] [--profile]
+  [--low-memory auto|on|off] [--threads N] [--profile]
 presets: ${Object.keys(BENCH_CONFIGS).join(", ")}`;
 
 if (import.meta.main) {
@@ -519,6 +542,7 @@ if (import.meta.main) {
       out: { type: "string", default: "bench-results.jsonl" },
       only: { type: "string" },
       "low-memory": { type: "string", default: "auto" },
+      threads: { type: "string", default: "0" },
       profile: { type: "boolean", default: false },
       help: { type: "boolean", default: false },
     },
@@ -545,6 +569,7 @@ if (import.meta.main) {
       return m as Measurement;
     }),
     lowMemory: values["low-memory"],
+    threads: count("threads", values.threads),
     profile: values.profile,
   });
   if (values.out) {

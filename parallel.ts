@@ -66,7 +66,10 @@ export class GradientHelper {
    * worker's error if it cannot start.
    */
   static async start(cfg: VLMConfig, names: string[]): Promise<GradientHelper> {
-    const worker = new Worker(new URL("./parallel_worker.ts", import.meta.url), { type: "module" });
+    // Bundled for an offline machine (scripts/pack-gpu.sh), this file is part of train.js or bench.js, and the
+    // worker's bundle, parallel_worker.js, lies beside it.
+    const file = import.meta.url.endsWith(".ts") ? "./parallel_worker.ts" : "./parallel_worker.js";
+    const worker = new Worker(new URL(file, import.meta.url), { type: "module" });
     const helper = new GradientHelper(worker);
     try {
       await helper.request({ type: "init", cfg, names });

@@ -609,25 +609,29 @@ export function gradientsOf(
 ): tf.Scalar {
   const variables = names.map((name) => model.params.get(name)!);
   const nameOf = new Map(variables.map((v, i) => [v.name, names[i]]));
-  let lossSum: tf.Tensor = tf.scalar(0);
-  for (const { batch, share, tokenWeights } of work) {
-    const t = batchTensors(batch);
-    const weights = tokenWeights && tf.tensor2d(tokenWeights, [batch.batchSize, batch.length]);
-    const { value, grads: g } = tf.variableGrads(() => {
-      const { logits } = model.forward(t.inputIds, t.images, t.attentionMask);
-      return crossEntropy(logits, t.labels, weights).mul(share) as tf.Scalar;
-    }, variables);
-    tf.dispose([...Object.values(t), weights]);
-    for (const [varName, grad] of Object.entries(g)) {
-      const name = nameOf.get(varName)!, previous = grads.get(name);
-      grads.set(name, previous ? previous.add(grad) : grad);
-      if (previous) tf.dispose([previous, grad]);
+  const losses: tf.Scalar[] = []; // share·loss of each part
+  try {
+    for (const { batch, share, tokenWeights } of work) {
+      // The part's inputs and activations live in one tidy: freed when it ends, also when forward or backward throws.
+      const { value, grads: g } = tf.tidy(() => {
+        const t = batchTensors(batch);
+        const weights = tokenWeights && tf.tensor2d(tokenWeights, [batch.batchSize, batch.length]);
+        return tf.variableGrads(() => {
+          const { logits } = model.forward(t.inputIds, t.images, t.attentionMask);
+          return crossEntropy(logits, t.labels, weights).mul(share) as tf.Scalar;
+        }, variables);
+      });
+      losses.push(value);
+      for (const [varName, grad] of Object.entries(g)) {
+        const name = nameOf.get(varName)!, previous = grads.get(name);
+        grads.set(name, previous ? previous.add(grad) : grad);
+        if (previous) tf.dispose([previous, grad]);
+      }
     }
-    const previousLoss = lossSum;
-    lossSum = lossSum.add(value);
-    tf.dispose([previousLoss, value]);
+    return tf.tidy(() => (losses.length ? tf.stack(losses).sum() : tf.scalar(0)) as tf.Scalar);
+  } finally {
+    tf.dispose(losses);
   }
-  return lossSum as tf.Scalar;
 }
 
 /**
@@ -682,8 +686,10 @@ export async function trainStep(
     return part.length ? helper.compute(current, part) : null;
   });
   const grads = new Map<string, tf.Tensor>();
-  let lossSum = gradientsOf(model, names, work(0), grads), measured: tf.Tensor | undefined;
+  let lossSum: tf.Tensor | undefined, measured: tf.Tensor | undefined;
   try {
+    lossSum = gradientsOf(model, names, work(0), grads);
+    let helpersLoss = 0;
     for (const result of await Promise.all(pending)) {
       if (!result) continue;
       names.forEach((name, i) => {
@@ -691,12 +697,10 @@ export async function trainStep(
         grads.set(name, tf.tidy(() => previous.add(tf.tensor(result.grads[i], previous.shape))));
         previous.dispose();
       });
-      const previousLoss = lossSum;
-      lossSum = previousLoss.add(result.loss);
-      previousLoss.dispose();
+      helpersLoss += result.loss;
     }
     // The step's only GPU→CPU read: loss and gradient norm together, before AdamW, so a NaN changes nothing.
-    measured = tf.tidy(() => tf.stack([lossSum, gradientNorm(grads)])); // [2]
+    measured = tf.tidy(() => tf.stack([lossSum!.add(helpersLoss), gradientNorm(grads)])); // [2]
     const [loss, gradNorm] = await measured.data();
     if (!Number.isFinite(loss) || !Number.isFinite(gradNorm)) {
       throw new NonFiniteError(`loss ${loss}, gradient norm ${gradNorm}`);
@@ -705,6 +709,8 @@ export async function trainStep(
     optimizer.step(grads, lrs);
     return { loss, gradNorm };
   } finally {
+    // After a failure here or in one helper, wait for the other helpers: their replies must not arrive unheard.
+    await Promise.allSettled(pending);
     tf.dispose([lossSum, measured, ...grads.values()]);
   }
 }

@@ -2,8 +2,9 @@
 # Pack what an offline GPU machine needs to run nanovlm.ts into one archive (about 45 MB, under 64 MiB):
 #
 #   deno.xz              this machine's Deno binary, xz -9 (96 MB → 30 MB; linux x86-64, glibc ≥ 2.27)
-#   bench.js memory.js train.js generate.js eval.js
-#                        `deno bundle` of each entry point: our code, tfjs and its WebGPU/WASM backends in one file
+#   bench.js memory.js train.js generate.js eval.js parallel_worker.js
+#                        `deno bundle` of each entry point (and of the helper thread that bench and train start on
+#                        wasm): our code, tfjs and its WebGPU/WASM backends in one file
 #   *.wasm               tfjs' WASM backend (the CPU fallback), found beside the bundles
 #   bin/x64-linux.node   imagescript's image codecs, which data.ts loads (the bundler cannot inline them)
 #   tokenizers/          the shapes tokenizer (train/generate/eval with the tiny preset)
@@ -32,7 +33,7 @@ prelude='import { createRequire as nanovlmRequire } from "node:module";
 globalThis.require ??= nanovlmRequire(import.meta.url);
 globalThis.__filename ??= new URL(import.meta.url).pathname;
 globalThis.__dirname ??= new URL(".", import.meta.url).pathname;'
-for entry in bench memory train generate eval; do
+for entry in bench memory train generate eval parallel_worker; do
   deno bundle --quiet --platform deno --minify --external '*.node' -o "$pack/$entry.body.js" "$entry.ts"
   { printf '%s\n' "$prelude"; cat "$pack/$entry.body.js"; } > "$pack/$entry.js"
   rm "$pack/$entry.body.js"

@@ -28,14 +28,15 @@ function hasWebGPUAdapter(output: string): boolean {
 }
 
 /** The bench's rows: a markdown table on stdout and the same rows as JSON lines in `out`. */
-async function checkBench(output: string, out: string, backend: string): Promise<void> {
+async function checkBench(output: string, out: string, backend: string, threads: number): Promise<void> {
   assert.match(output, /^matMul probe: .* at [\d.]+ GFLOP\/s on /m);
-  assert.match(output, /^\| config \| backend \| B \| T \| train step ms \| samples\/s \|/m);
-  assert.match(output, new RegExp(`^\\| tiny \\| ${backend} \\| 2 \\| 48 \\| [\\d,]+ \\|`, "m"));
+  assert.match(output, /^\| config \| backend \| threads \| B \| T \| train step ms \| samples\/s \|/m);
+  assert.match(output, new RegExp(`^\\| tiny \\| ${backend} \\| ${threads} \\| 2 \\| 48 \\| [\\d,]+ \\|`, "m"));
   const rows: BenchRow[] = (await Deno.readTextFile(out)).trim().split("\n").map((line) => JSON.parse(line));
   assert.equal(rows.length, 1);
   const [row] = rows;
   assert.equal(row.backend, backend);
+  assert.equal(row.threads, threads);
   assert.match(
     row.device,
     backend === "wasm" ? /^matMul: (BLAS|wasm XNNPACK)/ : /maxStorageBufferBindingSize \d+ MiB$/,
@@ -54,7 +55,8 @@ Deno.test("deno task bench (smoke): a table and one JSON line per batch size, on
   const out = await Deno.makeTempFile({ suffix: ".jsonl" });
   try {
     const output = await run(Deno.execPath(), ["run", "-A", "bench.ts", ...SMOKE, "--backend", "wasm", "--out", out]);
-    await checkBench(output, out, "wasm");
+    // As train.ts: two threads on a machine with two cores or more, the helper sharing each step's rows.
+    await checkBench(output, out, "wasm", Math.min(2, navigator.hardwareConcurrency));
   } finally {
     await Deno.remove(out);
   }
@@ -69,7 +71,7 @@ Deno.test("deno task bench (smoke) on WebGPU: the training step runs there too (
   const out = await Deno.makeTempFile({ suffix: ".jsonl" });
   try {
     const output = await run(Deno.execPath(), ["run", "-A", "bench.ts", ...SMOKE, "--backend", "webgpu", "--out", out]);
-    await checkBench(output, out, "webgpu");
+    await checkBench(output, out, "webgpu", 1);
   } finally {
     await Deno.remove(out);
   }
@@ -121,7 +123,8 @@ Deno.test("scripts/pack-gpu.sh: the archive fits 64 MiB and its bundled bench ru
     // No deno.xz (--no-deno): run.sh uses the deno on PATH, with its own empty DENO_DIR and no network.
     const path = `${Deno.execPath().replace(/\/[^/]+$/, "")}:${Deno.env.get("PATH")}`;
     const output = await run(`${folder}/run.sh`, ["bench", ...SMOKE, "--backend", "wasm"], { PATH: path }, folder);
-    await checkBench(output, `${folder}/bench-results.jsonl`, "wasm");
+    // The helper thread runs from its own bundle, parallel_worker.js.
+    await checkBench(output, `${folder}/bench-results.jsonl`, "wasm", Math.min(2, navigator.hardwareConcurrency));
     const entries = [...Deno.readDirSync(`${folder}/.deno`)].map((e) => e.name);
     assert.ok(!entries.includes("remote"), `nothing was downloaded: ${entries}`);
   } finally {

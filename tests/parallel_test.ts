@@ -110,6 +110,36 @@ Deno.test("a helper's errors are named: at start, and in a step (reaching trainS
   }
 });
 
+Deno.test("a failure on the main thread waits for the helpers: nothing leaked, the next step hears its own reply", async () => {
+  const model = new VisionLanguageModel(MICRO, { seed: 2 });
+  const optimizer = new AdamW(model.params, paramGroups(model, 1e-3, 1e-3));
+  const helper = await GradientHelper.start(MICRO, optimizer.trainable);
+  try {
+    // The first micro-batch (this thread's) lost its images; the second goes to the helper, which is still computing
+    // when this thread fails. It is not a micro-batch of the next step, whose reply must not be this one's.
+    const [broken, , , other] = sortedMicroBatches(6, 24);
+    const before = tf.memory().numTensors;
+    await assertRejects(
+      () =>
+        trainStep(model, [{ ...broken, images: broken.images.subarray(0, 5) }, other], optimizer, {
+          lrs: [1e-3, 1e-3],
+          helpers: [helper],
+        }),
+      Error,
+    );
+    assertEquals(tf.memory().numTensors, before, "the failed step freed its gradients");
+    // Had the helper's late reply been left unheard, it would answer the next step's request with the wrong gradient.
+    const batches = sortedMicroBatches(6, 12);
+    const withHelper = await trainStep(model, batches, optimizer, { lrs: [1e-3, 1e-3], helpers: [helper] });
+    const alone = await stepWith(0, batches);
+    assert(Math.abs(withHelper.loss - alone.loss) < 1e-5, `loss ${withHelper.loss} vs ${alone.loss} without helper`);
+  } finally {
+    helper.close();
+    optimizer.dispose();
+    model.dispose();
+  }
+});
+
 Deno.test("trainingThreads: automatic is up to 2 on wasm, 1 in low-memory mode and elsewhere; bad values named", () => {
   assertEquals(trainingThreads(0, "wasm", false), Math.min(2, navigator.hardwareConcurrency));
   assertEquals(trainingThreads(0, "wasm", true), 1);
