@@ -60,6 +60,7 @@ export interface TrainConfig {
   preset: string; // the model preset (PRESETS) that model-config overrides apply to
   lr_mp: number; // peak learning rate of the modality projector (MP.*)
   lr_backbones: number; // peak learning rate of the ViT and the decoder; 0 freezes them
+  adam_beta2: number; // AdamW's β2 (the reference keeps torch's 0.999): how many steps its gradient scale averages
   batch_size: number; // samples per micro-batch (on average when sort_by_length cuts them: evenCuts in data.ts)
   gradient_accumulation_steps: number; // micro-batches per optimizer step
   max_training_steps: number; // optimizer steps; the schedule spans exactly these
@@ -93,9 +94,10 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   preset: "tiny",
   lr_mp: 1e-3,
   lr_backbones: 1e-3,
+  adam_beta2: 0.95,
   batch_size: 32,
   gradient_accumulation_steps: 2,
-  max_training_steps: 4000,
+  max_training_steps: 4500,
   max_grad_norm: 1.0,
   eval_interval: 200,
   val_samples: 128,
@@ -330,6 +332,9 @@ export class AdamW {
     this.eps = options.eps ?? 1e-8;
     this.weightDecay = options.weightDecay ?? 0.01;
     this.momentsOnHost = options.momentsOnHost ?? false;
+    for (const [name, beta] of [["beta1", this.beta1], ["beta2", this.beta2]] as const) {
+      if (!(beta >= 0 && beta < 1)) throw new Error(`AdamW: ${name} must be in [0, 1), got ${beta}`);
+    }
     if (this.momentsOnHost && tf.getBackend() === "webgpu") {
       throw new Error("AdamW: momentsOnHost is for the wasm and cpu backends (it reads tensors synchronously)");
     }
@@ -959,6 +964,7 @@ export async function train(
   let state: TrainerState = { step: 0, examples_seen: 0, best_val_loss: null, elapsed_seconds: 0 };
   if (config.resume) {
     ({ model, optimizer, state } = await loadCheckpoint(`${runDir}/latest`, config.lr_mp, config.lr_backbones, {
+      beta2: config.adam_beta2,
       momentsOnHost: lowMemory,
     }));
     log(`resuming ${runDir} at step ${state.step} (${state.examples_seen} examples seen)`);
@@ -970,6 +976,7 @@ export async function train(
       model = modelFromBackbones(cfg, await loadBackbones(cfg), { seed: config.seed });
     } else model = new VisionLanguageModel(cfg, { seed: config.seed });
     optimizer = new AdamW(model.params, paramGroups(model, config.lr_mp, config.lr_backbones), {
+      beta2: config.adam_beta2,
       momentsOnHost: lowMemory,
     });
   }
