@@ -60,7 +60,7 @@ export interface TrainConfig {
   preset: string; // the model preset (PRESETS) that model-config overrides apply to
   lr_mp: number; // peak learning rate of the modality projector (MP.*)
   lr_backbones: number; // peak learning rate of the ViT and the decoder; 0 freezes them
-  adam_beta2: number; // AdamW's β2 (the reference keeps torch's 0.999): how many steps its gradient scale averages
+  adam_beta2: number; // AdamW's β2: its squared-gradient average spans about 1/(1−β2) steps (reference: torch's 0.999)
   batch_size: number; // samples per micro-batch (on average when sort_by_length cuts them: evenCuts in data.ts)
   gradient_accumulation_steps: number; // micro-batches per optimizer step
   max_training_steps: number; // optimizer steps; the schedule spans exactly these
