@@ -36,7 +36,7 @@ import {
   webgpuBindingLimit,
 } from "./runtime.ts";
 import { AdamW, batchTensors, lowMemoryTraining, paramGroups, trainingThreads, trainStep } from "./train.ts";
-import { GradientHelper } from "./parallel.ts";
+import { GradientHelper, oneBlasThreadPerCaller } from "./parallel.ts";
 
 // ---- What to measure ------------------------------------------------------------------
 
@@ -288,10 +288,7 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
   const steps = options.steps ?? 5, warmup = options.warmup ?? 2;
   if (seq > cfg.lm_max_length) throw new Error(`--seq ${seq} exceeds the context (lm_max_length ${cfg.lm_max_length})`);
 
-  // As train.ts: with helper threads, each caller of the native matMul gets one BLAS thread unless told otherwise.
-  if (options.threads !== 1 && Deno.env.get("OPENBLAS_NUM_THREADS") === undefined) {
-    Deno.env.set("OPENBLAS_NUM_THREADS", "1");
-  }
+  oneBlasThreadPerCaller(options.threads ?? 0); // as train.ts
   const backend = await initBackend(options.backend, { quiet: options.log !== undefined });
   const machine = machineDescription(), commit = commitId();
   log(`machine: ${machine} | Deno ${Deno.version.deno} | tfjs ${tf.version.tfjs} | commit ${commit}`);
@@ -327,16 +324,15 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
     ? new AdamW(model.params, paramGroups(model, 1e-4, 1e-4), { momentsOnHost: lowMemory })
     : null;
   const variables = [...model.params.values()];
-  // The training step's helper threads, as train.ts starts them (one that cannot start is named and left out).
-  const helpers: GradientHelper[] = [];
-  for (let k = 1; optimizer && k < trainingThreads(options.threads ?? 0, backend, lowMemory); k++) {
-    try {
-      helpers.push(await GradientHelper.start(cfg, optimizer.trainable));
-    } catch (e) {
-      log(`helper thread ${k} did not start (${(e as Error).message}): fewer threads`);
-      break;
-    }
-  }
+  // The training step's helper threads, as train.ts starts them.
+  const helpers = optimizer
+    ? await GradientHelper.startUpTo(
+      trainingThreads(options.threads ?? 0, backend, lowMemory) - 1,
+      cfg,
+      optimizer.trainable,
+      log,
+    )
+    : [];
   if (helpers.length) log(`training step on ${helpers.length + 1} threads (parallel.ts), rows shared between them`);
 
   const rows: BenchRow[] = [];

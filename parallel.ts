@@ -42,6 +42,14 @@ export function splitRows(batch: Batch, parts: number): Batch[] {
   return groups;
 }
 
+/**
+ * Helper threads each call the native matMul (runtime.ts): give each caller one OpenBLAS thread, unless the user set
+ * OPENBLAS_NUM_THREADS or asked for one thread (`threads` 1). Before initBackend, which loads OpenBLAS.
+ */
+export function oneBlasThreadPerCaller(threads: number): void {
+  if (threads !== 1 && Deno.env.get("OPENBLAS_NUM_THREADS") === undefined) Deno.env.set("OPENBLAS_NUM_THREADS", "1");
+}
+
 /** One piece of a step's work: some rows of a micro-batch, the share of the step's loss they carry, token weights. */
 export interface GradientWork {
   batch: Batch;
@@ -78,6 +86,28 @@ export class GradientHelper {
       throw e;
     }
     return helper;
+  }
+
+  /**
+   * Up to `count` helpers: started one after another until one cannot start, which is reported through `log` (the
+   * caller goes on with fewer threads: e.g. a bundle whose worker file is missing).
+   */
+  static async startUpTo(
+    count: number,
+    cfg: VLMConfig,
+    names: string[],
+    log: (line: string) => void,
+  ): Promise<GradientHelper[]> {
+    const helpers: GradientHelper[] = [];
+    while (helpers.length < count) {
+      try {
+        helpers.push(await GradientHelper.start(cfg, names));
+      } catch (e) {
+        log(`threads: helper ${helpers.length + 1} did not start (${(e as Error).message}); going on with fewer`);
+        break;
+      }
+    }
+    return helpers;
   }
 
   /** The loss and gradients of `work` at `weights` (one array per trainable parameter, in order; not transferred). */

@@ -30,7 +30,7 @@ import { resolveTokenizerPath } from "./generate.ts";
 import { modelFromBackbones } from "./backbones.ts";
 import { type DataSource, heldOutBatches, newDataStats, openDataset, trainingBatches } from "./datasets.ts";
 import { hubToken, hubTokenizer, loadBackbones, pushToHub } from "./hub.ts";
-import { GradientHelper, type GradientWork, splitRows } from "./parallel.ts";
+import { GradientHelper, type GradientWork, oneBlasThreadPerCaller, splitRows } from "./parallel.ts";
 import {
   configFromJSON,
   crossEntropy,
@@ -945,10 +945,7 @@ export async function train(
   }
   // Open the dataset first, so a wrong --data fails before any model is built.
   const source = config.data === "shapes" ? undefined : await openDataset(config.data);
-  // Helper threads (parallel.ts) each call the native matMul: one BLAS thread per caller, unless told otherwise.
-  if (config.threads !== 1 && Deno.env.get("OPENBLAS_NUM_THREADS") === undefined) {
-    Deno.env.set("OPENBLAS_NUM_THREADS", "1");
-  }
+  oneBlasThreadPerCaller(config.threads);
   // initBackend prints its own detailed line; a caller with its own `log` gets just the name.
   const backend = await initBackend((config.backend || undefined) as BackendName | undefined, {
     quiet: log !== console.log,
@@ -993,14 +990,8 @@ export async function train(
 
   const helpers: GradientHelper[] = [];
   try {
-    for (let i = 1; i < trainingThreads(config.threads, backend, lowMemory); i++) {
-      try {
-        helpers.push(await GradientHelper.start(cfg, optimizer.trainable));
-      } catch (e) {
-        log(`threads: helper ${i} did not start (${(e as Error).message}); training with ${i}`);
-        break;
-      }
-    }
+    const threads = trainingThreads(config.threads, backend, lowMemory);
+    helpers.push(...await GradientHelper.startUpTo(threads - 1, cfg, optimizer.trainable, log));
     await Deno.mkdir(runDir, { recursive: true });
     await writeFileAtomic(`${runDir}/config.json`, JSON.stringify(cfg, null, 4) + "\n");
     await writeFileAtomic(`${runDir}/train_config.json`, JSON.stringify(config, null, 2) + "\n");

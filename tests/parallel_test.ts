@@ -93,6 +93,13 @@ Deno.test("a helper's errors are named: at start, and in a step (reaching trainS
     Error,
     "gradient helper: the model has no parameter no.such.weight",
   );
+  // startUpTo, as train and bench start their helpers: the first that fails is logged, and none after it is tried.
+  const lines: string[] = [];
+  const none = await GradientHelper.startUpTo(2, MICRO, ["no.such.weight"], (line) => lines.push(line));
+  assertEquals(none.length, 0);
+  assertEquals(lines, [
+    "threads: helper 1 did not start (gradient helper: the model has no parameter no.such.weight); going on with fewer",
+  ]);
   // A helper whose model has another shape cannot take these weights.
   const helper = await GradientHelper.start({ ...MICRO, lm_inter_dim: 48 }, optimizer.trainable);
   try {
