@@ -664,8 +664,9 @@ export async function trainStep(
   },
 ): Promise<StepResult> {
   const names = optimizer.trainable, threads = helpers.length + 1;
-  // Who computes what: whole micro-batches in turn when there are enough (the first, the shortest when sorted by
-  // length, stays on this thread, which also runs AdamW), else the rows of each micro-batch split between threads.
+  // Who computes what: whole micro-batches in turn when there are enough (the first, of the shortest samples when
+  // sorted by length, stays on this thread, which also runs AdamW), else the rows of each micro-batch split between
+  // threads.
   const pieces = microBatches.length >= threads
     ? microBatches.map((batch, i) => ({ batch: trimPadding(batch), thread: i % threads }))
     : microBatches.flatMap((micro) =>
