@@ -1141,6 +1141,12 @@ export interface ShapesBatchOptions {
    */
   choiceWeight?: number;
   /**
+   * How often a position question ("Where is the red circle?") is drawn relative to each other kind (default 1). Its
+   * left-or-right half is the weakest answer of the default run (README): the model must read the column from the
+   * image token it found by content, which no caption teaches.
+   */
+  positionWeight?: number;
+  /**
    * Batches sorted by length together (default 1: stream order). With k > 1 the samples of each k batches of the
    * stream are sorted by length (stably) before they are cut into batches, shortest first: short questions (21 tokens)
    * then share a batch instead of being padded to a caption or multiple-choice prompt (up to 55). The cuts even out
@@ -1206,15 +1212,16 @@ export function evenCuts(sortedLengths: readonly number[], parts: number): numbe
 /**
  * Collated batches of (image, one question → answer) samples, rendered straight into
  * float arrays (no PNG round trip). Example i gives sample i: its kind is drawn among
- * the kinds its scene has (uniformly, captions weighted by `captionWeight` and multiple
- * choice by `choiceWeight`), then one question of that kind, so the stream is fully
+ * the kinds its scene has (uniformly, captions weighted by `captionWeight`, multiple
+ * choice by `choiceWeight` and positions by `positionWeight`), then one question of that kind, so the stream is fully
  * determined by (split, seed) and batches can be regenerated from any `start` (with
  * length buckets: any whole batch).
  */
 export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
   const { split, seed, batchSize, tokenizer, config, kinds = QUESTION_KINDS, captionWeight = 1, start = 0 } = options;
-  const { lengthBuckets = 1, choiceHints = 0, sortedChoices = 0, choiceWeight = 1 } = options;
-  for (const [name, weight] of [["caption", captionWeight], ["choice", choiceWeight]] as const) {
+  const { lengthBuckets = 1, choiceHints = 0, sortedChoices = 0, choiceWeight = 1, positionWeight = 1 } = options;
+  const weights = { caption: captionWeight, choice: choiceWeight, position: positionWeight };
+  for (const [name, weight] of Object.entries(weights)) {
     if (!(weight >= 0 && Number.isFinite(weight))) {
       throw new Error(`${name} weight must be a finite number ≥ 0, got ${weight}`);
     }
@@ -1235,7 +1242,7 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
   }
   const end = options.count === undefined ? Infinity : start + options.count;
   const S = config.vit_img_size;
-  const weightOf = (k: QuestionKind) => (k === "caption" ? captionWeight : k === "choice" ? choiceWeight : 1);
+  const weightOf = (k: QuestionKind) => (k in weights ? weights[k as keyof typeof weights] : 1);
   const sampleAt = (index: number): EncodedSample | undefined => {
     const example = makeShapesExample(split, seed, index, S);
     const pool = example.questions.filter((q) => kinds.includes(q.kind));

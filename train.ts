@@ -71,6 +71,7 @@ export interface TrainConfig {
   test_examples: number; // after training, score the questions of this many test and test-novel scenes (0 = skip)
   caption_weight: number; // shapes world: how often a caption question is drawn relative to each other kind
   choice_weight: number; // shapes world: how often a multiple-choice question is drawn relative to each other kind
+  position_weight: number; // shapes world: how often a position question is drawn relative to each other kind (README)
   sort_by_length: boolean; // shapes world: sort each step's samples by length into its micro-batches (less padding)
   share_spaced_words: boolean; // a decoder from scratch: "red" and " red" start from one embedding row
   choice_hints: number; // shapes world: share of multiple-choice questions that say their answer (a reading exercise)
@@ -97,7 +98,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   adam_beta2: 0.95,
   batch_size: 32,
   gradient_accumulation_steps: 2,
-  max_training_steps: 4500,
+  max_training_steps: 5000,
   max_grad_norm: 1.0,
   eval_interval: 200,
   val_samples: 128,
@@ -105,6 +106,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   test_examples: 300,
   caption_weight: 2,
   choice_weight: 1,
+  position_weight: 2,
   sort_by_length: true,
   share_spaced_words: true,
   choice_hints: 0.5,
@@ -1083,6 +1085,7 @@ async function trainLoop(
       config: cfg,
       captionWeight: config.caption_weight,
       choiceWeight: config.choice_weight,
+      positionWeight: config.position_weight,
       lengthBuckets: config.sort_by_length ? config.gradient_accumulation_steps : 1,
       choiceHints: config.choice_hints,
       sortedChoices: config.sorted_choices,
@@ -1113,9 +1116,19 @@ async function trainLoop(
 
   let lastLoss = NaN, valLoss: number | null = null, valAccuracy: number | null = null;
   let sessionSteps = 0, sessionMs = 0;
-  while (state.step < lastStep) {
+  // A step's micro-batches are made during the step before: a promise callback runs at trainStep's first await,
+  // after this thread's own part, so rendering and collating (about 5 ms a step in the shapes world) hide behind the
+  // helpers' part (or the GPU's work) instead of adding to every step. On one WASM thread nothing is gained.
+  const nextMicroBatches = async () => {
     const micro: Batch[] = [];
     for (let i = 0; i < config.gradient_accumulation_steps; i++) micro.push((await data.next()).value as Batch);
+    return micro;
+  };
+  let upcoming = nextMicroBatches();
+  while (state.step < lastStep) {
+    const micro = await upcoming;
+    upcoming = state.step + 1 < lastStep ? Promise.resolve().then(nextMicroBatches) : Promise.resolve([]);
+    upcoming.catch(() => {}); // a failure surfaces at the next step's await, not as an unhandled rejection
     const lrs = optimizer.groups.map((g) => lrSchedule(state.step, g.maxLr, maxSteps));
     const started = performance.now();
     let result: StepResult;

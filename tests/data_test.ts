@@ -669,8 +669,9 @@ Deno.test("shapesBatches: deterministic batches whose labels are exactly the ans
     }
   }
 
-  // Caption and choice weights: 1 keeps the uniform draw, 0 asks no such question, 2 about twice as many as 1.
-  const asked = (marker: string, weights: Pick<ShapesBatchOptions, "captionWeight" | "choiceWeight">) => {
+  // Caption, choice and position weights: 1 keeps the uniform draw, 0 asks no such question, 2 about twice as many.
+  type Weights = Pick<ShapesBatchOptions, "captionWeight" | "choiceWeight" | "positionWeight">;
+  const asked = (isKind: (text: string) => boolean, weights: Weights) => {
     let n = 0;
     const options = {
       split: "train" as const,
@@ -684,22 +685,27 @@ Deno.test("shapesBatches: deterministic batches whose labels are exactly the ans
     for (const batch of shapesBatches(options)) {
       for (let r = 0; r < batch.batchSize; r++) {
         const text = tok.decode(Array.from(batch.inputIds.subarray(r * 96, (r + 1) * 96)), { skipSpecialTokens: true });
-        if (text.includes(marker)) n++;
+        if (isKind(text)) n++;
       }
     }
     return n;
   };
-  for (
-    const [marker, key] of [["Describe the image.", "captionWeight"], [CHOICE_INSTRUCTION, "choiceWeight"]] as const
-  ) {
-    const uniform = asked(marker, {}), doubled = asked(marker, { [key]: 2 });
-    assert.equal(asked(marker, { [key]: 1 }), uniform);
-    assert.equal(asked(marker, { [key]: 0 }), 0);
-    assert.ok(uniform > 150 && uniform < 250, `${uniform} "${marker}" of 1400 with equal weights (expected about 1/7)`);
-    assert.ok(doubled > 1.6 * uniform && doubled < 2.1 * uniform, `${doubled} "${marker}" at weight 2 vs ${uniform}`);
+  const isChoice = (text: string) => text.includes(CHOICE_INSTRUCTION);
+  const kindTests = [
+    [(text: string) => text.includes("Describe the image."), "captionWeight"],
+    [isChoice, "choiceWeight"],
+    [(text: string) => text.includes("Where is") && !isChoice(text), "positionWeight"],
+  ] as const;
+  for (const [isKind, key] of kindTests) {
+    const uniform = asked(isKind, {}), doubled = asked(isKind, { [key]: 2 });
+    assert.equal(asked(isKind, { [key]: 1 }), uniform);
+    assert.equal(asked(isKind, { [key]: 0 }), 0);
+    assert.ok(uniform > 150 && uniform < 250, `${uniform} of 1400 for ${key} 1 (expected about 1/7)`);
+    assert.ok(doubled > 1.6 * uniform && doubled < 2.1 * uniform, `${doubled} for ${key} 2 vs ${uniform}`);
   }
-  assert.throws(() => asked("", { captionWeight: -1 }), /caption weight must be a finite number ≥ 0, got -1/);
-  assert.throws(() => asked("", { choiceWeight: NaN }), /choice weight must be a finite number ≥ 0, got NaN/);
+  assert.throws(() => asked(isChoice, { captionWeight: -1 }), /caption weight must be a finite number ≥ 0, got -1/);
+  assert.throws(() => asked(isChoice, { choiceWeight: NaN }), /choice weight must be a finite number ≥ 0, got NaN/);
+  assert.throws(() => asked(isChoice, { positionWeight: Infinity }), /position weight must be a finite number ≥ 0/);
 
   // Length buckets: a window of k batches holds the same samples as the stream's k batches, sorted by length, so
   // batches trimmed to their longest sample carry fewer pad tokens; a resume at a whole batch continues the window.
