@@ -1142,8 +1142,8 @@ export interface ShapesBatchOptions {
   choiceWeight?: number;
   /**
    * How often a position question ("Where is the red circle?") is drawn relative to each other kind (default 1). Its
-   * left-or-right half is the weakest answer of the default run (README): the model must read the column from the
-   * image token it found by content, which no caption teaches.
+   * left-or-right half makes the model read the column from an image token it found by content, which no caption
+   * teaches: at 1 most wrong answers had the row right and the column wrong (README).
    */
   positionWeight?: number;
   /**
@@ -1213,9 +1213,9 @@ export function evenCuts(sortedLengths: readonly number[], parts: number): numbe
  * Collated batches of (image, one question → answer) samples, rendered straight into
  * float arrays (no PNG round trip). Example i gives sample i: its kind is drawn among
  * the kinds its scene has (uniformly, captions weighted by `captionWeight`, multiple
- * choice by `choiceWeight` and positions by `positionWeight`), then one question of that kind, so the stream is fully
- * determined by (split, seed) and batches can be regenerated from any `start` (with
- * length buckets: any whole batch).
+ * choice by `choiceWeight`, positions by `positionWeight`), then one question of that
+ * kind, so the stream is fully determined by (split, seed) and batches can be
+ * regenerated from any `start` (with length buckets: any whole batch).
  */
 export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
   const { split, seed, batchSize, tokenizer, config, kinds = QUESTION_KINDS, captionWeight = 1, start = 0 } = options;
