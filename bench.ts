@@ -31,12 +31,13 @@ import {
   type BackendName,
   initBackend,
   seededRandom,
+  shareBlasThreads,
   wasmHeapBytes,
   wasmMatMulEngine,
   webgpuBindingLimit,
 } from "./runtime.ts";
 import { AdamW, batchTensors, lowMemoryTraining, paramGroups, trainingThreads, trainStep } from "./train.ts";
-import { GradientHelper, oneBlasThreadPerCaller } from "./parallel.ts";
+import { GradientHelper } from "./parallel.ts";
 
 // ---- What to measure ------------------------------------------------------------------
 
@@ -288,8 +289,13 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
   const steps = options.steps ?? 5, warmup = options.warmup ?? 2;
   if (seq > cfg.lm_max_length) throw new Error(`--seq ${seq} exceeds the context (lm_max_length ${cfg.lm_max_length})`);
 
-  oneBlasThreadPerCaller(options.threads ?? 0); // as train.ts
   const backend = await initBackend(options.backend, { quiet: options.log !== undefined });
+  // As train.ts does: on wasm, a model whose weights, gradients and AdamW moments would fill half of the 4 GiB heap
+  // (nanovlm-222m) trains with every block checkpointed and the moments in JS memory; the training step runs on as
+  // many threads as train.ts would use, each with its share of OpenBLAS's.
+  const lowMemory = lowMemoryTraining(options.lowMemory ?? "auto", backend, cfg);
+  const threads = trainingThreads(options.threads ?? 0, backend, lowMemory);
+  shareBlasThreads(threads);
   const machine = machineDescription(), commit = commitId();
   log(`machine: ${machine} | Deno ${Deno.version.deno} | tfjs ${tf.version.tfjs} | commit ${commit}`);
   const device = backend === "wasm"
@@ -301,9 +307,6 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
   log(`matMul probe: [${size}, ${size}]·[${size}, ${size}] at ${gflops.toFixed(1)} GFLOP/s on ${backend}`);
 
   const model = new VisionLanguageModel(cfg, { seed: 0 });
-  // As train.ts does: on wasm, a model whose weights, gradients and AdamW moments would fill half of the 4 GiB heap
-  // (nanovlm-222m) trains with every block checkpointed and the moments in JS memory.
-  const lowMemory = lowMemoryTraining(options.lowMemory ?? "auto", backend, cfg);
   model.checkpointBlocks = lowMemory;
   const params = model.parameterCount();
   log(
@@ -325,14 +328,7 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
     : null;
   const variables = [...model.params.values()];
   // The training step's helper threads, as train.ts starts them.
-  const helpers = optimizer
-    ? await GradientHelper.startUpTo(
-      trainingThreads(options.threads ?? 0, backend, lowMemory) - 1,
-      cfg,
-      optimizer.trainable,
-      log,
-    )
-    : [];
+  const helpers = optimizer ? await GradientHelper.startUpTo(threads - 1, cfg, optimizer.trainable, log) : [];
   if (helpers.length) log(`training step on ${helpers.length + 1} threads (parallel.ts), rows shared between them`);
 
   const rows: BenchRow[] = [];

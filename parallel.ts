@@ -43,14 +43,6 @@ export function splitRows(batch: Batch, parts: number): Batch[] {
   return groups;
 }
 
-/**
- * Helper threads each call the native matMul (runtime.ts): give each caller one OpenBLAS thread, unless the user set
- * OPENBLAS_NUM_THREADS or asked for one thread (`threads` 1). Before initBackend, which loads OpenBLAS.
- */
-export function oneBlasThreadPerCaller(threads: number): void {
-  if (threads !== 1 && Deno.env.get("OPENBLAS_NUM_THREADS") === undefined) Deno.env.set("OPENBLAS_NUM_THREADS", "1");
-}
-
 /** One piece of a step's work: some rows of a micro-batch, the share of the step's loss they carry, token weights. */
 export interface GradientWork {
   batch: Batch;

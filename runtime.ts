@@ -395,7 +395,8 @@ type Gemm = (
   c: Float32Array,
 ) => void;
 
-let blas: { gemm?: Gemm; name: string } = { name: "not registered yet" };
+type Blas = { gemm?: Gemm; name: string; threads?: { get: () => number; set: (n: number) => void } };
+let blas: Blas = { name: "not registered yet" };
 
 const BLAS_LIBRARIES: Partial<Record<typeof Deno.build.os, string[]>> = {
   linux: ["libopenblas.so.0", "libopenblas.so"], // Debian/Ubuntu: apt-get install libopenblas0-pthread
@@ -409,14 +410,27 @@ const I32 = "i32", F32 = "f32", PTR = "buffer";
 
 /** What the wasm backend's matMul runs on: a BLAS library and its thread count, or wasm's own XNNPACK and why. */
 export function wasmMatMulEngine(): string {
-  return blas.name;
+  if (!blas.threads) return blas.name;
+  const n = blas.threads.get();
+  return `${blas.name}, ${n} thread${n === 1 ? "" : "s"}`;
+}
+
+/**
+ * Give each of `callers` threads that call matMul at once (the helpers of parallel.ts) its share of the cores:
+ * OpenBLAS runs each product on 1 thread when there are several callers, else on every core. The setting is the
+ * process's, so call it from the main thread once the number of callers is known. It leaves a user's
+ * OPENBLAS_NUM_THREADS as it is, and does nothing without OpenBLAS.
+ */
+export function shareBlasThreads(callers: number): void {
+  if (!blas.threads || Deno.env.get("OPENBLAS_NUM_THREADS") !== undefined) return;
+  blas.threads.set(Math.max(1, Math.floor(navigator.hardwareConcurrency / callers)));
 }
 
 /**
  * Open a BLAS library with FFI: `NANOVLM_BLAS` names one (a path), or is "off"; unset tries OpenBLAS, then Apple's
  * Accelerate. Any failure (no library, no --allow-ffi) leaves wasm's own matMul, and says why.
  */
-function loadBlas(): { gemm?: Gemm; name: string } {
+function loadBlas(): Blas {
   const setting = Deno.env.get("NANOVLM_BLAS") ?? "";
   if (setting === "off") return { name: "wasm XNNPACK (NANOVLM_BLAS=off)" };
   if (Deno.permissions.querySync({ name: "ffi" }).state !== "granted") {
@@ -433,11 +447,13 @@ function loadBlas(): { gemm?: Gemm; name: string } {
         },
         cblas_sgemv: { parameters: [I32, I32, I32, I32, F32, PTR, I32, PTR, I32, F32, PTR, I32], result: "void" },
         openblas_get_num_threads: { parameters: [], result: "i32", optional: true },
+        openblas_set_num_threads: { parameters: [I32], result: "void", optional: true },
       });
     } catch {
       continue;
     }
-    const { cblas_sgemm: sgemm, cblas_sgemv: sgemv, openblas_get_num_threads: threads } = lib.symbols;
+    const { cblas_sgemm: sgemm, cblas_sgemv: sgemv } = lib.symbols;
+    const { openblas_get_num_threads: getThreads, openblas_set_num_threads: setThreads } = lib.symbols;
     const gemm: Gemm = (transA, transB, m, n, k, a, b, c) => {
       if (m === 1) {
         // One row (a decoding step's logits): a matrix-vector product streams B once, 2-3× faster than sgemm.
@@ -448,8 +464,8 @@ function loadBlas(): { gemm?: Gemm; name: string } {
         sgemm(ROW_MAJOR, transA ? TRANS : NO_TRANS, transB ? TRANS : NO_TRANS, m, n, k, 1, a, lda, b, ldb, 0, c, n);
       }
     };
-    const count = threads ? `, ${threads()} thread${threads() === 1 ? "" : "s"}` : "";
-    return { gemm, name: `BLAS ${path.split("/").pop()}${count}` };
+    const threads = getThreads && setThreads ? { get: getThreads, set: setThreads } : undefined;
+    return { gemm, name: `BLAS ${path.split("/").pop()}`, threads };
   }
   const hint = Deno.build.os === "linux" ? ": apt-get install libopenblas0-pthread for a 4× faster matMul" : "";
   return { name: `wasm XNNPACK (no BLAS library found${hint})` };

@@ -1138,18 +1138,21 @@ async function randomBatch(c: Check, cfg: VLMConfig): Promise<Batch> {
   };
 }
 
-/** AdamW that keeps a copy of the gradients and learning rates it is given, so the check can compare them. */
+/**
+ * AdamW that keeps a copy of the gradients (as applied: times `gradScale`, which trainStep uses to clip) and learning
+ * rates it is given, so the check can compare them.
+ */
 class RecordingAdamW extends AdamW {
   grads?: Map<string, Values>;
   lrs?: number[];
 
-  override step(grads: Map<string, tf.Tensor>, lrs: number[]): void {
+  override step(grads: Map<string, tf.Tensor>, lrs: number[], gradScale = 1): void {
     // dataSync: step is synchronous, and the checks run on the cpu backend.
     this.grads = new Map(
-      [...grads].map(([name, g]) => [name, { shape: g.shape, data: Float32Array.from(g.dataSync()) }]),
+      [...grads].map(([name, g]) => [name, { shape: g.shape, data: g.dataSync().map((x) => x * gradScale) }]),
     );
     this.lrs = [...lrs];
-    super.step(grads, lrs);
+    super.step(grads, lrs, gradScale);
   }
 }
 

@@ -11,7 +11,9 @@ import {
   AdamW,
   answerWeights,
   batchTensors,
+  clipCoefficient,
   clipGradients,
+  gradientNorm,
   loadCheckpoint,
   lossCurveSvg,
   lrSchedule,
@@ -193,6 +195,46 @@ Deno.test("clipGradients: torch's clip_grad_norm_ (global norm, scale by max/(no
   const scaled = [...await grads.get("a")!.data(), ...await grads.get("b")!.data()];
   assert(maxAbsDiff(scaled, [0.6, 0, 0, 0.8]) < 1e-6, `${scaled}`);
   tf.dispose([...grads.values()]);
+});
+
+Deno.test("gradientNorm adds 20M squares where a float32 running sum would stop at 2^24", async () => {
+  // The 222M's embedding gradient alone has 47M elements: a sum of squares kept in one float32 stops growing once
+  // each square is below half its spacing. Here 2e7 ones: such a sum stays at 16,777,216 (a norm of 4,096).
+  const grads = new Map([["big", tf.ones([20_000_000])], ["small", tf.tensor1d([3, 4])]]);
+  const norm = gradientNorm(grads);
+  const expected = Math.sqrt(2e7 + 25);
+  const got = (await norm.data())[0];
+  assert(Math.abs(got - expected) <= 1e-5 * expected, `norm ${got}, expected ${expected}`);
+  tf.dispose([norm, ...grads.values()]);
+});
+
+Deno.test("AdamW.step's gradScale is the same as scaling the gradients first, moments on the heap or host", async () => {
+  // Adam's step hardly depends on the gradients' scale (m / √v), its moments do: compare those.
+  const run = async (scale: number, scaleFirst: boolean, momentsOnHost: boolean) => {
+    const p = tf.variable(tf.tensor1d([1, -2, 0.5]), true, "p");
+    const optimizer = new AdamW(new Map([["p", p]]), [{ name: "all", maxLr: 0.1, params: ["p"] }], { momentsOnHost });
+    for (const g of [[0.5, 0.1, -3], [-0.2, 3, 1]]) {
+      const grads = new Map([["p", tf.tensor1d(scaleFirst ? g.map((x) => x * scale) : g)]]);
+      optimizer.step(grads, [0.1], scaleFirst ? 1 : scale);
+      tf.dispose([...grads.values()]);
+    }
+    const state = await optimizer.state();
+    const values = [...state.get("exp_avg.p")!.data, ...state.get("exp_avg_sq.p")!.data, ...await p.data()];
+    optimizer.dispose();
+    p.dispose();
+    return values;
+  };
+  for (const onHost of [false, true]) {
+    const [first, inStep, unscaled] = [
+      await run(0.25, true, onHost),
+      await run(0.25, false, onHost),
+      await run(1, false, onHost),
+    ];
+    assert(maxAbsDiff(first, inStep) < 1e-7, `momentsOnHost ${onHost}: ${first} vs ${inStep}`);
+    assert(maxAbsDiff(first, unscaled) > 0.01, `momentsOnHost ${onHost}: the scale changed nothing`);
+  }
+  assertEquals(clipCoefficient(5, 1), 1 / (5 + 1e-6));
+  assertEquals([clipCoefficient(0.5, 1), clipCoefficient(5, 0)], [1, 1]);
 });
 
 Deno.test("paramGroups: MP vs backbones; lr_backbones = 0 leaves the backbones out (frozen)", () => {
