@@ -36,7 +36,15 @@ import {
   wasmMatMulEngine,
   webgpuBindingLimit,
 } from "./runtime.ts";
-import { AdamW, batchTensors, lowMemoryTraining, paramGroups, trainingThreads, trainStep } from "./train.ts";
+import {
+  AdamW,
+  adamWOnHost,
+  batchTensors,
+  lowMemoryTraining,
+  paramGroups,
+  trainingThreads,
+  trainStep,
+} from "./train.ts";
 import { GradientHelper } from "./parallel.ts";
 
 // ---- What to measure ------------------------------------------------------------------
@@ -136,7 +144,7 @@ export interface BenchRow {
   rss_mib: number; // the process's peak resident memory so far
   matmul_gflops: number;
   load: number; // 1-minute load average when the row finished (other processes on the machine)
-  low_memory: boolean; // activation checkpointing + AdamW moments in JS memory (train.ts's lowMemoryTraining)
+  low_memory: boolean; // activation checkpointing (train.ts's lowMemoryTraining)
   threads: number; // threads computing the training step's gradient (1: no helpers)
   note: string;
 }
@@ -311,7 +319,7 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
   const params = model.parameterCount();
   log(
     `config ${options.config}: ${bench.about} | ${params.toLocaleString("en-US")} parameters | T ${seq}` +
-      (lowMemory ? " | low memory: blocks checkpointed, AdamW moments in JS memory" : ""),
+      (lowMemory ? " | low memory: blocks checkpointed" : ""),
   );
   const limit = webgpuBindingLimit();
   if (limit !== null) {
@@ -324,7 +332,7 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
   const train = only.has("train");
   // AdamW's moments only when a training step runs: on wasm they take heap that forward + backward needs.
   const optimizer = train
-    ? new AdamW(model.params, paramGroups(model, 1e-4, 1e-4), { momentsOnHost: lowMemory })
+    ? new AdamW(model.params, paramGroups(model, 1e-4, 1e-4), { momentsOnHost: adamWOnHost(backend) })
     : null;
   const variables = [...model.params.values()];
   // The training step's helper threads, as train.ts starts them.

@@ -29,7 +29,7 @@ import {
 } from "./bench.ts";
 import { VisionLanguageModel } from "./nanovlm.ts";
 import { type BackendName, initBackend } from "./runtime.ts";
-import { AdamW, batchTensors, lowMemoryTraining, paramGroups, trainStep } from "./train.ts";
+import { AdamW, adamWOnHost, batchTensors, lowMemoryTraining, paramGroups, trainStep } from "./train.ts";
 
 /** What each batch size runs: a training step, forward + backward only, or a forward pass with the loss. */
 export type MemoryMode = "train" | "fwd-bwd" | "forward";
@@ -38,7 +38,7 @@ export type MemoryMode = "train" | "fwd-bwd" | "forward";
 export interface MemoryResult {
   batch: number;
   fits: boolean;
-  weights_mib?: number; // tensors alive after building the model (and AdamW's zeroed moments)
+  weights_mib?: number; // tensors alive after building the model (and AdamW's zeroed moments, on WebGPU)
   peak_tensor_mib?: number;
   backend_mib?: number | null;
   rss_mib?: number;
@@ -70,7 +70,7 @@ export async function measureOnce(
   const low = lowMemoryTraining(lowMemory, tf.getBackend(), bench.cfg); // as train.ts decides
   model.checkpointBlocks = low;
   const optimizer = mode === "train"
-    ? new AdamW(model.params, paramGroups(model, 1e-4, 1e-4), { momentsOnHost: low })
+    ? new AdamW(model.params, paramGroups(model, 1e-4, 1e-4), { momentsOnHost: adamWOnHost(tf.getBackend()) })
     : null;
   const weights = tf.memory().numBytes / MIB;
   const data = syntheticBatch(bench.cfg, batch, seq ?? bench.seq, batch);
