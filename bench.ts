@@ -299,8 +299,8 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
 
   const backend = await initBackend(options.backend, { quiet: options.log !== undefined });
   // As train.ts does: on wasm, a model whose weights, gradients and AdamW moments would fill half of the 4 GiB heap
-  // (nanovlm-222m) trains with every block checkpointed and the moments in JS memory; the training step runs on as
-  // many threads as train.ts would use, each with its share of OpenBLAS's.
+  // (nanovlm-222m) trains with every block checkpointed; the training step runs on as many threads as train.ts would
+  // use, each with its share of OpenBLAS's.
   const lowMemory = lowMemoryTraining(options.lowMemory ?? "auto", backend, cfg);
   const threads = trainingThreads(options.threads ?? 0, backend, lowMemory);
   shareBlasThreads(threads);
@@ -330,7 +330,7 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
   }
   const only = new Set(options.only ?? MEASUREMENTS);
   const train = only.has("train");
-  // AdamW's moments only when a training step runs: on wasm they take heap that forward + backward needs.
+  // AdamW's moments only when a training step runs: on WebGPU they take memory that forward + backward needs.
   const optimizer = train
     ? new AdamW(model.params, paramGroups(model, 1e-4, 1e-4), { momentsOnHost: adamWOnHost(backend) })
     : null;
