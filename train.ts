@@ -686,8 +686,9 @@ export function gradientsOf(
  * length (sort_by_length). The reference divides by the number of micro-batches instead,
  * the same when every micro-batch trains as many tokens. With `answerFloor` > 0 tokens
  * are weighted by `answerWeights` (and shares by weight). With `helpers` (parallel.ts) the
- * micro-batches, or their rows, are shared between this thread and the helpers, each part
- * weighted by its share in the same way, so the sum is unchanged. If the loss or the
+ * micro-batches, or their rows (at least `minRowsPerPart` to a thread), are shared between
+ * this thread and the helpers, each part weighted by its share in the same way, so the sum
+ * is unchanged. If the loss or the
  * gradient norm is not finite, nothing is updated and a NonFiniteError is thrown. One read
  * from the device per step (loss and norm together); every tensor it makes is freed.
  */
@@ -695,22 +696,29 @@ export async function trainStep(
   model: VisionLanguageModel,
   microBatches: Batch[],
   optimizer: AdamW,
-  { lrs, maxGradNorm = 1.0, answerFloor = 0, helpers = [] }: {
+  { lrs, maxGradNorm = 1.0, answerFloor = 0, helpers = [], minRowsPerPart = 8 }: {
     lrs: number[];
     maxGradNorm?: number;
     answerFloor?: number;
     helpers?: GradientHelper[];
+    minRowsPerPart?: number;
   },
 ): Promise<StepResult> {
   const names = optimizer.trainable, threads = helpers.length + 1;
   // Who computes what: whole micro-batches in turn when there are enough (the first, of the shortest samples when
   // sorted by length, stays on this thread, which also runs AdamW), else the rows of each micro-batch split between
-  // threads.
+  // threads, at least minRowsPerPart each: smaller parts lose more to per-kernel overhead and to two wasm threads
+  // slowing each other than they gain (cpu-5m at batch 8: 412-481 ms a step in two parts of 4, 317-367 ms on this
+  // thread alone with OpenBLAS on both cores; BENCHMARKS.md).
   const pieces = microBatches.length >= threads
     ? microBatches.map((batch, i) => ({ batch: trimPadding(batch), thread: i % threads }))
-    : microBatches.flatMap((micro) =>
-      splitRows(micro, threads).map((rows, thread) => ({ batch: trimPadding(rows), thread }))
-    );
+    : microBatches.flatMap((micro) => {
+      const parts = Math.max(1, Math.min(threads, Math.floor(micro.batchSize / minRowsPerPart)));
+      return splitRows(micro, parts).map((rows, thread) => ({ batch: trimPadding(rows), thread }));
+    });
+  // OpenBLAS on every core when this thread computes alone, one thread per caller when helpers compute too.
+  const busyThreads = new Set(pieces.filter(({ batch }) => batch.batchSize > 0).map(({ thread }) => thread)).size;
+  if (helpers.length) shareBlasThreads(busyThreads);
   const weights = pieces.map(({ batch }) => answerWeights(batch.labels, batch.batchSize, batch.length, answerFloor));
   const trained = weights.map((w) => w.reduce((a, b) => a + b, 0));
   const total = trained.reduce((a, b) => a + b, 0), rows = microBatches.reduce((n, b) => n + b.batchSize, 0);
@@ -725,7 +733,7 @@ export async function trainStep(
         : []
     );
   // The helpers start on the current weights, then this thread computes its own part meanwhile.
-  const current = helpers.length ? optimizer.variables.map((v) => v.dataSync() as Float32Array) : [];
+  const current = busyThreads > 1 ? optimizer.variables.map((v) => v.dataSync() as Float32Array) : [];
   const pending = helpers.map((helper, k) => {
     const part = work(k + 1);
     return part.length ? helper.compute(current, part) : null;

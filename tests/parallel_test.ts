@@ -117,6 +117,25 @@ Deno.test("a helper's errors are named: at start, and in a step (reaching trainS
   }
 });
 
+Deno.test("rows are split only into parts of minRowsPerPart or more: a small micro-batch stays on this thread", async () => {
+  const model = new VisionLanguageModel(MICRO, { seed: 2 });
+  const optimizer = new AdamW(model.params, paramGroups(model, 1e-3, 1e-3));
+  // A helper that fails whenever it is given work (its model has another shape): a step that succeeds never used it.
+  const helper = await GradientHelper.start({ ...MICRO, lm_inter_dim: 48 }, optimizer.trainable);
+  try {
+    const one = [sortedMicroBatches(12, 12)[0]]; // 12 rows: two parts of 6 would be under the default 8
+    const step = (minRowsPerPart?: number) =>
+      trainStep(model, one, optimizer, { lrs: [1e-3, 1e-3], helpers: [helper], minRowsPerPart });
+    const alone = await stepWith(0, one), result = await step();
+    assert(Math.abs(result.loss - alone.loss) < 1e-5, `loss ${result.loss} vs ${alone.loss} without helper`);
+    await assertRejects(() => step(6), Error, "gradient helper:"); // parts of 6 allowed: the helper gets one
+  } finally {
+    helper.close();
+    optimizer.dispose();
+    model.dispose();
+  }
+});
+
 Deno.test("a failure on the main thread waits for the helpers: nothing leaked, the next step hears its own reply", async () => {
   const model = new VisionLanguageModel(MICRO, { seed: 2 });
   const optimizer = new AdamW(model.params, paramGroups(model, 1e-3, 1e-3));
