@@ -418,8 +418,9 @@ export function wasmMatMulEngine(): string {
 /**
  * Give each of `callers` threads that call matMul at once (the helpers of parallel.ts) its share of the cores:
  * OpenBLAS runs each product on 1 thread when there are several callers, else on every core. The setting is the
- * process's, so call it from the main thread once the number of callers is known. It leaves a user's
- * OPENBLAS_NUM_THREADS as it is, and does nothing without OpenBLAS.
+ * process's: call it from the main thread while no helper computes (train.ts and bench.ts once they know how many
+ * threads will train, trainStep each step). It leaves a user's OPENBLAS_NUM_THREADS as it is, and does nothing without
+ * OpenBLAS.
  */
 export function shareBlasThreads(callers: number): void {
   if (!blas.threads || Deno.env.get("OPENBLAS_NUM_THREADS") !== undefined) return;
