@@ -531,9 +531,10 @@ export function gradientNorm(grads: Map<string, tf.Tensor>): tf.Scalar {
   // every core, in SIMD partial sums), where square().sum() writes g² first and then adds it up in one float32 (for
   // the 222M's 47M-float embedding 0.5% off, and 5× slower). WebGPU's Sum adds in a tree, and its matMul is not made
   // for a single output.
-  const sumOfSquares = tf.getBackend() === "webgpu"
-    ? (g: tf.Tensor) => g.square().sum()
-    : (g: tf.Tensor) => g.reshape([1, -1]).matMul(g.reshape([1, -1]), false, true).reshape([]);
+  const sumOfSquares = tf.getBackend() === "webgpu" ? (g: tf.Tensor) => g.square().sum() : (g: tf.Tensor) => {
+    const row = g.reshape([1, -1]); // [1, n]
+    return row.matMul(row, false, true).reshape([]); // [1, n]·[n, 1] → []
+  };
   return tf.tidy(() => tf.addN([...grads.values()].map(sumOfSquares)).sqrt() as tf.Scalar);
 }
 
