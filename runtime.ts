@@ -7,8 +7,8 @@
  *   `tf.gather`, is missing). The measurements are in shared/notes/tfjs-on-deno.md §2 and §9.
  * - Optionally, a native BLAS (OpenBLAS, Apple Accelerate) behind the wasm backend's matMul, through Deno's FFI: 4× the
  *   speed of wasm's own (BENCHMARKS.md). Without one installed, everything still runs, on wasm's XNNPACK.
- * - Activation checkpointing (`recomputeInBackward`): backprop through a block keeps only its inputs; `computeOnHost`
- *   for element-wise work in plain JS on the wasm heap without copies (AdamW with its moments outside the heap).
+ * - Activation checkpointing (`recomputeInBackward`): backprop through a block keeps only its inputs; `SimdAdamW`,
+ *   AdamW's update as a WebAssembly SIMD kernel on the wasm heap, with the moments outside it.
  * - Safetensors bytes: the checkpoint format of PyTorch/Hugging Face, read and written by hand (no maintained npm package).
  * - Atomic file writes, so a crash never leaves half a checkpoint behind.
  *
@@ -729,31 +729,170 @@ export function recomputeInBackward<T extends tf.Tensor>(f: (...inputs: tf.Tenso
   return run(...inputs);
 }
 
-// ---- Element-wise work in plain JS ----
+// ---- AdamW's update as a WebAssembly SIMD kernel ----
 
 /**
- * A new float32 tensor of `shape` whose values `fill` writes in plain JS, reading (only) the values of `inputs`
- * (float32, in the same order). On wasm `fill` works on the heap itself (views: no copy and no allocation, so it must
- * not call tfjs, whose next allocation may move the heap); elsewhere on the values `dataSync` gives. Made for AdamW with its moments in JS memory
- * (train.ts), where copying 222 M weights and gradients each way cost more than the arithmetic.
+ * AdamW's update of one parameter, in WebAssembly text: four float32 lanes at a time, then the last n mod 4 one by
+ * one. A JS loop does this arithmetic in float64, one element at a time, and its square root and division made it
+ * compute-bound (3.8 ns an element: 0.85 s a step for the 222M); four lanes of float32 reach the speed of memory
+ * (1 ns). It reads and writes two memories: the tensors (tfjs' wasm heap itself, or a staging copy on the cpu
+ * backend) and the moments, which stay outside that 4 GiB heap. Pointers are byte offsets, n counts elements.
+ *
+ *   g  = grad · gradScale                        (gradient clipping's coefficient)
+ *   m ← beta1·m + keep1·g,  v ← beta2·v + keep2·g²   (keep = 1 − beta; in place)
+ *   w  = p·decay − stepSize·m / (√v · invBc2Sqrt + eps)   (decay = 1 − lr·weightDecay, stepSize = lr / bc1)
  */
-export function computeOnHost(
-  shape: number[],
-  inputs: tf.Tensor[],
-  fill: (out: Float32Array, ...inputs: Float32Array[]) => void,
-): tf.Tensor {
-  const notFloat = inputs.find((t) => t.dtype !== "float32");
-  if (notFloat) throw new Error(`computeOnHost takes float32 tensors, got ${notFloat.dtype}`);
-  if (tf.getBackend() === "wasm") {
-    const backend = tf.backend() as BackendWasm, out = backend.makeOutput(shape, "float32");
-    // Views are taken after makeOutput: a malloc may grow the heap, which detaches views made before it.
-    const [values, ...inputValues] = [out, ...inputs].map((t) => backend.typedArrayFromHeap(t) as Float32Array);
-    fill(values, ...inputValues);
-    return tf.engine().makeTensorFromTensorInfo(out);
+export const ADAMW_WAT = `(module
+  (import "adamw" "tensors" (memory $tensors 1))
+  (import "adamw" "moments" (memory $moments 1))
+  (func (export "step")
+    (param $w i32) (param $p i32) (param $g i32) (param $m i32) (param $v i32) (param $n i32)
+    (param $gradScale f32) (param $beta1 f32) (param $keep1 f32) (param $beta2 f32) (param $keep2 f32)
+    (param $decay f32) (param $stepSize f32) (param $invBc2Sqrt f32) (param $eps f32)
+    (local $i i32) (local $bytes4 i32) (local $bytes i32)
+    (local $g4 v128) (local $m4 v128) (local $v4 v128) (local $g1 f32) (local $m1 f32) (local $v1 f32)
+    (local.set $bytes (i32.shl (local.get $n) (i32.const 2)))
+    (local.set $bytes4 (i32.and (local.get $bytes) (i32.const -16)))
+    (block $done4 (loop $four
+      (br_if $done4 (i32.ge_u (local.get $i) (local.get $bytes4)))
+      (local.set $g4 (f32x4.mul (v128.load $tensors (i32.add (local.get $g) (local.get $i)))
+                                (f32x4.splat (local.get $gradScale))))
+      (local.set $m4 (f32x4.add (f32x4.mul (v128.load $moments (i32.add (local.get $m) (local.get $i)))
+                                           (f32x4.splat (local.get $beta1)))
+                                (f32x4.mul (local.get $g4) (f32x4.splat (local.get $keep1)))))
+      (local.set $v4 (f32x4.add (f32x4.mul (v128.load $moments (i32.add (local.get $v) (local.get $i)))
+                                           (f32x4.splat (local.get $beta2)))
+                                (f32x4.mul (f32x4.mul (local.get $g4) (local.get $g4)) (f32x4.splat (local.get $keep2)))))
+      (v128.store $moments (i32.add (local.get $m) (local.get $i)) (local.get $m4))
+      (v128.store $moments (i32.add (local.get $v) (local.get $i)) (local.get $v4))
+      (v128.store $tensors (i32.add (local.get $w) (local.get $i))
+        (f32x4.sub
+          (f32x4.mul (v128.load $tensors (i32.add (local.get $p) (local.get $i))) (f32x4.splat (local.get $decay)))
+          (f32x4.div (f32x4.mul (local.get $m4) (f32x4.splat (local.get $stepSize)))
+                     (f32x4.add (f32x4.mul (f32x4.sqrt (local.get $v4)) (f32x4.splat (local.get $invBc2Sqrt)))
+                                (f32x4.splat (local.get $eps))))))
+      (local.set $i (i32.add (local.get $i) (i32.const 16)))
+      (br $four)))
+    (block $done (loop $one
+      (br_if $done (i32.ge_u (local.get $i) (local.get $bytes)))
+      (local.set $g1 (f32.mul (f32.load $tensors (i32.add (local.get $g) (local.get $i))) (local.get $gradScale)))
+      (local.set $m1 (f32.add (f32.mul (f32.load $moments (i32.add (local.get $m) (local.get $i))) (local.get $beta1))
+                              (f32.mul (local.get $g1) (local.get $keep1))))
+      (local.set $v1 (f32.add (f32.mul (f32.load $moments (i32.add (local.get $v) (local.get $i))) (local.get $beta2))
+                              (f32.mul (f32.mul (local.get $g1) (local.get $g1)) (local.get $keep2))))
+      (f32.store $moments (i32.add (local.get $m) (local.get $i)) (local.get $m1))
+      (f32.store $moments (i32.add (local.get $v) (local.get $i)) (local.get $v1))
+      (f32.store $tensors (i32.add (local.get $w) (local.get $i))
+        (f32.sub (f32.mul (f32.load $tensors (i32.add (local.get $p) (local.get $i))) (local.get $decay))
+                 (f32.div (f32.mul (local.get $m1) (local.get $stepSize))
+                          (f32.add (f32.mul (f32.sqrt (local.get $v1)) (local.get $invBc2Sqrt)) (local.get $eps)))))
+      (local.set $i (i32.add (local.get $i) (i32.const 4)))
+      (br $one)))))`;
+
+/**
+ * ADAMW_WAT assembled (wat2wasm with multi-memory, no names), base64: the bytes the kernel runs. Kept here rather
+ * than assembled at run time so that nothing but tfjs loads at startup; tests/runtime_test.ts assembles ADAMW_WAT with
+ * npm:wabt and fails, printing the new bytes, whenever the two differ.
+ */
+export const ADAMW_WASM = [
+  "AGFzbQEAAAABEwFgD39/f39/f319fX19fX19fQACIwIFYWRhbXcHdGVuc29ycwIAAQVhZGFtdwdtb21lbnRzAgABAwIBAAcIAQRzdGVwAAAK3gIB",
+  "2wIDA38DewN9IAVBAnQhESARQXBxIRACQANAIA8gEE8NASACIA9q/QAEACAG/RP95gEhEiADIA9q/QBEAQAgB/0T/eYBIBIgCP0T/eYB/eQBIRMg",
+  "BCAPav0ARAEAIAn9E/3mASASIBL95gEgCv0T/eYB/eQBIRQgAyAPaiAT/QtEAQAgBCAPaiAU/QtEAQAgACAPaiABIA9q/QAEACAL/RP95gEgEyAM",
+  "/RP95gEgFP3jASAN/RP95gEgDv0T/eQB/ecB/eUB/QsEACAPQRBqIQ8MAAsLAkADQCAPIBFPDQEgAiAPaioCACAGlCEVIAMgD2oqQgEAIAeUIBUg",
+  "CJSSIRYgBCAPaipCAQAgCZQgFSAVlCAKlJIhFyADIA9qIBY4QgEAIAQgD2ogFzhCAQAgACAPaiABIA9qKgIAIAuUIBYgDJQgF5EgDZQgDpKVkzgC",
+  "ACAPQQRqIQ8MAAsLCw==",
+].join("");
+
+/** AdamW's constants for one step of one parameter group (see ADAMW_WAT). */
+export interface AdamWStepConstants {
+  gradScale: number;
+  beta1: number;
+  beta2: number;
+  decay: number;
+  stepSize: number;
+  invBc2Sqrt: number;
+  eps: number;
+}
+
+let adamWModule: WebAssembly.Module | undefined;
+
+/**
+ * AdamW's moments for a set of parameters, in one WebAssembly memory sized once (so views of it stay valid), and the
+ * SIMD kernel that updates a parameter with them (ADAMW_WAT). On wasm the kernel reads the weight and the gradient
+ * on tfjs' heap and writes the new weight there, with no copies; on the cpu backend (tests) through a staging memory.
+ * m and v of a parameter start at 16-byte boundaries, zero.
+ */
+export class SimdAdamW {
+  private readonly moments: WebAssembly.Memory;
+  private readonly offsets = new Map<string, { m: number; v: number; n: number }>();
+  private staging?: WebAssembly.Memory; // the cpu backend's copies of weight, gradient and new weight
+  private kernel?: { tensors: WebAssembly.Memory; step: (...args: number[]) => void };
+
+  /** sizes: the element count of each parameter, by name. */
+  constructor(sizes: Map<string, number>) {
+    let bytes = 0;
+    for (const [name, n] of sizes) {
+      const padded = Math.ceil(n / 4) * 16;
+      this.offsets.set(name, { m: bytes, v: bytes + padded, n });
+      bytes += 2 * padded;
+    }
+    const pages = Math.max(1, Math.ceil(bytes / 65536));
+    if (pages > 65536) {
+      throw new Error(`AdamW: ${(bytes / 2 ** 30).toFixed(1)} GiB of moments do not fit one 4 GiB wasm memory`);
+    }
+    this.moments = new WebAssembly.Memory({ initial: pages });
   }
-  const values = new Float32Array(tf.util.sizeFromShape(shape));
-  fill(values, ...inputs.map((t) => t.dataSync() as Float32Array));
-  return tf.tensor(values, shape, "float32");
+
+  /** Views of a parameter's m and v (valid as long as this object: its memory never grows). */
+  state(name: string): { m: Float32Array; v: Float32Array } {
+    const { m, v, n } = this.offsets.get(name)!;
+    return { m: new Float32Array(this.moments.buffer, m, n), v: new Float32Array(this.moments.buffer, v, n) };
+  }
+
+  /** One AdamW step of parameter `name`: updates its moments and returns the new weight as a new tensor. */
+  step(name: string, p: tf.Tensor, g: tf.Tensor, c: AdamWStepConstants): tf.Tensor {
+    const { m, v, n } = this.offsets.get(name)!;
+    if (p.size !== n || g.size !== n || p.dtype !== "float32" || g.dtype !== "float32") {
+      throw new Error(`AdamW: ${name} needs float32 weight and gradient of ${n} values`);
+    }
+    const constants = [
+      c.gradScale,
+      c.beta1,
+      1 - c.beta1,
+      c.beta2,
+      1 - c.beta2,
+      c.decay,
+      c.stepSize,
+      c.invBc2Sqrt,
+      c.eps,
+    ];
+    if (tf.getBackend() === "wasm") {
+      const backend = tf.backend() as BackendWasm, out = backend.makeOutput(p.shape, "float32");
+      const tensors = (backend.wasm as unknown as { asm: { memory: WebAssembly.Memory } }).asm.memory;
+      const at = (t: TensorInfo) => backend.dataIdMap.get(t.dataId)!.memoryOffset;
+      this.kernelFor(tensors)(at(out), at(p), at(g), m, v, n, ...constants);
+      return tf.engine().makeTensorFromTensorInfo(out);
+    }
+    // Other backends: weight at 0, gradient at 4n, new weight at 8n bytes of the staging memory.
+    const pages = Math.ceil((12 * n) / 65536);
+    if (!this.staging) this.staging = new WebAssembly.Memory({ initial: pages });
+    else if (this.staging.buffer.byteLength < 12 * n) this.staging.grow(pages - this.staging.buffer.byteLength / 65536);
+    const staged = new Float32Array(this.staging.buffer, 0, 3 * n);
+    staged.set(p.dataSync() as Float32Array, 0);
+    staged.set(g.dataSync() as Float32Array, n);
+    this.kernelFor(this.staging)(8 * n, 0, 4 * n, m, v, n, ...constants);
+    return tf.tensor(staged.slice(2 * n), p.shape, "float32");
+  }
+
+  /** The kernel instantiated over `tensors` (one instance per memory it has been given, the latest kept). */
+  private kernelFor(tensors: WebAssembly.Memory): (...args: number[]) => void {
+    if (this.kernel?.tensors !== tensors) {
+      adamWModule ??= new WebAssembly.Module(Uint8Array.from(atob(ADAMW_WASM), (ch) => ch.charCodeAt(0)));
+      const instance = new WebAssembly.Instance(adamWModule, { adamw: { tensors, moments: this.moments } });
+      this.kernel = { tensors, step: instance.exports.step as (...args: number[]) => void };
+    }
+    return this.kernel.step;
+  }
 }
 
 // ---- Safetensors ----

@@ -42,12 +42,12 @@ import {
 } from "./nanovlm.ts";
 import {
   type BackendName,
-  computeOnHost,
   encodeSafetensors,
   initBackend,
   readSafetensors,
   type SafetensorsTensor,
   shareBlasThreads,
+  SimdAdamW,
   wasmMatMulEngine,
   writeFileAtomic,
 } from "./runtime.ts";
@@ -302,9 +302,10 @@ export interface AdamWOptions {
   eps?: number;
   weightDecay?: number;
   /**
-   * Keep m and v in JS Float32Arrays and update one parameter at a time on the host, instead of as tensors beside
-   * the weights: for the wasm backend, whose heap holds at most 4 GiB (the 222M preset's moments alone are 1.8 GB;
-   * README, "Full size on a CPU"). Same results to float32 rounding; wasm and cpu only (it reads with dataSync).
+   * Keep m and v outside the tensors, in a WebAssembly memory of their own, and update one parameter at a time
+   * with runtime.ts's SIMD kernel (`SimdAdamW`), instead of as tensors beside the weights: for the wasm backend, whose
+   * heap holds at most 4 GiB (the 222M preset's moments alone are 1.8 GB; README, "Full size on a CPU"). Same results
+   * to float32 rounding; wasm and cpu only (it reads the weights synchronously).
    */
   momentsOnHost?: boolean;
 }
@@ -326,7 +327,7 @@ export class AdamW {
   private readonly params: Map<string, tf.Variable>;
   private readonly expAvg = new Map<string, tf.Tensor>(); // m
   private readonly expAvgSq = new Map<string, tf.Tensor>(); // v
-  private readonly hostMoments = new Map<string, { m: Float32Array; v: Float32Array }>(); // with momentsOnHost
+  private hostMoments: SimdAdamW | undefined; // m and v with momentsOnHost
 
   constructor(params: Map<string, tf.Variable>, groups: ParamGroup[], options: AdamWOptions = {}) {
     this.params = params;
@@ -345,11 +346,13 @@ export class AdamW {
     for (const name of this.trainable) {
       const p = params.get(name);
       if (!p) throw new Error(`AdamW: the model has no parameter ${name}`);
-      if (this.momentsOnHost) this.hostMoments.set(name, { m: new Float32Array(p.size), v: new Float32Array(p.size) });
-      else {
+      if (!this.momentsOnHost) {
         this.expAvg.set(name, tf.zerosLike(p));
         this.expAvgSq.set(name, tf.zerosLike(p));
       }
+    }
+    if (this.momentsOnHost) {
+      this.hostMoments = new SimdAdamW(new Map(this.trainable.map((name) => [name, params.get(name)!.size])));
     }
   }
 
@@ -376,8 +379,20 @@ export class AdamW {
       for (const name of group.params) {
         const p = this.params.get(name)!, g = grads.get(name);
         if (!g) throw new Error(`AdamW: no gradient for ${name}`);
-        if (this.momentsOnHost) {
-          this.hostStep(p, g, gradScale, this.hostMoments.get(name)!, lr, bc1, bc2Sqrt);
+        if (this.hostMoments) {
+          const decay = 1 - lr * this.weightDecay, stepSize = lr / bc1, invBc2Sqrt = 1 / bc2Sqrt;
+          const { beta1, beta2, eps } = this;
+          const updated = this.hostMoments.step(name, p, g, {
+            gradScale,
+            beta1,
+            beta2,
+            decay,
+            stepSize,
+            invBc2Sqrt,
+            eps,
+          });
+          p.assign(updated);
+          updated.dispose();
           continue;
         }
         const [m, v] = [this.expAvg.get(name)!, this.expAvgSq.get(name)!];
@@ -398,42 +413,11 @@ export class AdamW {
     });
   }
 
-  /**
-   * `step` for one parameter with momentsOnHost: the same arithmetic as a loop over JS arrays, m and v updated in
-   * place, the new weight written into a new tensor (computeOnHost: on wasm straight into the heap, no copies), so the
-   * backend holds at most one extra copy of one parameter. The loop reads each array once and stores m and v
-   * rounded to float32 as torch's do, and divides once per element (1/bc2Sqrt is a product): 222M parameters take
-   * about 1 s.
-   */
-  private hostStep(
-    p: tf.Variable,
-    g: tf.Tensor,
-    gradScale: number,
-    { m, v }: { m: Float32Array; v: Float32Array },
-    lr: number,
-    bc1: number,
-    bc2Sqrt: number,
-  ): void {
-    const { beta1, beta2, eps } = this, decay = 1 - lr * this.weightDecay, stepSize = lr / bc1;
-    const [keep1, keep2, invBc2Sqrt] = [1 - beta1, 1 - beta2, 1 / bc2Sqrt];
-    const updated = computeOnHost(p.shape, [p, g], (w, old, grad) => {
-      for (let i = 0; i < w.length; i++) {
-        const gi = grad[i] * gradScale;
-        const mi = Math.fround(beta1 * m[i] + keep1 * gi), vi = Math.fround(beta2 * v[i] + keep2 * gi * gi);
-        m[i] = mi;
-        v[i] = vi;
-        w[i] = old[i] * decay - mi * stepSize / (Math.sqrt(vi) * invBc2Sqrt + eps);
-      }
-    });
-    p.assign(updated);
-    updated.dispose();
-  }
-
   /** The moments as F32 tensors named `exp_avg.<param>` / `exp_avg_sq.<param>` (torch's names; our layout). */
   async state(): Promise<Map<string, { dtype: "F32"; shape: number[]; data: Float32Array }>> {
     const out = new Map<string, { dtype: "F32"; shape: number[]; data: Float32Array }>();
-    for (const [name, { m, v }] of this.hostMoments) {
-      const shape = this.params.get(name)!.shape;
+    for (const name of this.hostMoments ? this.trainable : []) {
+      const shape = this.params.get(name)!.shape, { m, v } = this.hostMoments!.state(name);
       out.set(`exp_avg.${name}`, { dtype: "F32", shape, data: m });
       out.set(`exp_avg_sq.${name}`, { dtype: "F32", shape, data: v });
     }
@@ -463,7 +447,7 @@ export class AdamW {
     for (const [kind, moments] of [["exp_avg", this.expAvg], ["exp_avg_sq", this.expAvgSq]] as const) {
       for (const name of this.trainable) {
         const saved = tensors.get(`${kind}.${name}`)!;
-        if (this.momentsOnHost) this.hostMoments.get(name)![kind === "exp_avg" ? "m" : "v"].set(saved.data);
+        if (this.hostMoments) this.hostMoments.state(name)[kind === "exp_avg" ? "m" : "v"].set(saved.data);
         else {
           moments.get(name)!.dispose();
           moments.set(name, tf.tensor(saved.data as Float32Array, saved.shape, "float32"));
@@ -478,15 +462,16 @@ export class AdamW {
     tf.dispose([...this.expAvg.values(), ...this.expAvgSq.values()]);
     this.expAvg.clear();
     this.expAvgSq.clear();
-    this.hostMoments.clear();
+    this.hostMoments = undefined; // its memory goes with the last reference
   }
 }
 
 /**
- * Whether AdamW keeps its moments in JS memory and updates each parameter in a JS loop (`momentsOnHost`): on wasm and
- * cpu, where that loop reads the weights and gradients in place. There it is quicker than AdamW's eight or so kernels
- * per parameter (a step of the tiny preset's optimizer: 3.4 against 10.9 ms; cpu-5m: 19 against 32 ms) and keeps 8
- * bytes per parameter off the 4 GiB wasm heap, which the 222M needs (README, "Full size on a CPU"). On WebGPU the
+ * Whether AdamW keeps its moments outside the tensors and updates each parameter with a WebAssembly SIMD kernel
+ * (`momentsOnHost`): on wasm and cpu, where that kernel reads the weights and gradients in place. There it is quicker
+ * than AdamW's eight or so tfjs kernels per parameter (a step of the tiny preset's optimizer: 1.4 against 19 ms;
+ * cpu-5m: 5 against 36 ms) and keeps 8 bytes per parameter off the 4 GiB wasm heap, which the 222M needs (README,
+ * "Full size on a CPU"). On WebGPU the
  * moments stay on the GPU: reading every weight back each step would cost far more.
  */
 export function adamWOnHost(backend: string): boolean {

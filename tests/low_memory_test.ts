@@ -9,7 +9,7 @@ import * as tf from "@tensorflow/tfjs";
 import { assert, assertEquals, assertThrows } from "./assert.ts";
 import type { Batch } from "../data.ts";
 import { PRESETS, VisionLanguageModel, type VLMConfig } from "../nanovlm.ts";
-import { computeOnHost, initBackend, readSafetensors, recomputeInBackward } from "../runtime.ts";
+import { initBackend, readSafetensors, recomputeInBackward, SimdAdamW } from "../runtime.ts";
 import { AdamW, lowMemoryTraining, paramGroups, train, type TrainConfig, trainStep } from "../train.ts";
 import { assertNoLeak, maxAbsDiff, MICRO_OVERRIDES, SMALL } from "./helpers.ts";
 
@@ -161,18 +161,41 @@ function weightDiff(a: VisionLanguageModel, b: VisionLanguageModel): { diff: num
 }
 
 for (const backend of ["wasm", "cpu"]) {
-  Deno.test(`${backend}: computeOnHost writes a new tensor from its inputs' values, which stay as they were`, async () => {
+  Deno.test(`${backend}: SimdAdamW updates 4 lanes and a tail of 3 as AdamW's formula in float64 (float32 rounding)`, async () => {
     await tf.setBackend(backend);
-    const [a, b] = [tf.tensor2d([1, 2, 3, 4], [2, 2]), tf.tensor2d([10, 20, 30, 40], [2, 2])];
+    const n = 7, at = (i: number, scale: number) => scale * Math.sin(i + scale);
+    const [p, g] = [
+      tf.tensor1d(Array.from({ length: n }, (_, i) => at(i, 1))),
+      tf.tensor1d(Array.from({ length: n }, (_, i) => at(i, 0.01))),
+    ];
+    const adam = new SimdAdamW(new Map([["other", 5], ["p", n]]));
+    const { m, v } = adam.state("p");
+    m.set(Array.from({ length: n }, (_, i) => at(i, 0.001)));
+    v.set(Array.from({ length: n }, (_, i) => at(i, 1e-5) ** 2));
+    const [m0, v0] = [Array.from(m), Array.from(v)];
+    const c = { gradScale: 0.5, beta1: 0.9, beta2: 0.999, decay: 1 - 1e-4, stepSize: 0.01, invBc2Sqrt: 3, eps: 1e-8 };
     const before = tf.memory().numTensors;
-    const out = computeOnHost([2, 2], [a, b], (out, x, y) => {
-      for (let i = 0; i < out.length; i++) out[i] = x[i] * y[i] + 1;
-    });
-    assertEquals([out.shape, Array.from(await out.data())], [[2, 2], [11, 41, 91, 161]]);
-    assertEquals([Array.from(await a.data()), Array.from(await b.data())], [[1, 2, 3, 4], [10, 20, 30, 40]]);
-    assertEquals(tf.memory().numTensors, before + 1);
-    assertThrows(() => computeOnHost([1], [tf.scalar(1, "int32")], () => {}), Error, "float32 tensors, got int32");
-    tf.dispose([a, b, out]);
+    const w = adam.step("p", p, g, c);
+    assertEquals(tf.memory().numTensors, before + 1, "one new tensor, the weight");
+    const [pv, gv, wv] = [await p.data(), await g.data(), await w.data()];
+    for (let i = 0; i < n; i++) {
+      const gi = gv[i] * c.gradScale, mi = c.beta1 * m0[i] + (1 - c.beta1) * gi;
+      const vi = c.beta2 * v0[i] + (1 - c.beta2) * gi * gi;
+      const wi = pv[i] * c.decay - c.stepSize * mi / (Math.sqrt(vi) * c.invBc2Sqrt + c.eps);
+      const close = (got: number, want: number) => Math.abs(got - want) <= 1e-6 * Math.abs(want);
+      assert(
+        close(m[i], mi) && close(v[i], vi) && close(wv[i], wi),
+        `element ${i}: ${[m[i], v[i], wv[i]]} vs ${[mi, vi, wi]}`,
+      );
+    }
+    assertEquals(Array.from(adam.state("other").m), [0, 0, 0, 0, 0], "another parameter's moments untouched");
+    assertEquals(Array.from(await p.data()), Array.from(pv), "the old weight is unchanged");
+    assertThrows(
+      () => adam.step("p", tf.zeros([8]), tf.zeros([8]), c),
+      Error,
+      "p needs float32 weight and gradient of 7 values",
+    );
+    tf.dispose([p, g, w]);
     await tf.setBackend("wasm");
   });
 

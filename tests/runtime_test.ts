@@ -1,11 +1,14 @@
 /**
  * Tests for runtime.ts: safetensors bytes (hand-made, round-tripped and the PyTorch-written fixtures), its error
- * messages, atomic writes, backend selection, and the wasm kernel fixes checked against the cpu backend.
+ * messages, atomic writes, backend selection, and the wasm kernel fixes checked against the cpu backend, and AdamW's WebAssembly kernel against its source.
  * Run: deno test -A tests/runtime_test.ts
  */
 import * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
+import wabtInit from "wabt";
 import {
+  ADAMW_WASM,
+  ADAMW_WAT,
   decodeSafetensors,
   encodeSafetensors,
   initBackend,
@@ -386,4 +389,13 @@ Deno.test("wasm tf.gather has a gradient (JS UnsortedSegmentSum) equal to cpu; r
   assert.deepEqual(row(0), [0, 0, 0, 0, 0]);
   const expected3 = [0, 1, 2, 3, 4].map((j) => weights[5 + j] + weights[20 + j] + weights[25 + j]);
   assertClose(Float32Array.from(row(3)), Float32Array.from(expected3), 1e-6, "row 3");
+});
+
+Deno.test("ADAMW_WASM is ADAMW_WAT assembled (wat2wasm from npm:wabt, SIMD and multi-memory)", async () => {
+  const wabt = await wabtInit();
+  const features = { simd: true, multi_memory: true }; // multi_memory is missing from wabt's typings, not from wabt
+  const bytes = wabt.parseWat("adamw.wat", ADAMW_WAT, features as { simd: boolean }).toBinary({}).buffer;
+  const base64 = btoa(String.fromCharCode(...bytes));
+  assert.equal(ADAMW_WASM, base64, `ADAMW_WAT changed: set runtime.ts's ADAMW_WASM to\n${base64}`);
+  assert(WebAssembly.validate(new Uint8Array(bytes)), "the kernel validates");
 });
