@@ -346,13 +346,13 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
       const batch = syntheticBatch(cfg, B, seq, B);
       const t = batchTensors(batch);
       const forward = async () => {
-        const { logits, loss } = model.forward(t.inputIds, t.images, t.attentionMask, t.labels);
-        await loss!.data();
-        tf.dispose([logits, loss!]);
+        const loss = model.loss(t.inputIds, t.images, t.attentionMask, t.labels);
+        await loss.data();
+        loss.dispose();
       };
       const forwardBackward = async () => {
         const { value, grads } = tf.variableGrads(
-          () => model.forward(t.inputIds, t.images, t.attentionMask, t.labels).loss!,
+          () => model.loss(t.inputIds, t.images, t.attentionMask, t.labels),
           variables,
         );
         await value.data();

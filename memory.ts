@@ -80,15 +80,15 @@ export async function measureOnce(
     if (optimizer) await trainStep(model, [data], optimizer, { lrs: [1e-4, 1e-4] });
     else if (mode === "fwd-bwd") {
       const { value, grads } = tf.variableGrads(
-        () => model.forward(t.inputIds, t.images, t.attentionMask, t.labels).loss!,
+        () => model.loss(t.inputIds, t.images, t.attentionMask, t.labels),
         variables,
       );
       await value.data();
       tf.dispose([value, ...Object.values(grads)]);
     } else {
-      const { logits, loss } = model.forward(t.inputIds, t.images, t.attentionMask, t.labels);
-      await loss!.data();
-      tf.dispose([logits, loss!]);
+      const loss = model.loss(t.inputIds, t.images, t.attentionMask, t.labels);
+      await loss.data();
+      loss.dispose();
     }
   };
   let peak = 0, ms = 0;

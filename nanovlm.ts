@@ -623,6 +623,16 @@ export function crossEntropy(logits: tf.Tensor, targets: tf.Tensor, tokenWeights
   return picked.mul(weights).sum().neg().div(weights.sum().maximum(1)) as tf.Scalar;
 }
 
+/**
+ * The flat positions (row·T + t) whose target is not -100: the only rows whose logits the loss reads. With none, one
+ * masked position, so that the loss (then 0) stays a function of the model and backprop gives zero gradients.
+ */
+export function trainedPositions(targets: ArrayLike<number>): Int32Array {
+  const positions: number[] = [];
+  for (let i = 0; i < targets.length; i++) if (targets[i] !== -100) positions.push(i);
+  return Int32Array.from(positions.length ? positions : [0]);
+}
+
 // ---- Sampling ---------------------------------------------------------------------------
 
 /**
@@ -791,14 +801,41 @@ export class VisionLanguageModel {
     attentionMask?: tf.Tensor,
     targets?: tf.Tensor,
   ): { logits: tf.Tensor3D; loss?: tf.Scalar } {
-    this.checkContext(inputIds.shape[1]!, 0);
     return tf.tidy(() => {
-      const fused = this.embed(inputIds, images);
-      const { checkpointBlocks, tables } = this;
-      const { hidden } = decoder(this.params, this.cfg, fused, attentionMask, undefined, 0, checkpointBlocks, tables);
-      const logits = lmHead(this.params, this.cfg, hidden) as tf.Tensor3D;
+      const logits = lmHead(this.params, this.cfg, this.hidden(inputIds, images, attentionMask)) as tf.Tensor3D;
       return targets ? { logits, loss: crossEntropy(logits, targets) } : { logits };
     });
+  }
+
+  /**
+   * The training loss alone: forward's cross-entropy (optionally weighted per token, tokenWeights [B, T]), with the
+   * output head run only on the positions that have a target. Image tokens and prompts have none (the 222M's 49 image
+   * tokens alone are 38% of a 128-token sample), and at its vocabulary the head is the largest matMul (49,218 × 576)
+   * and its [B, T, V] logits, with their log-softmax, the largest activations. Same value and gradients as
+   * forward(...).loss, to float32 rounding.
+   */
+  loss(
+    inputIds: tf.Tensor,
+    images: tf.Tensor | undefined,
+    attentionMask: tf.Tensor | undefined,
+    targets: tf.Tensor,
+    tokenWeights?: tf.Tensor,
+  ): tf.Scalar {
+    return tf.tidy(() => {
+      const hidden = this.hidden(inputIds, images, attentionMask); // [B, T, D]
+      const rows = tf.tensor1d(trainedPositions(readIds(targets)), "int32");
+      const pick = (t: tf.Tensor) => tf.gather(t.reshape([-1, ...t.shape.slice(2)]), rows); // [B, T, ..] → [rows, ..]
+      const logits = lmHead(this.params, this.cfg, pick(hidden)); // [rows, V]
+      return crossEntropy(logits, pick(targets), tokenWeights && pick(tokenWeights));
+    });
+  }
+
+  /** The decoder's output for the fused prompt: forward and loss, before the head. → [B, T, D] */
+  private hidden(inputIds: tf.Tensor, images: tf.Tensor | undefined, attentionMask?: tf.Tensor): tf.Tensor3D {
+    this.checkContext(inputIds.shape[1]!, 0);
+    const fused = this.embed(inputIds, images);
+    const { checkpointBlocks, tables } = this;
+    return decoder(this.params, this.cfg, fused, attentionMask, undefined, 0, checkpointBlocks, tables).hidden;
   }
 
   /**

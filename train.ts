@@ -33,7 +33,6 @@ import { hubToken, hubTokenizer, loadBackbones, pushToHub } from "./hub.ts";
 import { GradientHelper, type GradientWork, splitRows } from "./parallel.ts";
 import {
   configFromJSON,
-  crossEntropy,
   parameterSpecs,
   PRESETS,
   validateConfig,
@@ -646,10 +645,10 @@ export function gradientsOf(
       const { value, grads: g } = tf.tidy(() => {
         const t = batchTensors(batch);
         const weights = tokenWeights && tf.tensor2d(tokenWeights, [batch.batchSize, batch.length]);
-        return tf.variableGrads(() => {
-          const { logits } = model.forward(t.inputIds, t.images, t.attentionMask);
-          return crossEntropy(logits, t.labels, weights).mul(share) as tf.Scalar;
-        }, variables);
+        return tf.variableGrads(
+          () => model.loss(t.inputIds, t.images, t.attentionMask, t.labels, weights).mul(share) as tf.Scalar,
+          variables,
+        );
       });
       losses.push(value);
       for (const [varName, grad] of Object.entries(g)) {

@@ -6,10 +6,12 @@ import * as tf from "@tensorflow/tfjs";
 import { assert, assertEquals, assertMatch, assertRejects, assertThrows } from "./assert.ts";
 import {
   configFromJSON,
+  crossEntropy,
   decoder,
   lmHead,
   parameterSpecs,
   PRESETS,
+  trainedPositions,
   VisionLanguageModel,
   type VLMConfig,
 } from "../nanovlm.ts";
@@ -140,6 +142,32 @@ Deno.test("no tensor leaks across repeated forward, backward and generate", asyn
   await assertNoLeak(async () => {
     for (let i = 0; i < 3; i++) await step();
   });
+  model.dispose();
+});
+
+Deno.test("loss (the head on trained positions only) = forward's loss, weighted or not, with the same gradients", async () => {
+  const model = new VisionLanguageModel(SMALL, { seed: 5 });
+  const { inputIds, mask, images, targets } = batch();
+  const weights = tf.tensor2d(Array.from({ length: 22 }, (_, i) => 1 + (i % 3)), [2, 11]);
+  const fullLoss = (w?: tf.Tensor) => crossEntropy(model.forward(inputIds, images, mask).logits, targets, w);
+  for (const w of [undefined, weights]) {
+    const full = tf.variableGrads(() => fullLoss(w));
+    const trained = tf.variableGrads(() => model.loss(inputIds, images, mask, targets, w));
+    const [a, b] = [(await full.value.data())[0], (await trained.value.data())[0]];
+    assert(a > 1 && Math.abs(a - b) < 1e-5, `loss ${b} vs forward's ${a}`);
+    for (const [name, g] of Object.entries(full.grads)) {
+      const diff = maxAbsDiff(await g.data(), await trained.grads[name].data());
+      assert(diff < 1e-5, `gradient of ${name} differs by ${diff}`);
+    }
+    tf.dispose([full.value, trained.value, ...Object.values(full.grads), ...Object.values(trained.grads)]);
+  }
+  // No trained position: a zero loss, still a function of the weights (zero gradients), as crossEntropy gives.
+  const none = tf.fill([2, 11], -100, "int32");
+  const { value, grads } = tf.variableGrads(() => model.loss(inputIds, images, mask, none));
+  assert((await value.data())[0] === 0, "zero loss (crossEntropy's -0 included)");
+  assertEquals(Math.max(...Object.values(grads).map((g) => maxAbsDiff(g.dataSync(), new Float32Array(g.size)))), 0);
+  assertEquals(Array.from(trainedPositions([-100, 5, -100, 0])), [1, 3]);
+  tf.dispose([value, ...Object.values(grads), none, weights, inputIds, mask, images, targets]);
   model.dispose();
 });
 
