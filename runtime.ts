@@ -838,7 +838,10 @@ export class SimdAdamW {
     }
     const pages = Math.max(1, Math.ceil(bytes / 65536));
     if (pages > 65536) {
-      throw new Error(`AdamW: ${(bytes / 2 ** 30).toFixed(1)} GiB of moments do not fit one 4 GiB wasm memory`);
+      throw new Error(
+        `AdamW: the moments of this model (${(bytes / 2 ** 30).toFixed(1)} GiB) do not fit one WebAssembly memory ` +
+          `(4 GiB at most): train a model this large on the WebGPU backend, where they stay on the GPU`,
+      );
     }
     this.moments = new WebAssembly.Memory({ initial: pages });
   }

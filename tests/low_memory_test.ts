@@ -195,6 +195,8 @@ for (const backend of ["wasm", "cpu"]) {
       Error,
       "p needs float32 weight and gradient of 7 values",
     );
+    const tooLarge = new Map([["embedding", 600_000_000]]); // 4.5 GiB of moments: refused before allocating
+    assertThrows(() => new SimdAdamW(tooLarge), Error, "train a model this large on the WebGPU backend");
     tf.dispose([p, g, w]);
     await tf.setBackend("wasm");
   });
