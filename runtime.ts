@@ -858,17 +858,8 @@ export class SimdAdamW {
     if (p.size !== n || g.size !== n || p.dtype !== "float32" || g.dtype !== "float32") {
       throw new Error(`AdamW: ${name} needs float32 weight and gradient of ${n} values`);
     }
-    const constants = [
-      c.gradScale,
-      c.beta1,
-      1 - c.beta1,
-      c.beta2,
-      1 - c.beta2,
-      c.decay,
-      c.stepSize,
-      c.invBc2Sqrt,
-      c.eps,
-    ];
+    const { gradScale, beta1, beta2, decay, stepSize, invBc2Sqrt, eps } = c; // in ADAMW_WAT's parameter order:
+    const constants = [gradScale, beta1, 1 - beta1, beta2, 1 - beta2, decay, stepSize, invBc2Sqrt, eps];
     if (tf.getBackend() === "wasm") {
       const backend = tf.backend() as BackendWasm, out = backend.makeOutput(p.shape, "float32");
       const tensors = (backend.wasm as unknown as { asm: { memory: WebAssembly.Memory } }).asm.memory;
