@@ -17,7 +17,7 @@
  */
 import * as tf from "@tensorflow/tfjs";
 import { type BackendWasm, getThreadsCount, setWasmPaths } from "@tensorflow/tfjs-backend-wasm";
-import "@tensorflow/tfjs-backend-webgpu";
+import { webgpu_util, type WebGPUBackend } from "@tensorflow/tfjs-backend-webgpu";
 import { createRequire } from "node:module";
 import { dirname } from "node:path";
 
@@ -887,6 +887,94 @@ export class SimdAdamW {
     }
     return this.kernel.step;
   }
+}
+
+// ---- AdamW's update as WebGPU programs ----
+
+/**
+ * The WGSL of AdamW's three passes over one parameter (the arithmetic of ADAMW_WAT): the two moments, then the new
+ * weight from them. Composed from tfjs ops the same update is about fifteen kernels per parameter, each a dispatch
+ * with its own bind group and uniform buffer; these are three.
+ */
+const ADAMW_WGSL = {
+  // m ← beta1·m + keep1·g, with g = grad · gradScale
+  m: {
+    inputs: ["G", "M"],
+    uniforms: "beta : f32, keep : f32, gradScale : f32,",
+    body: "let g = G[i] * uniforms.gradScale; return uniforms.beta * M[i] + uniforms.keep * g;",
+  },
+  // v ← beta2·v + keep2·g²
+  v: {
+    inputs: ["G", "V"],
+    uniforms: "beta : f32, keep : f32, gradScale : f32,",
+    body: "let g = G[i] * uniforms.gradScale; return uniforms.beta * V[i] + uniforms.keep * g * g;",
+  },
+  // w = p·decay − stepSize·m / (√v · invBc2Sqrt + eps), from the new m and v
+  w: {
+    inputs: ["P", "M", "V"],
+    uniforms: "decay : f32, stepSize : f32, invBc2Sqrt : f32, eps : f32,",
+    body:
+      "return P[i] * uniforms.decay - uniforms.stepSize * M[i] / (sqrt(V[i]) * uniforms.invBc2Sqrt + uniforms.eps);",
+  },
+} as const;
+
+/**
+ * One of ADAMW_WGSL's passes as a tfjs WebGPU program (what `backend.runWebGPUProgram` takes: tfjs declares each
+ * input as a storage array named after it, the uniforms, and `setOutputAtIndex`) over n elements, inputs flat.
+ */
+class AdamWProgram {
+  readonly variableNames: string[];
+  readonly uniforms: string;
+  readonly outputShape: number[];
+  readonly shaderKey: string;
+  readonly workgroupSize: [number, number, number] = [128, 1, 1];
+  readonly dispatchLayout: { x: number[] };
+  readonly dispatch: [number, number, number];
+  readonly size = true; // uniforms.size: the element count
+  private readonly body: string;
+
+  constructor(pass: keyof typeof ADAMW_WGSL, n: number) {
+    const { inputs, uniforms, body } = ADAMW_WGSL[pass];
+    [this.variableNames, this.uniforms, this.body] = [[...inputs], uniforms, body];
+    this.outputShape = [n];
+    this.shaderKey = `nanovlm_adamw_${pass}`; // one compiled pipeline per pass, whatever n
+    this.dispatchLayout = webgpu_util.flatDispatchLayout(this.outputShape);
+    this.dispatch = webgpu_util.computeDispatch(this.dispatchLayout, this.outputShape, this.workgroupSize);
+  }
+
+  getUserCode(): string {
+    return `fn adamwValue(i : i32) -> f32 { ${this.body} }
+      fn main(index : i32) { if (index < uniforms.size) { setOutputAtIndex(index, adamwValue(index)); } }`;
+  }
+}
+
+/**
+ * One AdamW step of one parameter on WebGPU: new m, v and weight, as new tensors (the old ones are the caller's).
+ * p, g, m, v of one shape; the constants as for SimdAdamW.
+ */
+export function webgpuAdamWStep(
+  p: tf.Tensor,
+  g: tf.Tensor,
+  m: tf.Tensor,
+  v: tf.Tensor,
+  c: AdamWStepConstants,
+): { p: tf.Tensor; m: tf.Tensor; v: tf.Tensor } {
+  const backend = tf.backend() as WebGPUBackend, n = p.size;
+  const run = (pass: keyof typeof ADAMW_WGSL, inputs: tf.Tensor[], uniforms: number[]) =>
+    tf.engine().makeTensorFromTensorInfo(
+      backend.runWebGPUProgram(
+        new AdamWProgram(pass, n),
+        inputs.map((t) => t.reshape([n])),
+        "float32",
+        uniforms.map((value) => ({ type: "float32", data: [value] })), // one entry each: three floats would be a vec3
+      ),
+    );
+  return tf.tidy(() => {
+    const m1 = run("m", [g, m], [c.beta1, 1 - c.beta1, c.gradScale]);
+    const v1 = run("v", [g, v], [c.beta2, 1 - c.beta2, c.gradScale]);
+    const p1 = run("w", [p, m1, v1], [c.decay, c.stepSize, c.invBc2Sqrt, c.eps]);
+    return { p: p1.reshape(p.shape), m: m1.reshape(p.shape), v: v1.reshape(p.shape) };
+  });
 }
 
 // ---- Safetensors ----

@@ -48,6 +48,7 @@ import {
   shareBlasThreads,
   SimdAdamW,
   wasmMatMulEngine,
+  webgpuAdamWStep,
   writeFileAtomic,
 } from "./runtime.ts";
 
@@ -374,34 +375,27 @@ export class AdamW {
     const t = ++this.stepCount;
     const bc1 = 1 - this.beta1 ** t, bc2Sqrt = Math.sqrt(1 - this.beta2 ** t);
     this.groups.forEach((group, i) => {
-      const lr = lrs[i];
+      const { beta1, beta2, eps } = this, lr = lrs[i];
+      const decay = 1 - lr * this.weightDecay, stepSize = lr / bc1, invBc2Sqrt = 1 / bc2Sqrt;
+      const constants = { gradScale, beta1, beta2, decay, stepSize, invBc2Sqrt, eps };
       for (const name of group.params) {
         const p = this.params.get(name)!, g = grads.get(name);
         if (!g) throw new Error(`AdamW: no gradient for ${name}`);
         if (this.hostMoments) {
-          const decay = 1 - lr * this.weightDecay, stepSize = lr / bc1, invBc2Sqrt = 1 / bc2Sqrt;
-          const { beta1, beta2, eps } = this;
-          const updated = this.hostMoments.step(name, p, g, {
-            gradScale,
-            beta1,
-            beta2,
-            decay,
-            stepSize,
-            invBc2Sqrt,
-            eps,
-          });
+          const updated = this.hostMoments.step(name, p, g, constants);
           p.assign(updated);
           updated.dispose();
           continue;
         }
         const [m, v] = [this.expAvg.get(name)!, this.expAvgSq.get(name)!];
-        const next = tf.tidy(() => {
+        // On WebGPU three fused passes (runtime.ts: ops would be about fifteen dispatches); elsewhere tfjs ops, which
+        // round as torch.optim.AdamW does.
+        const next = tf.getBackend() === "webgpu" ? webgpuAdamWStep(p, g, m, v, constants) : tf.tidy(() => {
           const scaled = gradScale === 1 ? g : g.mul(gradScale);
-          const decayed = p.mul(1 - lr * this.weightDecay);
-          const m1 = m.mul(this.beta1).add(scaled.mul(1 - this.beta1));
-          const v1 = v.mul(this.beta2).add(scaled.square().mul(1 - this.beta2));
-          const denom = v1.sqrt().div(bc2Sqrt).add(this.eps);
-          return { p: decayed.sub(m1.div(denom).mul(lr / bc1)), m: m1, v: v1 };
+          const m1 = m.mul(beta1).add(scaled.mul(1 - beta1));
+          const v1 = v.mul(beta2).add(scaled.square().mul(1 - beta2));
+          const denom = v1.sqrt().div(bc2Sqrt).add(eps);
+          return { p: p.mul(decay).sub(m1.div(denom).mul(stepSize)), m: m1, v: v1 };
         });
         p.assign(next.p);
         next.p.dispose();

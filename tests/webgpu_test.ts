@@ -7,6 +7,7 @@
 import * as tf from "@tensorflow/tfjs";
 import * as assert from "node:assert/strict";
 import { configFromJSON, VisionLanguageModel } from "../nanovlm.ts";
+import { AdamW } from "../train.ts";
 import { initBackend, webgpuBindingLimit } from "../runtime.ts";
 import { assertClose, FIXTURE_DIR, loadFixture, toTensor } from "./helpers.ts";
 
@@ -87,5 +88,47 @@ gpuTest(
     const sum = tf.tidy(() => tf.addN(Array.from({ length: 40 }, (_, i) => tf.scalar(i + 1))));
     assert.deepEqual(Array.from(await sum.data()), [820]); // stock tfjs-webgpu: 28, the first 7
     sum.dispose();
+  },
+);
+
+gpuTest(
+  "webgpu: AdamW's three fused passes give torch's AdamW (in float64 on the host) over 3 clipped steps",
+  async () => {
+    if (noAdapter) return; // the first test has checked the error
+    const shape = [37, 5], n = 185; // not a multiple of the workgroup size
+    const wave = (i: number, scale: number, step = 0) => scale * Math.sin(1.7 * i + 0.3 * step + scale);
+    const p = tf.variable(tf.tensor(Array.from({ length: n }, (_, i) => wave(i, 1)), shape), true, "p");
+    const optimizer = new AdamW(new Map([["p", p]]), [{ name: "all", maxLr: 0.1, params: ["p"] }], {
+      weightDecay: 0.1,
+    });
+    // The reference, written out: torch.optim.AdamW's update, each gradient scaled by the clip coefficient first.
+    const [w, m, v] = [Array.from({ length: n }, (_, i) => wave(i, 1)), new Array(n).fill(0), new Array(n).fill(0)];
+    const [beta1, beta2, eps, lr, scale] = [0.9, 0.999, 1e-8, 0.05, 0.7];
+    for (let step = 1; step <= 3; step++) {
+      const grads = Array.from({ length: n }, (_, i) => wave(i, 0.01, step));
+      const g = tf.tensor(grads, shape);
+      optimizer.step(new Map([["p", g]]), [lr], scale);
+      g.dispose();
+      for (let i = 0; i < n; i++) {
+        const gi = grads[i] * scale;
+        m[i] = beta1 * m[i] + (1 - beta1) * gi;
+        v[i] = beta2 * v[i] + (1 - beta2) * gi * gi;
+        const denom = Math.sqrt(v[i]) / Math.sqrt(1 - beta2 ** step) + eps;
+        w[i] = w[i] * (1 - lr * 0.1) - (lr / (1 - beta1 ** step)) * m[i] / denom;
+      }
+    }
+    const got = await p.data(), state = await optimizer.state();
+    for (
+      const [name, want, have] of [["weight", w, got], ["m", m, state.get("exp_avg.p")!.data], [
+        "v",
+        v,
+        state.get("exp_avg_sq.p")!.data,
+      ]] as const
+    ) {
+      const worst = Math.max(...want.map((x, i) => Math.abs(x - have[i]) / (Math.abs(x) + 1e-6)));
+      assert.ok(worst < 1e-5, `${name}: relative error ${worst}`);
+    }
+    optimizer.dispose();
+    p.dispose();
   },
 );
