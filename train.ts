@@ -896,10 +896,10 @@ export async function meanLoss(model: VisionLanguageModel, batches: readonly Bat
   let total = 0, samples = 0;
   for (const batch of batches) {
     const t = batchTensors(trimPadding(batch));
-    const { logits, loss } = model.forward(t.inputIds, t.images, t.attentionMask, t.labels);
-    total += (await loss!.data())[0] * batch.batchSize;
+    const loss = model.loss(t.inputIds, t.images, t.attentionMask, t.labels);
+    total += (await loss.data())[0] * batch.batchSize;
     samples += batch.batchSize;
-    tf.dispose([logits, loss!, ...Object.values(t)]);
+    tf.dispose([loss, ...Object.values(t)]);
   }
   return total / Math.max(1, samples);
 }
