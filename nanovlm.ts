@@ -688,17 +688,17 @@ export interface GenerateOptions {
 // first use uploads it, and tensors never change, so each one is read once (a second forward on the same ids).
 const hostIds = new WeakMap<tf.Tensor, Int32Array>();
 
-/** Read int32 token ids on the host (they are small) to find the image slots. */
-function readIds(inputIds: tf.Tensor): Int32Array {
+/** Read int32 token ids (or targets: `name`) on the host (they are small) to find the image slots. */
+function readIds(inputIds: tf.Tensor, name = "inputIds"): Int32Array {
   if (inputIds.dtype !== "int32" || inputIds.rank !== 2) {
-    throw new Error(`inputIds must be an int32 [B, T] tensor; got ${inputIds.dtype} [${inputIds.shape}]`);
+    throw new Error(`${name} must be an int32 [B, T] tensor; got ${inputIds.dtype} [${inputIds.shape}]`);
   }
   try {
     if (!hostIds.has(inputIds)) hostIds.set(inputIds, inputIds.dataSync() as Int32Array);
     return hostIds.get(inputIds)!;
   } catch (e) { // WebGPU under Deno cannot read synchronously once a tensor lives on the GPU
     throw new Error(
-      `cannot read inputIds on the host (${e}): make them from JS values, tf.tensor2d(ids, [B, T], "int32")`,
+      `cannot read ${name} on the host (${e}): make them from JS values, tf.tensor2d(ids, [B, T], "int32")`,
     );
   }
 }
@@ -823,7 +823,7 @@ export class VisionLanguageModel {
   ): tf.Scalar {
     return tf.tidy(() => {
       const hidden = this.hidden(inputIds, images, attentionMask); // [B, T, D]
-      const rows = tf.tensor1d(trainedPositions(readIds(targets)), "int32");
+      const rows = tf.tensor1d(trainedPositions(readIds(targets, "targets")), "int32");
       const pick = (t: tf.Tensor) => tf.gather(t.reshape([-1, ...t.shape.slice(2)]), rows); // [B, T, ..] → [rows, ..]
       const logits = lmHead(this.params, this.cfg, pick(hidden)); // [rows, V]
       return crossEntropy(logits, pick(targets), tokenWeights && pick(tokenWeights));

@@ -235,6 +235,8 @@ Deno.test("bad input gets an error that names the problem", async () => {
     "12 <|image|> slots but the images give 8",
   );
   assertThrows(() => model.forward(inputIds.toFloat(), images, mask), Error, "int32");
+  const floatTargets = tf.zeros([2, 11]);
+  assertThrows(() => model.loss(inputIds, images, mask, floatTargets), Error, "targets must be an int32 [B, T] tensor");
   const long = tf.zeros([1, 40], "int32");
   assertThrows(() => model.forward(long, undefined), Error, "the prompt has 40 tokens");
   await assertRejects(
