@@ -275,7 +275,11 @@ export function tensorsOverBindingLimit(cfg: VLMConfig, batch: number, seq: numb
   const Np = (cfg.vit_img_size / cfg.vit_patch_size) ** 2;
   const big = [
     ...parameterSpecs(cfg),
-    { name: "logits [B, T, V]", shape: [batch, seq, cfg.lm_vocab_size] },
+    // model.loss makes logits only for positions with a target: syntheticBatch's T − 1 − L text tokens per sample.
+    {
+      name: "training logits [B·(T−1−L), V]",
+      shape: [batch * (seq - 1 - cfg.mp_image_token_length), cfg.lm_vocab_size],
+    },
     { name: "ViT MLP activations [B·Np, vit_inter_dim]", shape: [batch * Np, cfg.vit_inter_dim] },
     { name: "ViT attention scores [B, H, Np, Np]", shape: [batch, cfg.vit_n_heads, Np, Np] },
   ];

@@ -810,7 +810,7 @@ export class VisionLanguageModel {
   /**
    * The training loss alone: forward's cross-entropy (optionally weighted per token, tokenWeights [B, T]), with the
    * output head run only on the positions that have a target. Image tokens and prompts have none (the 222M's 49 image
-   * tokens alone are 38% of a 128-token sample), and at its vocabulary the head is the largest matMul (49,218 × 576)
+   * tokens alone are 38% of a 128-token sample), and at its vocabulary the head is the largest matMul (49,153 × 576)
    * and its [B, T, V] logits, with their log-softmax, the largest activations. Same value and gradients as
    * forward(...).loss, to float32 rounding.
    */

@@ -132,3 +132,12 @@ Deno.test("scripts/pack-gpu.sh: the archive fits 64 MiB and its bundled bench ru
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("tensorsOverBindingLimit: the 222M's training logits (trained positions only) fit 128 MiB up to batch 8", async () => {
+  const { BENCH_CONFIGS, tensorsOverBindingLimit } = await import("../bench.ts");
+  const { cfg, seq } = BENCH_CONFIGS["nanovlm-222m"];
+  // 128 − 1 − 49 = 78 trained rows of 49,153 logits: 14.6 MiB a sample.
+  assert.deepEqual(tensorsOverBindingLimit(cfg, 8, seq, 2 ** 27), []);
+  const over = tensorsOverBindingLimit(cfg, 9, seq, 2 ** 27);
+  assert.deepEqual(over, ["training logits [B·(T−1−L), V] [702,49153] = 132 MiB"]);
+});
