@@ -126,7 +126,7 @@ Deno.test("save → load gives exactly the same logits, in nanoVLM's file layout
   loaded.dispose();
 });
 
-Deno.test("no tensor leaks across repeated forward, backward and generate", async () => {
+Deno.test("no tensor leaks across repeated forward, backward (forward's loss and model.loss) and generate", async () => {
   const model = new VisionLanguageModel(SMALL, { seed: 4 });
   const { inputIds, mask, images, targets } = batch();
   const step = async () => {
@@ -135,6 +135,8 @@ Deno.test("no tensor leaks across repeated forward, backward and generate", asyn
     tf.dispose([logits, loss!]);
     const { value, grads } = tf.variableGrads(() => model.forward(inputIds, images, mask, targets).loss!);
     tf.dispose([value, ...Object.values(grads)]);
+    const trained = tf.variableGrads(() => model.loss(inputIds, images, mask, targets));
+    tf.dispose([trained.value, ...Object.values(trained.grads)]);
     const ids = await model.generate(inputIds, images, mask, { maxNewTokens: 3, topK: 5, topP: 0.9, seed: 1 });
     ids.dispose();
   };

@@ -106,8 +106,9 @@ gpuTest(
     const [beta1, beta2, eps, lr, scale] = [0.9, 0.999, 1e-8, 0.05, 0.7];
     for (let step = 1; step <= 3; step++) {
       const grads = Array.from({ length: n }, (_, i) => wave(i, 0.01, step));
-      const g = tf.tensor(grads, shape);
+      const g = tf.tensor(grads, shape), tensorsBefore = tf.memory().numTensors;
       optimizer.step(new Map([["p", g]]), [lr], scale);
+      assert.equal(tf.memory().numTensors, tensorsBefore, "the new weight and moments replace the old: no leak");
       g.dispose();
       for (let i = 0; i < n; i++) {
         const gi = grads[i] * scale;
