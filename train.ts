@@ -462,10 +462,10 @@ export class AdamW {
 /**
  * Whether AdamW keeps its moments outside the tensors and updates each parameter with a WebAssembly SIMD kernel
  * (`momentsOnHost`): on wasm and cpu, where that kernel reads the weights and gradients in place. There it is quicker
- * than AdamW's eight or so tfjs kernels per parameter (a step of the tiny preset's optimizer: 1.4 against 19 ms;
+ * than AdamW's fifteen or so tfjs kernels per parameter (a step of the tiny preset's optimizer: 1.4 against 19 ms;
  * cpu-5m: 5 against 36 ms) and keeps 8 bytes per parameter off the 4 GiB wasm heap, which the 222M needs (README,
- * "Full size on a CPU"). On WebGPU the
- * moments stay on the GPU: reading every weight back each step would cost far more.
+ * "Full size on a CPU"). On WebGPU the moments stay on the GPU: reading every weight back each step would cost far
+ * more.
  */
 export function adamWOnHost(backend: string): boolean {
   return backend !== "webgpu";
