@@ -103,6 +103,7 @@ export function wasmHeapBytes(): number | null {
 }
 
 async function activate(name: BackendName): Promise<void> {
+  registerBroadcastGradients();
   if (name === "wasm") {
     pointWasmAtItsBinaries();
     registerWasmKernelFixes();
@@ -114,6 +115,36 @@ async function activate(name: BackendName): Promise<void> {
     registerWebGPUKernelFixes();
     guardWebGPUBindingSize();
   }
+}
+
+/**
+ * The gradients of Sum and Mean as a broadcast of dy. tfjs' own multiply dy by `tf.ones(x.shape)`, which it fills in
+ * JavaScript and uploads on every call: one [B, T, D] array per norm and softmax, about 20 ms of a cpu-5m training
+ * step (BENCHMARKS.md), and an upload per step on WebGPU. `tf.broadcastTo` (the Tile kernel) gives the same values
+ * with nothing made on the host. Gradients are global in tfjs, so this serves every backend. Idempotent.
+ */
+export function registerBroadcastGradients(): void {
+  // dy has x's shape without the reduced axes; put them back as size 1, then repeat dy along them.
+  const reduced = (x: tf.Tensor, axis: number | number[]) => tf.util.parseAxisParam(axis, x.shape);
+  const spread = (dy: tf.Tensor, x: tf.Tensor, axes: number[]) =>
+    tf.broadcastTo(dy.reshape(x.shape.map((n, d) => axes.includes(d) ? 1 : n)), x.shape);
+  tf.registerGradient({
+    kernelName: "Sum",
+    inputsToSave: ["x"],
+    gradFunc: (dy, [x], attrs) => {
+      const axes = reduced(x, (attrs as unknown as { axis: number | number[] }).axis);
+      return { x: () => spread(dy as tf.Tensor, x, axes) };
+    },
+  });
+  tf.registerGradient({
+    kernelName: "Mean",
+    inputsToSave: ["x"],
+    gradFunc: (dy, [x], attrs) => {
+      const axes = reduced(x, (attrs as unknown as { axis: number | number[] }).axis);
+      const count = axes.reduce((n, d) => n * x.shape[d], 1);
+      return { x: () => spread(tf.div(dy as tf.Tensor, count), x, axes) }; // dy / n on the small tensor, then spread
+    },
+  });
 }
 
 let webgpuFixesRegistered = false;
@@ -259,8 +290,8 @@ let wasmFixesRegistered = false;
  * 3. UnsortedSegmentSum: missing on wasm, and it is the gradient of `tf.gather` (embedding lookups).
  *
  * Where a native BLAS can be loaded ({@link loadBlas}), BatchMatMul calls its sgemm on the wasm heap instead.
- * Six data-movement kernels (Cast, Slice, SplitV, Concat, Transpose, GatherV2) and Sum get faster versions for the
- * cases a VLM step hits ({@link registerWasmDataMovement}).
+ * Seven data-movement kernels (Cast, Slice, SplitV, Concat, Transpose, GatherV2, Tile) and Sum get faster versions
+ * for the cases a VLM step hits ({@link registerWasmDataMovement}).
  */
 export function registerWasmKernelFixes(): void {
   if (wasmFixesRegistered) return;
@@ -535,7 +566,8 @@ function unsortedSegmentSum({ inputs, backend, attrs }: KernelArgs): TensorInfo 
 // into two halves copied it twice), Concat and Slice allocate a typed-array view per row even for rows of 32 floats,
 // 5-D/6-D transposes (patchify, pixel shuffle) run 60× slower than 4-D ones, Sum over leading axes (every bias
 // gradient) transposes first, GatherV2 copies element by element, and Cast to the same dtype (the gradient of every
-// multiply) copies, as does a transpose that moves nothing (in nanovlm-222m's embedding gradient: 113 MB). Each
+// multiply) copies, as does a transpose that moves nothing (in nanovlm-222m's embedding gradient: 113 MB); Tile, which
+// the gradients of sums and means now use, computes an index per element. Each
 // replacement below handles the float32/int32 cases a VLM step hits and hands anything else to the stock kernel.
 
 type Values = Float32Array | Int32Array | Uint8Array;
@@ -560,6 +592,7 @@ function registerWasmDataMovement(): void {
   replace("Transpose", (args, stock) => transposeFast(args) ?? stock(args));
   replace("Sum", (args, stock) => sumLeadingAxes(args) ?? stock(args));
   replace("GatherV2", (args, stock) => gatherRows(args) ?? stock(args));
+  replace("Tile", (args, stock) => tileByCopies(args) ?? stock(args));
 }
 
 const heap = (backend: unknown, t: TensorInfo) => (backend as BackendWasm).typedArrayFromHeap(t) as Values;
@@ -692,6 +725,38 @@ function gatherRows({ inputs, attrs, backend }: KernelArgs): TensorInfo | null {
     if (!(id >= 0 && id < rows)) throw new Error(`GatherV2: the index value ${id} is not in [0, ${rows - 1}]`);
     copyRun(src, id * rowSize, dst, i * rowSize, rowSize);
   }
+  return out;
+}
+
+/**
+ * Tile (broadcastTo, and so the gradient of every sum and mean: see {@link registerBroadcastGradients}) by whole
+ * blocks: each axis writes its first copy, then doubles it with copyWithin. Stock wasm computes an index per element
+ * (about 50 ns: 10 ms for a [8, 96, 256] broadcast).
+ */
+function tileByCopies({ inputs, attrs, backend }: KernelArgs): TensorInfo | null {
+  const { x } = inputs as { x: TensorInfo };
+  const { reps } = attrs as unknown as { reps: number[] };
+  if (!numeric(x) || x.shape.length === 0) return null;
+  const outShape = x.shape.map((n, d) => n * reps[d]);
+  const out = makeOutput(backend, outShape, x.dtype);
+  if (tf.util.sizeFromShape(outShape) === 0) return out;
+  const src = heap(backend, x), dst = heap(backend, out);
+  const inBlock = [...tf.util.computeStrides(x.shape), 1], outBlock = [...tf.util.computeStrides(outShape), 1];
+  // Writes x's block at (axis, from) to dst at `to`: its rows one after another, then the copies along `axis`.
+  const tile = (axis: number, from: number, to: number) => {
+    const n = x.shape[axis], copy = n * outBlock[axis]; // one copy of the axis, as written in the output
+    if (axis === x.shape.length - 1) {
+      if (n === 1) dst.fill(src[from], to, to + reps[axis]); // a broadcast row: nothing left to copy
+      else copyRun(src, from, dst, to, n);
+      if (n === 1) return;
+    } else {
+      for (let i = 0; i < n; i++) tile(axis + 1, from + i * inBlock[axis], to + i * outBlock[axis]);
+    }
+    for (let done = 1; done < reps[axis]; done *= 2) { // 1, 2, 4, ... copies written: double them
+      dst.copyWithin(to + done * copy, to, to + Math.min(done, reps[axis] - done) * copy);
+    }
+  };
+  tile(0, 0, 0);
   return out;
 }
 

@@ -1,6 +1,7 @@
 // The wasm data-movement kernels of runtime.ts (Cast, Slice, SplitV, Concat, Transpose,
-// Sum, GatherV2) against the cpu backend: every case a VLM step hits, the edge cases
-// (size-1 and empty axes, negative axes, keepDims, int32 and bool), and the errors.
+// Sum, GatherV2, Tile) against the cpu backend: every case a VLM step hits, the edge cases
+// (size-1 and empty axes, negative axes, keepDims, int32 and bool), and the errors; and
+// the gradients of Sum and Mean that runtime.ts registers (a broadcast, nothing from the host).
 
 import * as tf from "@tensorflow/tfjs";
 import * as assert from "node:assert/strict";
@@ -121,4 +122,68 @@ Deno.test("wasm Transpose that moves only size-1 axes = cpu, and shares its inpu
   source.dispose();
   assert.deepEqual(Array.from(await moved.data()), Array.from(x));
   moved.dispose();
+});
+
+Deno.test("wasm Tile = cpu: broadcast rows and columns, repeats on several axes, int32 and bool, empty", async () => {
+  const cases: [number[], number[]][] = [
+    [[4, 6, 1], [1, 1, 9]], // a mean's gradient: one value per row, spread along the row
+    [[1, 5], [7, 1]], // a bias's gradient shape, repeated down the rows
+    [[3], [4]],
+    [[2, 3], [3, 5]],
+    [[2, 1, 3, 1], [1, 5, 2, 7]],
+    [[2, 2], [1, 1]],
+    [[0, 3], [2, 2]],
+  ];
+  for (const [shape, reps] of cases) {
+    const x = values(shape);
+    await sameOnWasmAndCpu(`tile [${shape}] × [${reps}]`, () => tf.tile(tf.tensor(x, shape), reps));
+    await sameOnWasmAndCpu(`tile int32 [${shape}]`, () => tf.tile(tf.tensor(x, shape).mul(9).cast("int32"), reps));
+    await sameOnWasmAndCpu(`tile bool [${shape}]`, () => tf.tile(tf.tensor(x, shape).greater(0), reps));
+  }
+  await sameOnWasmAndCpu("broadcastTo a scalar", () => tf.broadcastTo(tf.scalar(1.5), [2, 3]));
+});
+
+Deno.test("Sum and Mean gradients: dy spread over the reduced axes (÷ count), no tensor made on the host", async () => {
+  const shape = [4, 6, 5], x = values(shape), strides = tf.util.computeStrides(shape);
+  const cases: [number | number[], boolean][] = [[-1, true], [[0, 1], false], [1, false], [[0, 1, 2], false]];
+  for (const backend of ["wasm", "cpu"] as const) {
+    await initBackend(backend, { quiet: true });
+    for (const [axis, keepDims] of cases) {
+      const axes = tf.util.parseAxisParam(axis, shape);
+      const count = axes.reduce((n, d) => n * shape[d], 1);
+      const keptShape = shape.map((n, d) => axes.includes(d) ? 1 : n), keptStrides = tf.util.computeStrides(keptShape);
+      const dyValues = values(keptShape);
+      const input = tf.tensor(x, shape);
+      const dy = tf.tensor(dyValues, keepDims ? keptShape : shape.filter((_, d) => !axes.includes(d)));
+      // tfjs' own gradients fill a ones tensor of x's shape on the host: record the size of each tensor written from
+      // host values. (Only wasm can tell: its kernels write their outputs without values, cpu's with them.)
+      const writes: number[] = [];
+      const impl = tf.backend(), write = impl.write.bind(impl);
+      impl.write = (
+        data,
+        dataShape,
+        dtype,
+      ) => (data && writes.push(tf.util.sizeFromShape(dataShape)), write(data, dataShape, dtype));
+      const grads = [tf.sum, tf.mean].map((reduce) => tf.grad((t: tf.Tensor) => reduce(t, axis, keepDims))(input, dy));
+      impl.write = write;
+      const what = `${backend}, axis ${axis}, keepDims ${keepDims}`;
+      if (backend === "wasm") {
+        assert.ok(writes.every((size) => size <= 1), `${what}: tensors of ${writes} values made on the host`);
+      }
+
+      // Element i of x gets the dy of the slot it was reduced into: its index with the reduced axes at 0.
+      const slot = (i: number) =>
+        shape.reduce(
+          (at, _, d) =>
+            at + (axes.includes(d) ? 0 : Math.floor(i / (strides[d] ?? 1)) % shape[d] * (keptStrides[d] ?? 1)),
+          0,
+        );
+      const [dSum, dMean] = grads.map((g) => g.dataSync());
+      for (let i = 0; i < x.length; i++) {
+        assert.equal(dSum[i], dyValues[slot(i)], `${what}: d sum [${i}]`);
+        assert.equal(dMean[i], Math.fround(dyValues[slot(i)] / count), `${what}: d mean [${i}]`);
+      }
+      tf.dispose([input, dy, ...grads]);
+    }
+  }
 });
