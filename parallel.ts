@@ -103,9 +103,14 @@ export class GradientHelper {
     return helpers;
   }
 
-  /** The loss and gradients of `work` at `weights` (one array per trainable parameter, in order; not transferred). */
+  /**
+   * The loss and gradients of `work` at `weights` (one array per trainable parameter, in order). The weights are
+   * transferred, not copied: they are the helper's from now on, unusable here. (Deno's structured clone, the
+   * alternative, copies at about 200 MB/s: 100 ms a step for cpu-5m's 21 MB, half the step.)
+   */
   compute(weights: Float32Array[], work: GradientWork[]): Promise<HelperResult> {
-    return this.request({ type: "step", weights, work }) as Promise<HelperResult>;
+    const buffers = weights.map((w) => w.buffer as ArrayBuffer);
+    return this.request({ type: "step", weights, work }, buffers) as Promise<HelperResult>;
   }
 
   /** Stop the worker (its memory goes with it). */
@@ -113,7 +118,7 @@ export class GradientHelper {
     this.worker.terminate();
   }
 
-  private request(message: unknown): Promise<unknown> {
+  private request(message: unknown, transfer: Transferable[] = []): Promise<unknown> {
     return new Promise((resolve, reject) => {
       this.worker.onmessage = ({ data }) =>
         data.error ? reject(new Error(`gradient helper: ${data.error}`)) : resolve(data);
@@ -121,7 +126,7 @@ export class GradientHelper {
         event.preventDefault();
         reject(new Error(`gradient helper: ${event.message}`));
       };
-      this.worker.postMessage(message);
+      this.worker.postMessage(message, transfer);
     });
   }
 }

@@ -658,6 +658,21 @@ export function gradientsOf(
 }
 
 /**
+ * The least work, in parameters × rows, that a part of a split micro-batch should hold. A helper costs about the same
+ * each step whatever its part (the weights sent, its gradients read back and added: 10-20 ms for cpu-5m's 21 MB), and
+ * two threads computing at once slow each other; below this a micro-batch is faster on one thread with OpenBLAS on
+ * both cores. Measured on 2 cores (one step, median of 10): cpu-5m (5.3M parameters) at batch 8 286 ms in two parts
+ * of 4 (21M each) against 320 ms on one thread, at batch 4 226 against 169 (parts of 10.6M); the tiny preset (0.9M)
+ * at batch 32 111 against 134 (14M), at batch 16 72 against 65 (7M).
+ */
+export const MIN_PART_WORK = 12e6;
+
+/** The fewest rows of a micro-batch worth a thread of their own for `model` ({@link MIN_PART_WORK}). */
+export function minRowsFor(model: VisionLanguageModel): number {
+  return Math.max(1, Math.ceil(MIN_PART_WORK / model.parameterCount()));
+}
+
+/**
  * One optimizer step: forward + backward on each micro-batch, clip, then AdamW with one
  * learning rate per group. Each micro-batch's loss (a mean over its trained tokens) is
  * weighted by its share of the step's trained tokens, so the step's loss and gradient are
@@ -665,9 +680,9 @@ export function gradientsOf(
  * length (sort_by_length). The reference divides by the number of micro-batches instead,
  * the same when every micro-batch trains as many tokens. With `answerFloor` > 0 tokens
  * are weighted by `answerWeights` (and shares by weight). With `helpers` (parallel.ts) the
- * micro-batches, or their rows (at least `minRowsPerPart` to a thread), are shared between
- * this thread and the helpers, each part weighted by its share in the same way, so the sum
- * is unchanged. If the loss or the
+ * micro-batches, or their rows (at least `minRowsPerPart` to a thread; by default as many as
+ * make {@link MIN_PART_WORK}), are shared between this thread and the helpers, each part
+ * weighted by its share in the same way, so the sum is unchanged. If the loss or the
  * gradient norm is not finite, nothing is updated and a NonFiniteError is thrown. One read
  * from the device per step (loss and norm together); every tensor it makes is freed.
  */
@@ -675,7 +690,7 @@ export async function trainStep(
   model: VisionLanguageModel,
   microBatches: Batch[],
   optimizer: AdamW,
-  { lrs, maxGradNorm = 1.0, answerFloor = 0, helpers = [], minRowsPerPart = 8 }: {
+  { lrs, maxGradNorm = 1.0, answerFloor = 0, helpers = [], minRowsPerPart = minRowsFor(model) }: {
     lrs: number[];
     maxGradNorm?: number;
     answerFloor?: number;
@@ -686,9 +701,7 @@ export async function trainStep(
   const names = optimizer.trainable, threads = helpers.length + 1;
   // Who computes what: whole micro-batches in turn when there are enough (the first, of the shortest samples when
   // sorted by length, stays on this thread, which also runs AdamW), else the rows of each micro-batch split between
-  // threads, at least minRowsPerPart each: smaller parts lose more to per-kernel overhead and to two wasm threads
-  // slowing each other than they gain (cpu-5m at batch 8: 412-481 ms a step in two parts of 4, 317-367 ms on this
-  // thread alone with OpenBLAS on both cores; BENCHMARKS.md).
+  // threads, at least minRowsPerPart each (see MIN_PART_WORK).
   const pieces = microBatches.length >= threads
     ? microBatches.map((batch, i) => ({ batch: trimPadding(batch), thread: i % threads }))
     : microBatches.flatMap((micro) => {
@@ -711,11 +724,12 @@ export async function trainStep(
         }]
         : []
     );
-  // The helpers start on the current weights, then this thread computes its own part meanwhile.
-  const current = busyThreads > 1 ? optimizer.variables.map((v) => v.dataSync() as Float32Array) : [];
+  // The helpers start on the current weights (each its own copy, which it takes over), then this thread computes its
+  // own part meanwhile.
+  const current = () => optimizer.variables.map((v) => (v.dataSync() as Float32Array).slice());
   const pending = helpers.map((helper, k) => {
     const part = work(k + 1);
-    return part.length ? helper.compute(current, part) : null;
+    return part.length ? helper.compute(current(), part) : null;
   });
   const grads = new Map<string, tf.Tensor>();
   let lossSum: tf.Tensor | undefined, measured: tf.Tensor | undefined;

@@ -5,7 +5,7 @@ import * as tf from "@tensorflow/tfjs";
 import { type Batch, loadTokenizer, shapesBatches } from "../data.ts";
 import { VisionLanguageModel } from "../nanovlm.ts";
 import { initBackend } from "../runtime.ts";
-import { AdamW, paramGroups, trainingThreads, trainStep } from "../train.ts";
+import { AdamW, minRowsFor, paramGroups, trainingThreads, trainStep } from "../train.ts";
 import { GradientHelper, splitRows } from "../parallel.ts";
 import { assert, assertEquals, assertRejects, assertThrows } from "./assert.ts";
 import { maxAbsDiff, MICRO } from "./helpers.ts";
@@ -117,13 +117,15 @@ Deno.test("a helper's errors are named: at start, and in a step (reaching trainS
   }
 });
 
-Deno.test("rows are split only into parts of minRowsPerPart or more: a small micro-batch stays on this thread", async () => {
+Deno.test("rows are split only into parts of minRowsPerPart (default: MIN_PART_WORK) or more: a small micro-batch stays on this thread", async () => {
   const model = new VisionLanguageModel(MICRO, { seed: 2 });
   const optimizer = new AdamW(model.params, paramGroups(model, 1e-3, 1e-3));
   // A helper that fails whenever it is given work (its model has another shape): a step that succeeds never used it.
   const helper = await GradientHelper.start({ ...MICRO, lm_inter_dim: 48 }, optimizer.trainable);
   try {
-    const one = [sortedMicroBatches(12, 12)[0]]; // 12 rows: two parts of 6 would be under the default 8
+    // 12 rows: two parts of 6 would hold far less than MIN_PART_WORK for this small model.
+    assert(6 < minRowsFor(model), `the default split is ${minRowsFor(model)} rows`);
+    const one = [sortedMicroBatches(12, 12)[0]];
     const step = (minRowsPerPart?: number) =>
       trainStep(model, one, optimizer, { lrs: [1e-3, 1e-3], helpers: [helper], minRowsPerPart });
     const alone = await stepWith(0, one), result = await step();
