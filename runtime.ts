@@ -566,8 +566,8 @@ function unsortedSegmentSum({ inputs, backend, attrs }: KernelArgs): TensorInfo 
 // into two halves copied it twice), Concat and Slice allocate a typed-array view per row even for rows of 32 floats,
 // 5-D/6-D transposes (patchify, pixel shuffle) run 60× slower than 4-D ones, Sum over leading axes (every bias
 // gradient) transposes first, GatherV2 copies element by element, and Cast to the same dtype (the gradient of every
-// multiply) copies, as does a transpose that moves nothing (in nanovlm-222m's embedding gradient: 113 MB); Tile, which
-// the gradients of sums and means now use, computes an index per element. Each
+// multiply) copies, as does a transpose that moves nothing (in nanovlm-222m's embedding gradient: 113 MB), and Tile
+// (the gradient of every sum and mean: registerBroadcastGradients) computes an index per element. Each
 // replacement below handles the float32/int32 cases a VLM step hits and hands anything else to the stock kernel.
 
 type Values = Float32Array | Int32Array | Uint8Array;
@@ -745,13 +745,10 @@ function tileByCopies({ inputs, attrs, backend }: KernelArgs): TensorInfo | null
   // Writes x's block at (axis, from) to dst at `to`: its rows one after another, then the copies along `axis`.
   const tile = (axis: number, from: number, to: number) => {
     const n = x.shape[axis], copy = n * outBlock[axis]; // one copy of the axis, as written in the output
-    if (axis === x.shape.length - 1) {
-      if (n === 1) dst.fill(src[from], to, to + reps[axis]); // a broadcast row: nothing left to copy
-      else copyRun(src, from, dst, to, n);
-      if (n === 1) return;
-    } else {
-      for (let i = 0; i < n; i++) tile(axis + 1, from + i * inBlock[axis], to + i * outBlock[axis]);
-    }
+    const last = axis === x.shape.length - 1;
+    if (last && n === 1) return void dst.fill(src[from], to, to + reps[axis]); // a broadcast row, written in one go
+    if (last) copyRun(src, from, dst, to, n);
+    else for (let i = 0; i < n; i++) tile(axis + 1, from + i * inBlock[axis], to + i * outBlock[axis]);
     for (let done = 1; done < reps[axis]; done *= 2) { // 1, 2, 4, ... copies written: double them
       dst.copyWithin(to + done * copy, to, to + Math.min(done, reps[axis] - done) * copy);
     }

@@ -144,14 +144,15 @@ Deno.test("wasm Tile = cpu: broadcast rows and columns, repeats on several axes,
 });
 
 Deno.test("Sum and Mean gradients: dy spread over the reduced axes (÷ count), no tensor made on the host", async () => {
-  const shape = [4, 6, 5], x = values(shape), strides = tf.util.computeStrides(shape);
+  const shape = [4, 6, 5], x = values(shape), strides = [...tf.util.computeStrides(shape), 1];
   const cases: [number | number[], boolean][] = [[-1, true], [[0, 1], false], [1, false], [[0, 1, 2], false]];
   for (const backend of ["wasm", "cpu"] as const) {
     await initBackend(backend, { quiet: true });
     for (const [axis, keepDims] of cases) {
       const axes = tf.util.parseAxisParam(axis, shape);
       const count = axes.reduce((n, d) => n * shape[d], 1);
-      const keptShape = shape.map((n, d) => axes.includes(d) ? 1 : n), keptStrides = tf.util.computeStrides(keptShape);
+      const keptShape = shape.map((n, d) => axes.includes(d) ? 1 : n);
+      const keptStrides = [...tf.util.computeStrides(keptShape), 1];
       const dyValues = values(keptShape);
       const input = tf.tensor(x, shape);
       const dy = tf.tensor(dyValues, keepDims ? keptShape : shape.filter((_, d) => !axes.includes(d)));
@@ -159,11 +160,10 @@ Deno.test("Sum and Mean gradients: dy spread over the reduced axes (÷ count), n
       // host values. (Only wasm can tell: its kernels write their outputs without values, cpu's with them.)
       const writes: number[] = [];
       const impl = tf.backend(), write = impl.write.bind(impl);
-      impl.write = (
-        data,
-        dataShape,
-        dtype,
-      ) => (data && writes.push(tf.util.sizeFromShape(dataShape)), write(data, dataShape, dtype));
+      impl.write = (data, dataShape, dtype) => {
+        if (data) writes.push(tf.util.sizeFromShape(dataShape));
+        return write(data, dataShape, dtype);
+      };
       const grads = [tf.sum, tf.mean].map((reduce) => tf.grad((t: tf.Tensor) => reduce(t, axis, keepDims))(input, dy));
       impl.write = write;
       const what = `${backend}, axis ${axis}, keepDims ${keepDims}`;
@@ -172,12 +172,13 @@ Deno.test("Sum and Mean gradients: dy spread over the reduced axes (÷ count), n
       }
 
       // Element i of x gets the dy of the slot it was reduced into: its index with the reduced axes at 0.
-      const slot = (i: number) =>
-        shape.reduce(
-          (at, _, d) =>
-            at + (axes.includes(d) ? 0 : Math.floor(i / (strides[d] ?? 1)) % shape[d] * (keptStrides[d] ?? 1)),
-          0,
-        );
+      const slot = (i: number) => {
+        let at = 0;
+        for (let d = 0; d < shape.length; d++) {
+          if (!axes.includes(d)) at += (Math.floor(i / strides[d]) % shape[d]) * keptStrides[d];
+        }
+        return at;
+      };
       const [dSum, dMean] = grads.map((g) => g.dataSync());
       for (let i = 0; i < x.length; i++) {
         assert.equal(dSum[i], dyValues[slot(i)], `${what}: d sum [${i}]`);
