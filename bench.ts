@@ -4,7 +4,8 @@
 // below), a backend and some batch sizes, each row measures:
 //   - the training step: forward + backward + AdamW, train.ts's own `trainStep` (ms, samples/s),
 //     in train.ts's low-memory mode where it would use it (nanovlm-222m on wasm), and with as many
-//     threads as train.ts would use (--threads: helper threads of parallel.ts share the rows),
+//     threads as train.ts would use (--threads: helper threads of parallel.ts share the rows
+//     of a batch large enough to split),
 //   - a forward pass with the loss, and forward + backward without the optimizer (ms),
 //   - generation with the KV cache: time to first token (prefill, ViT included) and decode tokens/s,
 //   - memory: the peak bytes of live tensors during a step (tf.profile), the backend's own
@@ -41,6 +42,7 @@ import {
   adamWOnHost,
   batchTensors,
   lowMemoryTraining,
+  minRowsFor,
   paramGroups,
   trainingThreads,
   trainStep,
@@ -145,7 +147,7 @@ export interface BenchRow {
   matmul_gflops: number;
   load: number; // 1-minute load average when the row finished (other processes on the machine)
   low_memory: boolean; // activation checkpointing (train.ts's lowMemoryTraining)
-  threads: number; // threads computing the training step's gradient (1: no helpers)
+  threads: number; // threads that computed the training step's gradient (1: no helper, or a batch too small to split)
   note: string;
 }
 
@@ -341,7 +343,12 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
   const variables = [...model.params.values()];
   // The training step's helper threads, as train.ts starts them.
   const helpers = optimizer ? await GradientHelper.startUpTo(threads - 1, cfg, optimizer.trainable, log) : [];
-  if (helpers.length) log(`training step on ${helpers.length + 1} threads (parallel.ts), rows shared between them`);
+  if (helpers.length) {
+    log(
+      `training step on up to ${helpers.length + 1} threads (parallel.ts): a batch's rows are shared when each part ` +
+        `gets ${minRowsFor(model)} or more (MIN_PART_WORK)`,
+    );
+  }
 
   const rows: BenchRow[] = [];
   try {
@@ -362,7 +369,10 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
         await value.data();
         tf.dispose([value, ...Object.values(grads)]);
       };
-      const step = async () => void await trainStep(model, [batch], optimizer!, { lrs: [1e-4, 1e-4], helpers });
+      let stepThreads = 1; // as many as computed the last step: a batch too small to split stays on one
+      const step = async () => {
+        stepThreads = (await trainStep(model, [batch], optimizer!, { lrs: [1e-4, 1e-4], helpers })).threads;
+      };
       const measure = (what: Measurement, fn: () => Promise<void>) =>
         only.has(what) ? medianMs(fn, steps, warmup) : Promise.resolve(null);
 
@@ -400,7 +410,7 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
         matmul_gflops: gflops,
         load: Deno.loadavg()[0],
         low_memory: lowMemory,
-        threads: helpers.length + 1,
+        threads: stepThreads,
         note: notes.join("; "),
       });
     }

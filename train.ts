@@ -600,6 +600,8 @@ export interface StepResult {
   loss: number;
   /** Global gradient norm before clipping. */
   gradNorm: number;
+  /** Threads that computed part of the gradient: 1 when this thread did it alone (no helpers, or too little work). */
+  threads: number;
 }
 
 /**
@@ -752,7 +754,7 @@ export async function trainStep(
       throw new NonFiniteError(`loss ${loss}, gradient norm ${gradNorm}`);
     }
     optimizer.step(grads, lrs, clipCoefficient(gradNorm, maxGradNorm));
-    return { loss, gradNorm };
+    return { loss, gradNorm, threads: busyThreads };
   } finally {
     // After a failure here or in one helper, wait for the other helpers: their replies must not arrive unheard.
     await Promise.allSettled(pending);
