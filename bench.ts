@@ -9,9 +9,11 @@
 //   - a forward pass with the loss, and forward + backward without the optimizer (ms),
 //   - generation with the KV cache: time to first token (prefill, ViT included) and decode tokens/s,
 //   - memory: the peak bytes of live tensors during a step (tf.profile), the backend's own
-//     high-water mark (wasm heap or WebGPU buffer pool) and the process's peak RSS;
-// plus a matMul GFLOP/s probe of the backend. Each row is also appended as one JSON line
-// to bench-results.jsonl (--out), so commits and machines can be compared.
+//     high-water mark (wasm heap or WebGPU buffer pool) and the process's peak RSS,
+//   - kernels: how many one step runs (reshapes aside), to multiply by the kernel probe;
+// plus two probes of the backend: matMul GFLOP/s, and the µs one small kernel costs. Each
+// row is also appended as one JSON line to bench-results.jsonl (--out), so commits and
+// machines can be compared.
 // BENCHMARKS.md keeps measured tables and the commands that made them.
 //
 //   deno task bench                                    # cpu-5m at batch 1, 8, 32 on the best backend
@@ -145,6 +147,8 @@ export interface BenchRow {
   backend_mib: number | null; // wasm heap or WebGPU buffer pool high-water mark
   rss_mib: number; // the process's peak resident memory so far
   matmul_gflops: number;
+  kernel_us: number; // the kernel probe: µs per small kernel
+  kernels: number | null; // kernels but reshapes in one training step (or fwd + bwd, or forward: the heaviest measured)
   load: number; // 1-minute load average when the row finished (other processes on the machine)
   low_memory: boolean; // activation checkpointing (train.ts's lowMemoryTraining)
   threads: number; // threads that computed the training step's gradient (1: no helper, or a batch too small to split)
@@ -218,6 +222,32 @@ export async function matMulGflops(maxSize: number, seconds = 0.5): Promise<{ si
   while (2 * n <= maxSize && ms < 100) ms = await timed(n *= 2, 1);
   ms = await timed(n, Math.max(1, Math.round((seconds * 1000) / ms)));
   return { size: n, gflops: (2 * n ** 3) / (ms * 1e6) };
+}
+
+/**
+ * What one small kernel costs, in µs: `count` chained adds of 4,096 floats, read once at the end. The arithmetic is
+ * negligible (and the tensor too large for tfjs-webgpu to run it on the CPU instead), so this is the per-kernel price
+ * of tfjs and the backend: on a GPU, a training step cannot take less than its kernel count times this, whatever the
+ * batch size.
+ */
+export async function kernelCostUs(count = 1000): Promise<number> {
+  const increment = tf.fill([4096], 1e-3);
+  const chain = async (n: number) => {
+    const start = performance.now();
+    let sum = tf.zeros([4096]);
+    for (let i = 0; i < n; i++) {
+      const next = tf.add(sum, increment);
+      sum.dispose();
+      sum = next;
+    }
+    await sum.data();
+    sum.dispose();
+    return performance.now() - start;
+  };
+  await chain(50); // warm-up: shader compilation, buffer pools
+  const ms = await chain(count);
+  increment.dispose();
+  return (1000 * ms) / count;
 }
 
 /** Peak resident memory of this process in MiB (Linux's VmHWM), else the current RSS. */
@@ -319,6 +349,8 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
     : "js";
   const { size, gflops } = await matMulGflops(backend === "webgpu" ? 4096 : 1024);
   log(`matMul probe: [${size}, ${size}]·[${size}, ${size}] at ${gflops.toFixed(1)} GFLOP/s on ${backend}`);
+  const kernelUs = await kernelCostUs();
+  log(`kernel probe: ${kernelUs.toFixed(1)} µs per small kernel (1,000 chained adds of 4,096 floats)`);
 
   const model = new VisionLanguageModel(cfg, { seed: 0 });
   model.checkpointBlocks = lowMemory;
@@ -408,6 +440,8 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
         backend_mib: backendMiB(),
         rss_mib: peakRssMiB(),
         matmul_gflops: gflops,
+        kernel_us: kernelUs,
+        kernels: profile.kernels.filter((k) => k.name !== "Reshape").length, // a reshape moves no data
         load: Deno.loadavg()[0],
         low_memory: lowMemory,
         threads: stepThreads,
@@ -532,7 +566,14 @@ export function formatTable(rows: BenchRow[]): string {
     number(r.rss_mib),
   ]);
   const notes = rows.filter((r) => r.note).map((r) => `- B=${r.batch}: ${r.note}`);
-  return [markdownTable(header, lines), ...(notes.length ? ["", ...notes] : [])].join("\n");
+  // The floor the kernel probe sets: each kernel of a step costs at least that much, however small its work.
+  const kernels = rows.filter((r) => r.kernels).map((r) =>
+    `B=${r.batch} ${number(r.kernels)} (at least ${number((r.kernels! * r.kernel_us) / 1000)} ms)`
+  );
+  const floor = kernels.length
+    ? [`kernels in one step on this thread (reshapes aside), times the kernel probe: ${kernels.join(", ")}`]
+    : [];
+  return [markdownTable(header, lines), ...(notes.length || floor.length ? ["", ...floor, ...notes] : [])].join("\n");
 }
 
 // ---- Command line ----------------------------------------------------------------------

@@ -48,6 +48,9 @@ async function checkBench(output: string, out: string, backend: string, threads:
   }
   assert.ok(row.peak_tensor_mib! > 3.4, "the peak holds at least the weights (3.4 MiB)");
   assert.ok(row.rss_mib > row.peak_tensor_mib! / 2 && row.matmul_gflops > 0);
+  assert.match(output, /^kernel probe: [\d.]+ µs per small kernel/m);
+  assert.ok(row.kernel_us > 0 && row.kernels! > 100, `kernel probe ${row.kernel_us} µs, ${row.kernels} kernels`);
+  assert.match(output, new RegExp(`^kernels in one step .*: B=${batch} [\\d,]+ \\(at least [\\d,]+ ms\\)$`, "m"));
   assert.match(row.commit, /^([0-9a-f]{7,}\+?|unknown)$/);
 }
 
@@ -136,6 +139,17 @@ Deno.test("scripts/pack-gpu.sh: the archive fits 64 MiB and its bundled bench ru
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+Deno.test("kernelCostUs: a positive cost per kernel, and every tensor it made is freed", async () => {
+  const { kernelCostUs } = await import("../bench.ts");
+  const { initBackend } = await import("../runtime.ts");
+  const tf = await import("@tensorflow/tfjs");
+  await initBackend("wasm", { quiet: true });
+  const before = tf.memory().numTensors;
+  const us = await kernelCostUs(100);
+  assert.ok(us > 0 && Number.isFinite(us), `${us} µs`);
+  assert.equal(tf.memory().numTensors, before);
 });
 
 Deno.test("tensorsOverBindingLimit: the 222M's training logits (trained positions only) fit 128 MiB up to batch 8", async () => {
