@@ -148,7 +148,7 @@ export interface BenchRow {
   rss_mib: number; // the process's peak resident memory so far
   matmul_gflops: number;
   kernel_us: number; // the kernel probe: µs per small kernel
-  kernels: number | null; // kernels but reshapes in one training step (or fwd + bwd, or forward: the heaviest measured)
+  kernels: number; // kernels but reshapes in one training step (or fwd + bwd, or forward: the heaviest measured)
   load: number; // 1-minute load average when the row finished (other processes on the machine)
   low_memory: boolean; // activation checkpointing (train.ts's lowMemoryTraining)
   threads: number; // threads that computed the training step's gradient (1: no helper, or a batch too small to split)
@@ -567,13 +567,11 @@ export function formatTable(rows: BenchRow[]): string {
   ]);
   const notes = rows.filter((r) => r.note).map((r) => `- B=${r.batch}: ${r.note}`);
   // The floor the kernel probe sets: each kernel of a step costs at least that much, however small its work.
-  const kernels = rows.filter((r) => r.kernels).map((r) =>
-    `B=${r.batch} ${number(r.kernels)} (at least ${number((r.kernels! * r.kernel_us) / 1000)} ms)`
+  const kernels = rows.map((r) =>
+    `B=${r.batch} ${number(r.kernels)} (at least ${number((r.kernels * r.kernel_us) / 1000)} ms)`
   );
-  const floor = kernels.length
-    ? [`kernels in one step on this thread (reshapes aside), times the kernel probe: ${kernels.join(", ")}`]
-    : [];
-  return [markdownTable(header, lines), ...(notes.length || floor.length ? ["", ...floor, ...notes] : [])].join("\n");
+  const floor = `kernels in one step on this thread (reshapes aside), times the kernel probe: ${kernels.join(", ")}`;
+  return [markdownTable(header, lines), "", floor, ...notes].join("\n");
 }
 
 // ---- Command line ----------------------------------------------------------------------
