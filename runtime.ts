@@ -1011,6 +1011,79 @@ class AdamWProgram {
 }
 
 /**
+ * Σ x² of a whole tensor on WebGPU in one dispatch, for the gradient norm: one workgroup of 256 threads, each summing
+ * the squares of every 256th element, then a tree over the 256 partial sums in workgroup memory. tfjs' own
+ * `x.square().sum()` is two dispatches and writes x² out in between (for the 222M's 47M-float embedding gradient,
+ * 188 MB written and read again). Its Sum is also one workgroup per output, so this loses nothing in parallelism.
+ */
+class SumOfSquaresProgram {
+  readonly variableNames = ["x"];
+  readonly uniforms = "length : i32,";
+  readonly outputShape = [1];
+  readonly shaderKey = "nanovlm_sum_of_squares";
+  readonly workgroupSize: [number, number, number] = [256, 1, 1];
+  readonly dispatchLayout = webgpu_util.flatDispatchLayout([1]);
+  readonly dispatch: [number, number, number] = [1, 1, 1];
+
+  getUserCode(): string {
+    return `var<workgroup> partial : array<f32, 256>;
+      fn main(index : i32) {
+        var sum = 0.0;
+        for (var k = i32(localId.x); k < uniforms.length; k = k + 256) {
+          let value = x[k];
+          sum = sum + value * value;
+        }
+        partial[localId.x] = sum;
+        workgroupBarrier();
+        for (var stride = 128u; stride > 0u; stride = stride / 2u) {
+          if (localId.x < stride) { partial[localId.x] = partial[localId.x] + partial[localId.x + stride]; }
+          workgroupBarrier();
+        }
+        if (localId.x == 0u) { setOutputAtIndex(0, partial[0]); }
+      }`;
+  }
+}
+
+let webgpuProgramsRegistered = false;
+
+/**
+ * The WebGPU programs above as tfjs kernels of the "webgpu" backend, so that they run like tfjs' own: counted by
+ * `tf.profile` (and so by `deno task bench`'s kernel count), their tensors tracked by the engine. Idempotent.
+ */
+function registerWebGPUPrograms(): void {
+  if (webgpuProgramsRegistered) return;
+  webgpuProgramsRegistered = true;
+  // Uniforms as entries of one float each: an entry of three floats would be packed as a vec3 (16-byte aligned).
+  const floats = (values: number[]) => values.map((value) => ({ type: "float32", data: [value] }));
+  tf.registerKernel({
+    kernelName: "NanovlmAdamW",
+    backendName: "webgpu",
+    kernelFunc: ({ inputs, backend, attrs }) => {
+      const { pass, uniforms } = attrs as unknown as { pass: keyof typeof ADAMW_WGSL; uniforms: number[] };
+      const named = inputs as Record<string, TensorInfo>;
+      const ordered = ADAMW_WGSL[pass].inputs.map((name) => named[name]); // all flat, [n]
+      const program = new AdamWProgram(pass, ordered[0].shape[0]);
+      return (backend as WebGPUBackend).runWebGPUProgram(program, ordered, "float32", floats(uniforms));
+    },
+  });
+  tf.registerKernel({
+    kernelName: "NanovlmSumOfSquares",
+    backendName: "webgpu",
+    kernelFunc: ({ inputs, backend }) => {
+      const { x } = inputs as { x: TensorInfo };
+      const length = [{ type: "int32", data: [tf.util.sizeFromShape(x.shape)] }];
+      return (backend as WebGPUBackend).runWebGPUProgram(new SumOfSquaresProgram(), [x], "float32", length);
+    },
+  });
+}
+
+/** Σ g² of one tensor on WebGPU, as a scalar, in one dispatch ({@link SumOfSquaresProgram}). */
+export function webgpuSumOfSquares(g: tf.Tensor): tf.Scalar {
+  registerWebGPUPrograms();
+  return tf.tidy(() => (tf.engine().runKernel("NanovlmSumOfSquares", { x: g }) as tf.Tensor).reshape([]));
+}
+
+/**
  * One AdamW step of one parameter on WebGPU: new m, v and weight, as new tensors (the old ones are the caller's).
  * p, g, m, v of one shape; the constants as for SimdAdamW.
  */
@@ -1021,20 +1094,16 @@ export function webgpuAdamWStep(
   v: tf.Tensor,
   c: AdamWStepConstants,
 ): { p: tf.Tensor; m: tf.Tensor; v: tf.Tensor } {
-  const backend = tf.backend() as WebGPUBackend, n = p.size;
-  const run = (pass: keyof typeof ADAMW_WGSL, inputs: tf.Tensor[], uniforms: number[]) =>
-    tf.engine().makeTensorFromTensorInfo(
-      backend.runWebGPUProgram(
-        new AdamWProgram(pass, n),
-        inputs.map((t) => t.reshape([n])),
-        "float32",
-        uniforms.map((value) => ({ type: "float32", data: [value] })), // one entry each: three floats would be a vec3
-      ),
-    );
+  registerWebGPUPrograms();
+  const n = p.size;
+  const run = (pass: keyof typeof ADAMW_WGSL, inputs: Record<string, tf.Tensor>, uniforms: number[]) => {
+    const flat = Object.fromEntries(Object.entries(inputs).map(([name, t]) => [name, t.reshape([n])]));
+    return tf.engine().runKernel("NanovlmAdamW", flat, { pass, uniforms } as unknown as tf.NamedAttrMap) as tf.Tensor;
+  };
   return tf.tidy(() => {
-    const m1 = run("m", [g, m], [c.beta1, 1 - c.beta1, c.gradScale]);
-    const v1 = run("v", [g, v], [c.beta2, 1 - c.beta2, c.gradScale]);
-    const p1 = run("w", [p, m1, v1], [c.decay, c.stepSize, c.invBc2Sqrt, c.eps]);
+    const m1 = run("m", { G: g, M: m }, [c.beta1, 1 - c.beta1, c.gradScale]);
+    const v1 = run("v", { G: g, V: v }, [c.beta2, 1 - c.beta2, c.gradScale]);
+    const p1 = run("w", { P: p, M: m1, V: v1 }, [c.decay, c.stepSize, c.invBc2Sqrt, c.eps]);
     return { p: p1.reshape(p.shape), m: m1.reshape(p.shape), v: v1.reshape(p.shape) };
   });
 }

@@ -49,6 +49,7 @@ import {
   SimdAdamW,
   wasmMatMulEngine,
   webgpuAdamWStep,
+  webgpuSumOfSquares,
   writeFileAtomic,
 } from "./runtime.ts";
 
@@ -507,9 +508,9 @@ export function trainingThreads(setting: number, backend: string, lowMemory: boo
 export function gradientNorm(grads: Map<string, tf.Tensor>): tf.Scalar {
   // On wasm and cpu each sum of squares is the dot product g·g, a [1, n]·[n, 1] matMul: it reads g once (with BLAS on
   // every core, in SIMD partial sums), where square().sum() writes g² first and then adds it up in one float32 (for
-  // the 222M's 47M-float embedding 0.5% off, and 5× slower). WebGPU's Sum adds in a tree, and its matMul is not made
-  // for a single output.
-  const sumOfSquares = tf.getBackend() === "webgpu" ? (g: tf.Tensor) => g.square().sum() : (g: tf.Tensor) => {
+  // the 222M's 47M-float embedding 0.5% off, and 5× slower). WebGPU's matMul is not made for a single output: there
+  // one WGSL program reads g once and adds in a tree (runtime.ts).
+  const sumOfSquares = tf.getBackend() === "webgpu" ? webgpuSumOfSquares : (g: tf.Tensor) => {
     const row = g.reshape([1, -1]); // [1, n]
     return row.matMul(row, false, true).reshape([]); // [1, n]·[n, 1] → []
   };

@@ -7,7 +7,7 @@
 import * as tf from "@tensorflow/tfjs";
 import * as assert from "node:assert/strict";
 import { configFromJSON, VisionLanguageModel } from "../nanovlm.ts";
-import { AdamW } from "../train.ts";
+import { AdamW, gradientNorm } from "../train.ts";
 import { initBackend, webgpuBindingLimit } from "../runtime.ts";
 import { assertClose, FIXTURE_DIR, loadFixture, toTensor } from "./helpers.ts";
 
@@ -107,8 +107,10 @@ gpuTest(
     for (let step = 1; step <= 3; step++) {
       const grads = Array.from({ length: n }, (_, i) => wave(i, 0.01, step));
       const g = tf.tensor(grads, shape), tensorsBefore = tf.memory().numTensors;
-      optimizer.step(new Map([["p", g]]), [lr], scale);
+      const profile = await tf.profile(() => optimizer.step(new Map([["p", g]]), [lr], scale));
       assert.equal(tf.memory().numTensors, tensorsBefore, "the new weight and moments replace the old: no leak");
+      const passes = profile.kernels.filter((k) => k.name === "NanovlmAdamW").length;
+      assert.equal(passes, 3, "three passes, each a kernel tf.profile counts");
       g.dispose();
       for (let i = 0; i < n; i++) {
         const gi = grads[i] * scale;
@@ -131,5 +133,34 @@ gpuTest(
     }
     optimizer.dispose();
     p.dispose();
+  },
+);
+
+gpuTest(
+  "webgpu: the gradient norm's sum of squares is one counted kernel per gradient, equal to the float64 sum",
+  async () => {
+    if (noAdapter) return; // the first test has checked the error
+    // Sizes around the workgroup of 256 (1, 255, 256, 257) and one with many elements per thread.
+    const sizes = [1, 255, 256, 257, 70_001];
+    const values = sizes.map((n, k) =>
+      Float32Array.from({ length: n }, (_, i) => (1 + (i % 7)) * Math.sin(0.37 * i + k))
+    );
+    const grads = new Map(values.map((v, k) => [`g${k}`, tf.tensor(v)]));
+    let want = 0;
+    for (const v of values) for (const x of v) want += x * x;
+
+    const before = tf.memory().numTensors;
+    const profile = await tf.profile(async () => {
+      const norm = gradientNorm(grads);
+      const [got] = await norm.data();
+      norm.dispose();
+      assert.ok(Math.abs(got - Math.sqrt(want)) / Math.sqrt(want) < 1e-6, `norm ${got}, float64 ${Math.sqrt(want)}`);
+    });
+    assert.equal(tf.memory().numTensors, before, "no tensor left behind");
+    const counts = new Map<string, number>();
+    for (const { name } of profile.kernels) counts.set(name, (counts.get(name) ?? 0) + 1);
+    assert.equal(counts.get("NanovlmSumOfSquares"), sizes.length, `kernels: ${[...counts]}`);
+    assert.ok(!counts.has("Square"), "no g² written out");
+    tf.dispose([...grads.values()]);
   },
 );
