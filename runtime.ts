@@ -8,7 +8,8 @@
  * - Optionally, a native BLAS (OpenBLAS, Apple Accelerate) behind the wasm backend's matMul, through Deno's FFI: 4× the
  *   speed of wasm's own (BENCHMARKS.md). Without one installed, everything still runs, on wasm's XNNPACK.
  * - Activation checkpointing (`recomputeInBackward`): backprop through a block keeps only its inputs; `SimdAdamW`,
- *   AdamW's update as a WebAssembly SIMD kernel on the wasm heap, with the moments outside it.
+ *   AdamW's update as a WebAssembly SIMD kernel on the wasm heap, with the moments outside it; on WebGPU, AdamW's
+ *   update and the gradient norm's sum of squares as WGSL programs (`webgpuAdamWStep`, `webgpuSumOfSquares`).
  * - Safetensors bytes: the checkpoint format of PyTorch/Hugging Face, read and written by hand (no maintained npm package).
  * - Atomic file writes, so a crash never leaves half a checkpoint behind.
  *
