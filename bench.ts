@@ -195,8 +195,13 @@ async function medianMs(fn: () => Promise<void>, steps: number, warmup: number):
     await fn();
     times.push(performance.now() - start);
   }
-  times.sort((a, b) => a - b);
-  return times[Math.floor((times.length - 1) / 2)];
+  return median(times);
+}
+
+/** The middle value (the lower of the two middle ones for an even count). */
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor((sorted.length - 1) / 2)];
 }
 
 /**
@@ -412,7 +417,7 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
       const fwdBwdMs = await measure("fwd-bwd", forwardBackward);
       const stepMs = train ? await medianMs(step, steps, warmup) : null;
       const generation = only.has("generate")
-        ? await measureGeneration(model, B, options.newTokens ?? 32, notes)
+        ? await measureGeneration(model, B, options.newTokens ?? 32, notes, steps, warmup)
         : { ttft_ms: null, decode_tok_s: null, new_tokens: 0 };
       const heaviest = train ? step : only.has("fwd-bwd") ? forwardBackward : forward;
       const profile = await tf.profile(heaviest);
@@ -460,25 +465,30 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
 
 /**
  * Greedy generation of `newTokens` tokens for B prompts (L image tokens + 16 text tokens
- * each, with images), after one short warm-up call. EOS is disabled so every prompt runs
- * to the end. Time to first token is prefill (ViT, projector, prompt) plus one read.
+ * each, with images): `warmup` whole generations, then the median of `steps` for each
+ * figure, as for the training step: a process's first generations run slower while the
+ * JIT warms up (cpu-5m, a scratch timing: 9.9, 6.2, then 3.2 ms a token in three early
+ * ones, 1.3-2.2 later). EOS is disabled so every prompt runs to the end. Time to first token is prefill
+ * (ViT, projector, prompt) plus one read.
  */
 async function measureGeneration(
   model: VisionLanguageModel,
   B: number,
   wanted: number,
   notes: string[],
+  steps: number,
+  warmup: number,
 ): Promise<{ ttft_ms: number; decode_tok_s: number | null; new_tokens: number }> {
   const cfg = model.cfg, T = cfg.mp_image_token_length + 16;
   const newTokens = Math.max(1, Math.min(wanted, cfg.lm_max_length - T));
   if (newTokens < wanted) notes.push(`${newTokens} new tokens (the context is ${cfg.lm_max_length})`);
   const prompt = syntheticBatch(cfg, B, T, 7);
   const t = batchTensors(prompt);
-  const run = async (maxNewTokens: number) => {
+  const run = async () => {
     const start = performance.now();
     let first = 0, last = 0;
     const ids = await model.generate(t.inputIds, t.images, t.attentionMask, {
-      maxNewTokens,
+      maxNewTokens: newTokens,
       greedy: true,
       eosTokenId: -1,
       onToken: (_, step) => {
@@ -487,12 +497,14 @@ async function measureGeneration(
       },
     });
     ids.dispose();
-    return { ttft: first - start, decode: maxNewTokens > 1 ? (B * (maxNewTokens - 1) * 1000) / (last - first) : null };
+    return { ttft: first - start, decode: newTokens > 1 ? (B * (newTokens - 1) * 1000) / (last - first) : null };
   };
-  await run(2); // warm-up
-  const { ttft, decode } = await run(newTokens);
+  for (let i = 0; i < warmup; i++) await run();
+  const runs = [];
+  for (let i = 0; i < steps; i++) runs.push(await run());
   tf.dispose(Object.values(t));
-  return { ttft_ms: ttft, decode_tok_s: decode, new_tokens: newTokens };
+  const decode = runs[0].decode === null ? null : median(runs.map((r) => r.decode!));
+  return { ttft_ms: median(runs.map((r) => r.ttft)), decode_tok_s: decode, new_tokens: newTokens };
 }
 
 /** The WebGPU adapter as initBackend chose it (tfjs keeps only its vendor): name, vendor, binding limit. */

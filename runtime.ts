@@ -427,6 +427,15 @@ type Gemm = (
   c: Float32Array,
 ) => void;
 
+/**
+ * Matrix-vector products (one row: each matMul of a decoding step) of fewer elements than this, 8 MiB of float32, run
+ * on one OpenBLAS thread: a second thread costs more to wake and wait for than it saves on a product of microseconds.
+ * Greedy decoding at batch 1 on 2 cores (scratch timings, 2026-11-24): cpu-5m 1.8-1.9 → 1.3-1.5 ms a token, the 450M
+ * 82-84 → 65 ms (its 960 × 2,560 products stay on both: on one, 72-74 ms), the 222M 36-40 → 35-36 ms. The output
+ * heads of both (28M and 47M elements) use every thread.
+ */
+export const SMALL_GEMV_ELEMENTS = 2 ** 21;
+
 type Blas = { gemm?: Gemm; name: string; threads?: { get: () => number; set: (n: number) => void } };
 let blas: Blas = { name: "not registered yet" };
 
@@ -489,9 +498,13 @@ function loadBlas(): Blas {
     const { openblas_get_num_threads: getThreads, openblas_set_num_threads: setThreads } = lib.symbols;
     const gemm: Gemm = (transA, transB, m, n, k, a, b, c) => {
       if (m === 1) {
-        // One row (a decoding step's logits): a matrix-vector product streams B once, 2-3× faster than sgemm.
+        // One row (every product of a decoding step): a matrix-vector product streams B once, 2-3× faster than
+        // sgemm. A small one runs on one OpenBLAS thread (SMALL_GEMV_ELEMENTS), then the count is put back.
         const [rows, cols] = transB ? [n, k] : [k, n]; // B as stored
+        const threads = getThreads && setThreads && n * k < SMALL_GEMV_ELEMENTS ? getThreads() : 1;
+        if (threads > 1) setThreads!(1);
         sgemv(ROW_MAJOR, transB ? NO_TRANS : TRANS, rows, cols, 1, b, cols, a, 1, 0, c, 1);
+        if (threads > 1) setThreads!(threads);
       } else {
         const [lda, ldb] = [transA ? m : k, transB ? k : n]; // row lengths of A and B as stored
         sgemm(ROW_MAJOR, transA ? TRANS : NO_TRANS, transB ? TRANS : NO_TRANS, m, n, k, 1, a, lda, b, ldb, 0, c, n);

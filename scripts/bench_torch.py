@@ -192,7 +192,7 @@ def main():
         fwd = median_ms(forward, args.steps, args.warmup)
         fwd_bwd = median_ms(forward_backward, args.steps, args.warmup)
         train = None if args.no_train else median_ms(step, args.steps, args.warmup)
-        ttft, tps = generate(model, c, B, L, args.new_tokens)
+        ttft, tps = generate(model, c, B, L, args.new_tokens, args.steps, args.warmup)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         cells = [args.preset, B, c["seq"], "—" if train is None else f"{train:,.0f}",
                  "—" if train is None else f"{1000 * B / train:.1f}", f"{fwd:,.0f}", f"{fwd_bwd:,.0f}",
@@ -201,8 +201,9 @@ def main():
 
 
 @torch.no_grad()
-def generate(model, c, B, L, new_tokens):
-    """Greedy decoding with a KV cache after a prompt of L image tokens + 16 text tokens, as bench.ts."""
+def generate(model, c, B, L, new_tokens, steps, warmup):
+    """Greedy decoding with a KV cache after a prompt of L image tokens + 16 text tokens, as bench.ts:
+    `warmup` whole generations, then the median of `steps` for time to first token and for tokens/s."""
     ids = torch.randint(0, c["vocab"] - 1, (B, L + 16))
     images = torch.rand(B, 3, c["img"], c["img"]) * 2 - 1
 
@@ -220,8 +221,10 @@ def generate(model, c, B, L, new_tokens):
             h, cache = model.decode(model.embed(nxt[:, None]), ids.shape[1] + step, cache)
         return (times[0] - start) * 1000, B * (n - 1) / (times[-1] - times[0])
 
-    run(2)
-    return run(new_tokens)
+    for _ in range(warmup):
+        run(new_tokens)
+    runs = [run(new_tokens) for _ in range(steps)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
 if __name__ == "__main__":

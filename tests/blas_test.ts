@@ -6,7 +6,7 @@
 
 import * as tf from "@tensorflow/tfjs";
 import * as assert from "node:assert/strict";
-import { initBackend, seededRandom, wasmMatMulEngine } from "../runtime.ts";
+import { initBackend, seededRandom, SMALL_GEMV_ELEMENTS, wasmMatMulEngine } from "../runtime.ts";
 
 const REPO_ROOT = new URL("..", import.meta.url).pathname;
 
@@ -81,6 +81,44 @@ Deno.test("wasm matMul with BLAS = cpu, one-row (sgemv) and empty products inclu
         );
       }
     }
+  }
+});
+
+Deno.test("one-row products (decoding) on OpenBLAS = cpu, small and large; the thread count is left as it was", async () => {
+  await initBackend("wasm", { quiet: true });
+  if (!wasmMatMulEngine().startsWith("BLAS libopenblas")) {
+    assert.match(wasmMatMulEngine(), /^wasm XNNPACK \(.+\)$/); // no OpenBLAS here: the product test above covers it
+    return;
+  }
+  // The library runtime.ts opened (the same copy in this process): two threads, whatever the cores.
+  const openblas = Deno.dlopen("libopenblas.so.0", {
+    openblas_get_num_threads: { parameters: [], result: "i32" },
+    openblas_set_num_threads: { parameters: ["i32"], result: "void" },
+  });
+  const random = seededRandom(5);
+  try {
+    openblas.symbols.openblas_set_num_threads(2);
+    // One on one thread, one on both (an 8 MiB threshold: 256 × 768 under it, 1,500 × 1,500 over it).
+    for (const [k, n] of [[256, 768], [1500, 1500]]) {
+      assert.equal(k * n < SMALL_GEMV_ELEMENTS, k === 256);
+      const x = Float32Array.from({ length: k }, () => 2 * random() - 1);
+      const w = Float32Array.from({ length: k * n }, () => 2 * random() - 1);
+      const product = async (backend: "wasm" | "cpu") => {
+        await initBackend(backend, { quiet: true });
+        const y = tf.tidy(() => tf.matMul(tf.tensor2d(x, [1, k]), tf.tensor2d(w, [k, n])));
+        const values = await y.data();
+        y.dispose();
+        return values;
+      };
+      const onWasm = await product("wasm"), onCpu = await product("cpu");
+      onWasm.forEach((v, i) =>
+        assert.ok(Math.abs(v - onCpu[i]) <= 1e-4, `[1, ${k}]·[${k}, ${n}] ${i}: ${v} vs ${onCpu[i]}`)
+      );
+      assert.equal(openblas.symbols.openblas_get_num_threads(), 2, `threads after [1, ${k}]·[${k}, ${n}]`);
+    }
+  } finally {
+    await initBackend("wasm", { quiet: true });
+    openblas.close();
   }
 });
 
