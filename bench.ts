@@ -468,8 +468,8 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
  * each, with images): `warmup` whole generations, then the median of `steps` for each
  * figure, as for the training step: a process's first generations run slower while the
  * JIT warms up (cpu-5m, a scratch timing: 9.9, 6.2, then 3.2 ms a token in three early
- * ones, 1.3-2.2 later). EOS is disabled so every prompt runs to the end. Time to first token is prefill
- * (ViT, projector, prompt) plus one read.
+ * ones, 1.3-2.2 later). EOS is disabled so every prompt runs to the end. Time to first
+ * token is prefill (ViT, projector, prompt) plus one read.
  */
 async function measureGeneration(
   model: VisionLanguageModel,
