@@ -95,7 +95,7 @@ Deno.test("one-row products (decoding) on OpenBLAS = cpu, small and large; the t
     openblas_get_num_threads: { parameters: [], result: "i32" },
     openblas_set_num_threads: { parameters: ["i32"], result: "void" },
   });
-  const random = seededRandom(5);
+  const random = seededRandom(5), before = openblas.symbols.openblas_get_num_threads();
   try {
     openblas.symbols.openblas_set_num_threads(2);
     // One on one thread, one on both (an 8 MiB threshold: 256 × 768 under it, 1,500 × 1,500 over it).
@@ -117,6 +117,7 @@ Deno.test("one-row products (decoding) on OpenBLAS = cpu, small and large; the t
       assert.equal(openblas.symbols.openblas_get_num_threads(), 2, `threads after [1, ${k}]·[${k}, ${n}]`);
     }
   } finally {
+    openblas.symbols.openblas_set_num_threads(before);
     await initBackend("wasm", { quiet: true });
     openblas.close();
   }
