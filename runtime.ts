@@ -496,21 +496,21 @@ function loadBlas(): Blas {
     }
     const { cblas_sgemm: sgemm, cblas_sgemv: sgemv } = lib.symbols;
     const { openblas_get_num_threads: getThreads, openblas_set_num_threads: setThreads } = lib.symbols;
+    const threads = getThreads && setThreads ? { get: getThreads, set: setThreads } : undefined;
     const gemm: Gemm = (transA, transB, m, n, k, a, b, c) => {
       if (m === 1) {
         // One row (every product of a decoding step): a matrix-vector product streams B once, 2-3× faster than
         // sgemm. A small one runs on one OpenBLAS thread (SMALL_GEMV_ELEMENTS), then the count is put back.
         const [rows, cols] = transB ? [n, k] : [k, n]; // B as stored
-        const threads = getThreads && setThreads && n * k < SMALL_GEMV_ELEMENTS ? getThreads() : 1;
-        if (threads > 1) setThreads!(1);
+        const count = n * k < SMALL_GEMV_ELEMENTS ? threads?.get() ?? 1 : 1;
+        if (count > 1) threads?.set(1);
         sgemv(ROW_MAJOR, transB ? NO_TRANS : TRANS, rows, cols, 1, b, cols, a, 1, 0, c, 1);
-        if (threads > 1) setThreads!(threads);
+        if (count > 1) threads?.set(count);
       } else {
         const [lda, ldb] = [transA ? m : k, transB ? k : n]; // row lengths of A and B as stored
         sgemm(ROW_MAJOR, transA ? TRANS : NO_TRANS, transB ? TRANS : NO_TRANS, m, n, k, 1, a, lda, b, ldb, 0, c, n);
       }
     };
-    const threads = getThreads && setThreads ? { get: getThreads, set: setThreads } : undefined;
     return { gemm, name: `BLAS ${path.split("/").pop()}`, threads };
   }
   const hint = Deno.build.os === "linux" ? ": apt-get install libopenblas0-pthread for a 4× faster matMul" : "";

@@ -727,12 +727,12 @@ export async function trainStep(
         }]
         : []
     );
-  // The helpers start on the current weights (each its own copy, which it takes over), then this thread computes its
-  // own part meanwhile.
-  const current = () => optimizer.variables.map((v) => (v.dataSync() as Float32Array).slice());
+  // The helpers start on the current weights, read once, each on its own copy, which it takes over (on the cpu backend
+  // dataSync returns the tensor's own storage); then this thread computes its own part meanwhile.
+  const current = busyThreads > 1 ? optimizer.variables.map((v) => v.dataSync() as Float32Array) : [];
   const pending = helpers.map((helper, k) => {
     const part = work(k + 1);
-    return part.length ? helper.compute(current(), part) : null;
+    return part.length ? helper.compute(current.map((w) => w.slice()), part) : null;
   });
   const grads = new Map<string, tf.Tensor>();
   let lossSum: tf.Tensor | undefined, measured: tf.Tensor | undefined;
