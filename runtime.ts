@@ -490,6 +490,7 @@ function loadBlas(): Blas {
         cblas_sgemv: { parameters: [I32, I32, I32, I32, F32, PTR, I32, PTR, I32, F32, PTR, I32], result: "void" },
         openblas_get_num_threads: { parameters: [], result: "i32", optional: true },
         openblas_set_num_threads: { parameters: [I32], result: "void", optional: true },
+        openblas_get_corename: { parameters: [], result: "pointer", optional: true },
       });
     } catch {
       continue;
@@ -511,7 +512,11 @@ function loadBlas(): Blas {
         sgemm(ROW_MAJOR, transA ? TRANS : NO_TRANS, transB ? TRANS : NO_TRANS, m, n, k, 1, a, lda, b, ldb, 0, c, n);
       }
     };
-    return { gemm, name: `BLAS ${path.split("/").pop()}`, threads };
+    // Which of its kernels OpenBLAS picked for this CPU (or OPENBLAS_CORETYPE forced): "Haswell" kernels use AVX2,
+    // "SkylakeX" AVX-512, at about half and full speed on a CPU with AVX-512. Benchmark tables name it.
+    const core = lib.symbols.openblas_get_corename?.();
+    const kernels = core ? ` (${Deno.UnsafePointerView.getCString(core)} kernels)` : "";
+    return { gemm, name: `BLAS ${path.split("/").pop()}${kernels}`, threads };
   }
   const hint = Deno.build.os === "linux" ? ": apt-get install libopenblas0-pthread for a 4× faster matMul" : "";
   return { name: `wasm XNNPACK (no BLAS library found${hint})` };
