@@ -186,9 +186,18 @@ export function syntheticBatch(cfg: VLMConfig, batchSize: number, seq: number, s
   };
 }
 
-/** Run `fn` warmup times, then `steps` times; the median duration of the timed runs in ms. */
-async function medianMs(fn: () => Promise<void>, steps: number, warmup: number): Promise<number> {
-  for (let i = 0; i < warmup; i++) await fn();
+/**
+ * A training step shared with helper threads (parallel.ts) warms up for this long as well as `--warmup` steps: such a
+ * step takes about 20 steps to settle, a step on one thread about 2. cpu-5m at batch 8 on 2 cores, one process each
+ * (2026-11-24, 40 steps, median of steps 3-7 / 10-19 / 25-39): with a helper 334 / 255 / 210 and 312 / 256 / 236 ms; on
+ * one thread 337 / 342 / 328. A training run takes thousands of steps, so the settled time is the one to report.
+ */
+const HELPER_WARMUP_MS = 5000;
+
+/** Run `fn` `warmup` times and for at least `warmupMs`, then `steps` times; the median of the timed runs in ms. */
+export async function medianMs(fn: () => Promise<void>, steps: number, warmup: number, warmupMs = 0): Promise<number> {
+  const start = performance.now();
+  for (let i = 0; i < warmup || performance.now() - start < warmupMs; i++) await fn();
   const times: number[] = [];
   for (let i = 0; i < steps; i++) {
     const start = performance.now();
@@ -415,7 +424,7 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
 
       const forwardMs = await measure("forward", forward);
       const fwdBwdMs = await measure("fwd-bwd", forwardBackward);
-      const stepMs = train ? await medianMs(step, steps, warmup) : null;
+      const stepMs = train ? await medianMs(step, steps, warmup, helpers.length ? HELPER_WARMUP_MS : 0) : null;
       const generation = only.has("generate")
         ? await measureGeneration(model, B, options.newTokens ?? 32, notes, steps, warmup)
         : { ttft_ms: null, decode_tok_s: null, new_tokens: 0 };

@@ -4,7 +4,7 @@
 // (scripts/pack-gpu.sh): its bundled bench runs from an empty folder with an empty DENO_DIR.
 
 import * as assert from "node:assert/strict";
-import type { BenchRow } from "../bench.ts";
+import { type BenchRow, medianMs } from "../bench.ts";
 
 const REPO_ROOT = new URL("..", import.meta.url).pathname;
 const SMOKE = ["--preset", "tiny", "--batch", "2", "--steps", "1", "--warmup", "1", "--new-tokens", "4"];
@@ -22,6 +22,21 @@ async function run(command: string, args: string[], env: Record<string, string> 
   assert.ok(success, `${command} ${args.join(" ")} failed:\n${output}`);
   return output;
 }
+
+Deno.test("medianMs times `steps` runs after `warmup` ones, and warms up for at least `warmupMs` when given", async () => {
+  const starts: number[] = [];
+  const run = () => {
+    starts.push(performance.now());
+    return new Promise<void>((resolve) => setTimeout(resolve, 5));
+  };
+  assert.ok(await medianMs(run, 3, 2) >= 4); // setTimeout may fire a little early, never much
+  assert.equal(starts.length, 5);
+  starts.length = 0;
+  await medianMs(run, 3, 1, 100);
+  assert.ok(starts.length >= 3 + 2, `${starts.length} runs: at least 2 are needed to warm up for 100 ms`);
+  const firstTimed = starts.at(-3)!;
+  assert.ok(firstTimed - starts[0] >= 100, `timing began ${firstTimed - starts[0]} ms after the first run`);
+});
 
 function hasWebGPUAdapter(output: string): boolean {
   return !/no WebGPU adapter/.test(output);
