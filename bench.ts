@@ -187,10 +187,11 @@ export function syntheticBatch(cfg: VLMConfig, batchSize: number, seq: number, s
 }
 
 /**
- * A training step shared with helper threads (parallel.ts) warms up for this long as well as `--warmup` steps: such a
- * step takes about 20 steps to settle, a step on one thread about 2. cpu-5m at batch 8 on 2 cores, one process each
- * (2026-11-24, 40 steps, median of steps 3-7 / 10-19 / 25-39): with a helper 334 / 255 / 210 and 312 / 256 / 236 ms; on
- * one thread 337 / 342 / 328. A training run takes thousands of steps, so the settled time is the one to report.
+ * With helper threads running (parallel.ts), the training step warms up for this long as well as `--warmup` steps: a
+ * step shared with a helper takes about 20 steps to settle, a step on one thread about 2. cpu-5m at batch 8 on 2
+ * cores, one process each (2026-11-24, 40 steps, median of steps 3-7 / 10-19 / 25-39): with a helper 334 / 255 / 210
+ * and 312 / 256 / 236 ms; on one thread 337 / 342 / 328. A training run takes thousands of steps, so the settled time
+ * is the one to report.
  */
 const HELPER_WARMUP_MS = 5000;
 
