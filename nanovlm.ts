@@ -682,6 +682,8 @@ export interface GenerateOptions {
   seed?: number; // for sampling; default: random
   /** Called after every step with the chosen ids [B], e.g. to stream text. */
   onToken?: (ids: Int32Array, step: number) => void;
+  /** Called before every choice with that step's logits [B, V] (row-major), read to the host: to inspect or test. */
+  onLogits?: (logits: Float32Array, step: number) => void;
 }
 
 // Host copies of ids already read. WebGPU can read a tensor made from JS values synchronously only until its
@@ -867,6 +869,7 @@ export class VisionLanguageModel {
     const generated = new Int32Array(B * maxNewTokens).fill(eos);
     const finished = new Array<boolean>(B).fill(false);
     for (let step = 0; step < maxNewTokens; step++) {
+      if (options.onLogits) options.onLogits(Float32Array.from(await logits.data()), step);
       const next = greedy ? await argmaxRows(logits) : await sampleRows(logits, { topK, topP, temperature }, random);
       for (let b = 0; b < B; b++) {
         generated[b * maxNewTokens + step] = finished[b] ? eos : next[b];
