@@ -5,6 +5,7 @@
 
 import * as assert from "node:assert/strict";
 import { type BenchRow, medianMs } from "../bench.ts";
+import { testNeeding, WEBGPU_ADAPTER } from "./helpers.ts";
 
 const REPO_ROOT = new URL("..", import.meta.url).pathname;
 const SMOKE = ["--preset", "tiny", "--batch", "2", "--steps", "1", "--warmup", "1", "--new-tokens", "4"];
@@ -37,10 +38,6 @@ Deno.test("medianMs times `steps` runs after `warmup` ones, and warms up for at 
   const firstTimed = starts.at(-3)!;
   assert.ok(firstTimed - starts[0] >= 100, `timing began ${firstTimed - starts[0]} ms after the first run`);
 });
-
-function hasWebGPUAdapter(output: string): boolean {
-  return !/no WebGPU adapter/.test(output);
-}
 
 /** The bench's rows: a markdown table on stdout and the same rows as JSON lines in `out`. */
 async function checkBench(output: string, out: string, backend: string, threads: number, batch = 2): Promise<void> {
@@ -82,19 +79,21 @@ Deno.test("deno task bench (smoke): a table and one JSON line per batch size, on
   }
 });
 
-Deno.test("deno task bench (smoke) on WebGPU: the training step runs there too (software adapter in CI)", async () => {
-  const probe = await run(Deno.execPath(), [
-    "eval",
-    `import { initBackend } from "./runtime.ts"; await initBackend();`,
-  ]);
-  if (!hasWebGPUAdapter(probe)) return; // tests/webgpu_test.ts checks the error that says what to install
-  const out = await Deno.makeTempFile({ suffix: ".jsonl" });
-  try {
-    const output = await run(Deno.execPath(), ["run", "-A", "bench.ts", ...SMOKE, "--backend", "webgpu", "--out", out]);
-    await checkBench(output, out, "webgpu", 1);
-  } finally {
-    await Deno.remove(out);
-  }
+// Whether the bench's own process will find an adapter: asked in a child process, as the bench runs in one.
+const probe = await run(Deno.execPath(), ["eval", `import { initBackend } from "./runtime.ts"; await initBackend();`]);
+const webgpu = { ...WEBGPU_ADAPTER, available: !/no WebGPU adapter/.test(probe) };
+
+testNeeding(webgpu, {
+  name: "deno task bench (smoke) on WebGPU: the training step runs there too (software adapter in CI)",
+  fn: async () => {
+    const out = await Deno.makeTempFile({ suffix: ".jsonl" });
+    try {
+      const args = ["run", "-A", "bench.ts", ...SMOKE, "--backend", "webgpu", "--out", out];
+      await checkBench(await run(Deno.execPath(), args), out, "webgpu", 1);
+    } finally {
+      await Deno.remove(out);
+    }
+  },
 });
 
 Deno.test("deno task memory (smoke): peak memory by batch size, stopping at the first that does not fit", async () => {

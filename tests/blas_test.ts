@@ -2,13 +2,24 @@
 // cpu backend in every layout, including the shapes only BLAS sees (one-row products go
 // to sgemv, an empty inner dimension), and the fallback to wasm's own matMul when no
 // library is there or NANOVLM_BLAS=off says so. CI installs libopenblas0-pthread; on a
-// machine without it these tests check the fallback instead.
+// machine without it these tests check the fallback instead, and the one that needs
+// OpenBLAS is reported as ignored (under CI=true it fails).
 
 import * as tf from "@tensorflow/tfjs";
 import * as assert from "node:assert/strict";
 import { initBackend, seededRandom, SMALL_GEMV_ELEMENTS, wasmMatMulEngine } from "../runtime.ts";
+import { OPENBLAS, testNeeding } from "./helpers.ts";
 
 const REPO_ROOT = new URL("..", import.meta.url).pathname;
+
+// What the wasm backend's matMul runs on in this process: OpenBLAS, or wasm's XNNPACK and why not.
+await initBackend("wasm", { quiet: true });
+const engine = wasmMatMulEngine();
+const openblasInUse = {
+  ...OPENBLAS,
+  available: engine.startsWith("BLAS libopenblas"),
+  missing: `no OpenBLAS (matMul: ${engine})`,
+};
 
 function openBlasInstalled(): boolean {
   try {
@@ -92,43 +103,42 @@ Deno.test("wasm matMul with BLAS = cpu, one-row (sgemv) and empty products inclu
   }
 });
 
-Deno.test("one-row products (decoding) on OpenBLAS = cpu, small and large; the thread count is left as it was", async () => {
-  await initBackend("wasm", { quiet: true });
-  if (!wasmMatMulEngine().startsWith("BLAS libopenblas")) {
-    assert.match(wasmMatMulEngine(), /^wasm XNNPACK \(.+\)$/); // no OpenBLAS here: the product test above covers it
-    return;
-  }
-  // The library runtime.ts opened (the same copy in this process): two threads, whatever the cores.
-  const openblas = Deno.dlopen("libopenblas.so.0", {
-    openblas_get_num_threads: { parameters: [], result: "i32" },
-    openblas_set_num_threads: { parameters: ["i32"], result: "void" },
-  });
-  const random = seededRandom(5), before = openblas.symbols.openblas_get_num_threads();
-  try {
-    openblas.symbols.openblas_set_num_threads(2);
-    // One on one thread, one on both (an 8 MiB threshold: 256 × 768 under it, 1,500 × 1,500 over it).
-    for (const [k, n] of [[256, 768], [1500, 1500]]) {
-      assert.equal(k * n < SMALL_GEMV_ELEMENTS, k === 256);
-      const x = Float32Array.from({ length: k }, () => 2 * random() - 1);
-      const w = Float32Array.from({ length: k * n }, () => 2 * random() - 1);
-      const product = async (backend: "wasm" | "cpu") => {
-        await initBackend(backend, { quiet: true });
-        const y = tf.tidy(() => tf.matMul(tf.tensor2d(x, [1, k]), tf.tensor2d(w, [k, n])));
-        const values = await y.data();
-        y.dispose();
-        return values;
-      };
-      const onWasm = await product("wasm"), onCpu = await product("cpu");
-      onWasm.forEach((v, i) =>
-        assert.ok(Math.abs(v - onCpu[i]) <= 1e-4, `[1, ${k}]·[${k}, ${n}] ${i}: ${v} vs ${onCpu[i]}`)
-      );
-      assert.equal(openblas.symbols.openblas_get_num_threads(), 2, `threads after [1, ${k}]·[${k}, ${n}]`);
-    }
-  } finally {
-    openblas.symbols.openblas_set_num_threads(before);
+testNeeding(openblasInUse, {
+  name: "one-row products (decoding) on OpenBLAS = cpu, small and large; the thread count is left as it was",
+  fn: async () => {
     await initBackend("wasm", { quiet: true });
-    openblas.close();
-  }
+    // The library runtime.ts opened (the same copy in this process): two threads, whatever the cores.
+    const openblas = Deno.dlopen("libopenblas.so.0", {
+      openblas_get_num_threads: { parameters: [], result: "i32" },
+      openblas_set_num_threads: { parameters: ["i32"], result: "void" },
+    });
+    const random = seededRandom(5), before = openblas.symbols.openblas_get_num_threads();
+    try {
+      openblas.symbols.openblas_set_num_threads(2);
+      // One on one thread, one on both (an 8 MiB threshold: 256 × 768 under it, 1,500 × 1,500 over it).
+      for (const [k, n] of [[256, 768], [1500, 1500]]) {
+        assert.equal(k * n < SMALL_GEMV_ELEMENTS, k === 256);
+        const x = Float32Array.from({ length: k }, () => 2 * random() - 1);
+        const w = Float32Array.from({ length: k * n }, () => 2 * random() - 1);
+        const product = async (backend: "wasm" | "cpu") => {
+          await initBackend(backend, { quiet: true });
+          const y = tf.tidy(() => tf.matMul(tf.tensor2d(x, [1, k]), tf.tensor2d(w, [k, n])));
+          const values = await y.data();
+          y.dispose();
+          return values;
+        };
+        const onWasm = await product("wasm"), onCpu = await product("cpu");
+        onWasm.forEach((v, i) =>
+          assert.ok(Math.abs(v - onCpu[i]) <= 1e-4, `[1, ${k}]·[${k}, ${n}] ${i}: ${v} vs ${onCpu[i]}`)
+        );
+        assert.equal(openblas.symbols.openblas_get_num_threads(), 2, `threads after [1, ${k}]·[${k}, ${n}]`);
+      }
+    } finally {
+      openblas.symbols.openblas_set_num_threads(before);
+      await initBackend("wasm", { quiet: true });
+      openblas.close();
+    }
+  },
 });
 
 Deno.test("NANOVLM_BLAS=off and a missing library fall back to wasm's own matMul, which still passes the matMul tests", async () => {

@@ -206,15 +206,6 @@ Deno.test("shapes: existence answers are balanced, multiple-choice letters are s
   }
 });
 
-Deno.test("shapes: rendering 1000 images of 64×64 (with their questions) takes well under a second", () => {
-  makeShapesExample("train", 0, 0, 64); // warm up the JIT
-  const t0 = performance.now();
-  for (let i = 0; i < 1000; i++) makeShapesExample("train", 0, i, 64);
-  const ms = performance.now() - t0;
-  console.log(`    1000 examples at 64×64: ${ms.toFixed(0)} ms`);
-  assert.ok(ms < 1000);
-});
-
 Deno.test("shapes: encodePng gives a PNG that decodes back to the same pixels", async () => {
   const ex = makeShapesExample("test", 2, 9, 40);
   const png = await encodePng(ex.rgb, 40);
@@ -451,9 +442,12 @@ Deno.test("fixture: image processor reproduces image_preprocessed.* exactly (Pil
     const got = await preprocessImage(fixturePath(inputsJson.raw_images[i].file), S);
     const want = expected.get(`image_preprocessed.${i}`)!;
     assert.deepEqual(want.shape, [3, S, S]);
-    let maxDiff = 0;
-    for (let j = 0; j < got.length; j++) maxDiff = Math.max(maxDiff, Math.abs(got[j] - want.data[j]));
-    assert.equal(maxDiff, 0, `img${i}: max |diff| ${maxDiff * 255}/255`);
+    // The output is a flat [3, S, S] (CHW): its length is the shape's, so a short or empty output fails here.
+    assert.equal(got.length, 3 * S * S, `img${i}: ${got.length} values, not 3·${S}·${S}`);
+    assert.equal(got.length, want.data.length, `img${i}: length`);
+    want.data.forEach((w, j) => {
+      if (got[j] !== w) assert.fail(`img${i}[${j}]: ${got[j] * 255}/255, PyTorch ${w * 255}/255`);
+    });
   }
 });
 

@@ -1,5 +1,6 @@
-// Shared test helpers: the nanovlm-tiny-a fixture, a micro model config, tolerant tensor comparison, leak checks
-// and environment variables set for the length of a call.
+// Shared test helpers: the nanovlm-tiny-a fixture, a micro model config, tolerant tensor comparison, leak checks,
+// environment variables set for the length of a call, and tests that need something installed (ignored without it,
+// failed without it under CI).
 
 import * as tf from "@tensorflow/tfjs";
 import { PRESETS, type VLMConfig } from "../nanovlm.ts";
@@ -124,6 +125,49 @@ export async function withEnv<T>(vars: Record<string, string | undefined>, fn: (
   } finally {
     apply(saved);
   }
+}
+
+/**
+ * Something on the machine that some tests need: a WebGPU adapter, a native library. Probe it once when the test file
+ * loads (top-level await), before defining the tests.
+ */
+export interface Dependency {
+  /** Whether this machine has it. */
+  available: boolean;
+  /** What is missing, as a reason: "no WebGPU adapter". */
+  missing: string;
+  /** What to run to get it: "apt-get install mesa-vulkan-drivers". */
+  install: string;
+}
+
+/** A WebGPU adapter, as CI gets one (Mesa's llvmpipe); a real GPU needs its driver and libvulkan1 instead. */
+export const WEBGPU_ADAPTER = { missing: "no WebGPU adapter", install: "apt-get install mesa-vulkan-drivers" };
+
+/** OpenBLAS behind the wasm backend's matMul (runtime.ts), as CI installs it. */
+export const OPENBLAS = { missing: "no OpenBLAS", install: "apt-get install libopenblas0-pthread" };
+
+/** Whether this run is CI's (`CI=true`), where .ci/run has installed every dependency of the tests. */
+export function underCI(): boolean {
+  return /^(true|1)$/i.test(Deno.env.get("CI") ?? "");
+}
+
+/**
+ * Define a test that needs `dependency`. Where it is missing the test is reported as ignored, never as passed, with
+ * the reason in its name: "... (ignored: no WebGPU adapter; apt-get install mesa-vulkan-drivers)". Under CI=true it
+ * is never ignored: a missing dependency fails the test with a message saying what to install.
+ */
+export function testNeeding(dependency: Dependency, definition: Deno.TestDefinition): void {
+  if (dependency.available) return Deno.test(definition);
+  if (!underCI()) {
+    const reason = `${dependency.missing}; ${dependency.install}`;
+    return Deno.test({ ...definition, name: `${definition.name} (ignored: ${reason})`, ignore: true });
+  }
+  Deno.test({
+    ...definition,
+    fn: () => {
+      throw new Error(`${dependency.missing} under CI=true: run \`${dependency.install}\` (as .ci/run does)`);
+    },
+  });
 }
 
 /** Collect console.warn output while `fn` runs. */

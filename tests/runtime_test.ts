@@ -14,9 +14,12 @@ import {
   initBackend,
   readSafetensors,
   registerWasmKernelFixes,
+  requestWebGPUAdapter,
+  type SafetensorsTensor,
   wasmHeapBytes,
   writeFileAtomic,
 } from "../runtime.ts";
+import { testNeeding, WEBGPU_ADAPTER } from "./helpers.ts";
 
 const FIXTURES = new URL("./fixtures/nanovlm-tiny-a/", import.meta.url).pathname;
 const REPO_ROOT = new URL("../", import.meta.url).pathname;
@@ -66,7 +69,7 @@ const u16Bytes = (values: number[]) => new Uint8Array(Uint16Array.from(values).b
 
 // ---- Safetensors ----
 
-Deno.test("safetensors: F32, I32 and I64 round-trip with metadata, header aligned like the Python library", () => {
+Deno.test("safetensors: F32, I32 and I64 round-trip with metadata, laid out as Python's safetensors lays them out", () => {
   const tensors = new Map([
     ["weight", { dtype: "F32" as const, shape: [2, 3], data: Float32Array.of(1.5, -2, 0, 3.25, 1e-8, -7) }],
     ["counts", { dtype: "I32" as const, shape: [3], data: Int32Array.of(0, -1, 2147483647) }],
@@ -77,16 +80,134 @@ Deno.test("safetensors: F32, I32 and I64 round-trip with metadata, header aligne
   assert.equal((8 + headerLength) % 8, 0);
   const header = JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + headerLength)));
   assert.deepEqual(header.__metadata__, { format: "pt" });
-  assert.deepEqual(header.labels, { dtype: "I64", shape: [2, 2], data_offsets: [36, 68] });
+  // By dtype (I64, F32, I32), then by name: the Map's order does not matter.
+  assert.deepEqual(header.labels, { dtype: "I64", shape: [2, 2], data_offsets: [0, 32] });
+  assert.deepEqual(header.weight, { dtype: "F32", shape: [2, 3], data_offsets: [32, 56] });
+  assert.deepEqual(header.counts, { dtype: "I32", shape: [3], data_offsets: [56, 68] });
 
   const decoded = decodeSafetensors(bytes);
-  assert.deepEqual([...decoded.tensors.keys()], ["weight", "counts", "labels"]); // insertion order kept
+  assert.deepEqual([...decoded.tensors.keys()], ["labels", "weight", "counts"]); // file order
   assert.deepEqual(decoded.metadata, { format: "pt" });
   for (const [name, tensor] of tensors) assert.deepEqual(decoded.tensors.get(name), tensor, name);
 
   const plain = encodeSafetensors(new Map([["w", tensors.get("weight")!]]));
   assert.ok(!new TextDecoder().decode(plain).includes("__metadata__"), "no metadata written when none is given");
   assert.deepEqual(decodeSafetensors(plain).metadata, {});
+});
+
+Deno.test("safetensors: names sort as in Python's safetensors, by UTF-8 bytes, integer-like and astral ones too", () => {
+  // A JS object would list "2" and "10" first; UTF-16 order would put the emoji (a surrogate pair) before U+FFFD.
+  const names = ["b", "10", "\u{1F600}", "2", "\uFFFD", "B", "a.10", "a.9"];
+  const one = { dtype: "F32" as const, shape: [1], data: Float32Array.of(1) };
+  const bytes = encodeSafetensors(new Map(names.map((name) => [name, one])));
+  const n = Number(new DataView(bytes.buffer).getBigUint64(0, true));
+  const header = new TextDecoder().decode(bytes.subarray(8, 8 + n));
+  const order = [...header.matchAll(/"([^"]+)":\{"dtype"/g)].map((m) => m[1]);
+  assert.deepEqual(order, ["10", "2", "B", "a.10", "a.9", "b", "\uFFFD", "\u{1F600}"]);
+  assert.ok(header.startsWith(`{"10":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"2":`), header);
+});
+
+Deno.test("safetensors: every header is padded with spaces so that the data starts at a multiple of 8, as in Python", () => {
+  const floats = Float32Array.of(1, -2, 3), ids = Int32Array.of(-5, 7);
+  // Names of 1 to 40 characters give JSON headers of every length modulo 8, with and without metadata.
+  const metadatas = [undefined, ...[0, 1, 2, 3, 5, 8, 13].map((n) => ({ note: "m".repeat(n) }))];
+  for (let length = 1; length <= 40; length++) {
+    for (const metadata of metadatas) {
+      const name = "abcdefghij".repeat(4).slice(0, length);
+      const tensors = new Map([
+        [name, { dtype: "F32" as const, shape: [3], data: floats }],
+        ["ids", { dtype: "I64" as const, shape: [2], data: ids }],
+      ]);
+      const bytes = encodeSafetensors(tensors, metadata);
+      const what = `a ${length}-character name, metadata ${JSON.stringify(metadata)}`;
+      const n = Number(new DataView(bytes.buffer).getBigUint64(0, true));
+      assert.equal((8 + n) % 8, 0, `${what}: 8 + ${n} header bytes`);
+      const header = new TextDecoder().decode(bytes.subarray(8, 8 + n));
+      const json = header.slice(0, header.lastIndexOf("}") + 1), padding = header.slice(json.length);
+      assert.match(padding, /^ {0,7}$/, `${what}: the padding is up to 7 spaces, got ${JSON.stringify(padding)}`);
+      assert.deepEqual(Object.keys(JSON.parse(json)), [...(metadata ? ["__metadata__"] : []), "ids", name]);
+      assert.equal(bytes.length, 8 + n + 16 + 12, `${what}: file size`);
+      const decoded = decodeSafetensors(bytes);
+      assert.deepEqual(decoded.tensors.get(name)!.data, floats, what);
+      assert.deepEqual(decoded.tensors.get("ids")!.data, ids, what);
+      assert.deepEqual(decoded.metadata, metadata ?? {}, what);
+    }
+  }
+});
+
+/** The first index where two byte arrays differ (their common length if one is a prefix of the other), or -1. */
+function firstDifference(a: Uint8Array, b: Uint8Array): number {
+  const length = Math.min(a.length, b.length);
+  for (let i = 0; i < length; i++) if (a[i] !== b[i]) return i;
+  return a.length === b.length ? -1 : length;
+}
+
+/** Assert that two safetensors files are the same bytes; else name the first difference and the header around it. */
+function assertSameFile(actual: Uint8Array, expected: Uint8Array, what: string): void {
+  const i = firstDifference(actual, expected);
+  if (i < 0) return;
+  const ours = headerOf(actual).n, theirs = headerOf(expected).n;
+  const around = (bytes: Uint8Array) =>
+    JSON.stringify(new TextDecoder().decode(bytes.subarray(Math.max(8, i - 40), i + 40)));
+  const where = i < 8
+    ? `the header length: ours ${ours}, Python's ${theirs}`
+    : i < 8 + theirs
+    ? `header byte ${i - 8}: ours ${around(actual)}, Python's ${around(expected)}`
+    : `data byte ${i - 8 - theirs}`;
+  assert.fail(`${what}: ${actual.length} bytes vs Python's ${expected.length}; first difference at ${where}`);
+}
+
+/** A file's header: its length and its entries, in file order (no tensor name here is integer-like). */
+function headerOf(bytes: Uint8Array) {
+  const n = Number(new DataView(bytes.buffer, bytes.byteOffset).getBigUint64(0, true));
+  const entries = JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + n)));
+  return { n, entries: entries as Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }> };
+}
+
+/** A decoded tensor as encodeSafetensors takes it (the fixtures hold F32 and I64 only). */
+function encodable(t: SafetensorsTensor) {
+  assert.ok(t.dtype === "F32" || t.dtype === "I64", t.dtype);
+  return { ...t, dtype: t.dtype as "F32" | "I64" };
+}
+
+Deno.test("safetensors: re-encoding files Python's safetensors wrote gives them back byte for byte, in any Map order", async () => {
+  for (const file of ["model", "hf_vit", "hf_lm"]) {
+    const original = await Deno.readFile(`${FIXTURES}${file}.safetensors`);
+    const { tensors, metadata } = decodeSafetensors(original);
+    const inFileOrder = [...tensors].map(([name, t]) => [name, encodable(t)] as const);
+    const keys = randomValues(inFileOrder.length, 7);
+    const shuffled = inFileOrder.map((entry, i) => ({ entry, key: keys[i] })).sort((a, b) => a.key - b.key)
+      .map(({ entry }) => entry);
+    const orders = { file: inFileOrder, reversed: inFileOrder.toReversed(), shuffled };
+    for (const [order, entries] of Object.entries(orders)) {
+      const bytes = encodeSafetensors(new Map(entries), Object.keys(metadata).length ? metadata : undefined);
+      assertSameFile(bytes, original, `${file}.safetensors re-encoded from the ${order} order`);
+    }
+  }
+});
+
+Deno.test("safetensors: a file of I64 and F32 tensors is laid out as Python's safetensors does: I64 first, each by name", async () => {
+  // inputs and expected.safetensors mix the two dtypes. The fixture generator's own writer ordered them by name alone,
+  // which no release of Python's safetensors does (from 0.3 on it groups by dtype), so compare them tensor by tensor.
+  for (const file of ["inputs", "expected"]) {
+    const original = await Deno.readFile(`${FIXTURES}${file}.safetensors`);
+    const { tensors } = decodeSafetensors(original);
+    const bytes = encodeSafetensors(new Map([...tensors].map(([name, t]) => [name, encodable(t)])));
+    const names = (dtype: string) => [...tensors].filter(([, t]) => t.dtype === dtype).map(([name]) => name).sort();
+    const ours = headerOf(bytes), theirs = headerOf(original);
+    assert.deepEqual(Object.keys(ours.entries), [...names("I64"), ...names("F32")], `${file}: order`);
+    assert.equal(bytes.length - ours.n, original.length - theirs.n, `${file}: data bytes`); // offsets' digits differ
+    const raw = (b: Uint8Array, n: number, [from, to]: number[]) => b.subarray(8 + n + from, 8 + n + to);
+    let end = 0;
+    for (const [name, entry] of Object.entries(ours.entries)) {
+      const their = theirs.entries[name];
+      assert.deepEqual([entry.dtype, entry.shape], [their.dtype, their.shape], `${file}: ${name}`);
+      assert.equal(entry.data_offsets[0], end, `${file}: ${name} starts where the tensor before it ends`);
+      end = entry.data_offsets[1];
+      const at = firstDifference(raw(bytes, ours.n, entry.data_offsets), raw(original, theirs.n, their.data_offsets));
+      assert.equal(at, -1, `${file}: ${name}'s bytes differ from byte ${at}`);
+    }
+  }
 });
 
 Deno.test("safetensors: encoding refuses data that does not match dtype and shape", () => {
@@ -249,8 +370,11 @@ Deno.test("initBackend without any WebGPU adapter: automatic picks wasm, explici
   assert.match(explicit.output, /NVIDIA driver and libvulkan1/);
 });
 
-Deno.test({
-  name: "initBackend with this machine's WebGPU adapter, if any: automatic skips software ones, webgpu matMul = cpu",
+// The test without an adapter is the one above, which hides this machine's.
+const webgpuAdapter = await requestWebGPUAdapter();
+
+testNeeding({ ...WEBGPU_ADAPTER, available: webgpuAdapter !== null }, {
+  name: "initBackend with this machine's WebGPU adapter: automatic skips software ones, webgpu matMul = cpu",
   // The WebGPU device keeps internal async work alive after the test; that is Deno's, not a leak of ours.
   sanitizeOps: false,
   sanitizeResources: false,
@@ -258,16 +382,10 @@ Deno.test({
     const saved = Deno.env.get("NANOVLM_BACKEND");
     Deno.env.delete("NANOVLM_BACKEND");
     try {
-      const automatic = await initBackend(undefined, { quiet: true }); // also quiets the Vulkan loader (XDG_RUNTIME_DIR)
-      const adapter = await navigator.gpu?.requestAdapter({ powerPreference: "high-performance" }) ?? null;
-      const software = adapter === null || adapter.info.isFallbackAdapter ||
-        /llvmpipe|lavapipe|swiftshader/i.test(adapter.info.description);
+      const automatic = await initBackend(undefined, { quiet: true });
+      const software = webgpuAdapter!.info.isFallbackAdapter ||
+        /llvmpipe|lavapipe|swiftshader/i.test(webgpuAdapter!.info.description);
       assert.equal(automatic, software ? "wasm" : "webgpu");
-      if (adapter === null) {
-        // No adapter here: the explicit request must explain itself (also checked in a subprocess above).
-        await assert.rejects(initBackend("webgpu", { quiet: true }), /mesa-vulkan-drivers/);
-        return;
-      }
       assert.equal(await initBackend("webgpu", { quiet: true }), "webgpu");
       assert.equal(tf.getBackend(), "webgpu");
       const a = randomValues(3 * 17 * 9, 1), b = randomValues(3 * 11 * 9, 2);
