@@ -22,7 +22,9 @@
 
 import { Tokenizer } from "@huggingface/tokenizers";
 import { Image } from "imagescript";
-import { seededRandom } from "./runtime.ts";
+import { CHATML_TEMPLATE, seededRandom } from "./nanovlm.ts";
+
+export { CHATML_TEMPLATE };
 
 // ---- Deterministic random numbers -----------------------------------------------------------
 //
@@ -708,14 +710,6 @@ export interface DataConfig {
   lm_base_vocab_size: number;
   lm_chat_template: string;
 }
-
-/**
- * The reference's lm_chat_template: ChatML without a system turn. Jinja reads `'\n'` in a
- * string literal as a newline, so a copy with the two characters `\` `n` instead of newline
- * characters is the same template; applyChatTemplate accepts both.
- */
-export const CHATML_TEMPLATE =
-  "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
 /** A chat message. */
 export interface ChatMessage {

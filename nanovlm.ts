@@ -4,10 +4,11 @@
 // SigLIP-style vision transformer turns an image into patch vectors, a pixel-shuffle projector squeezes them into a few
 // "image tokens" of the decoder's width, and a SmolLM2/Llama-style decoder reads the prompt with those image embeddings
 // written into its `<|image|>` slots. Same maths, same parameter names and the same checkpoint format as the reference,
-// checked against its outputs to 1e-4 (tests/parity_test.ts).
+// checked against its outputs (tests/parity_test.ts).
 //
-// What this is not: a tokenizer, a data pipeline or a training loop (data.ts, train.ts), nor backend plumbing
-// (runtime.ts picks WebGPU / WASM / CPU and patches slow kernels). No dropout: every nanoVLM preset trains without.
+// What this is not: a tokenizer or data pipeline (data.ts), a training loop (train.ts), checkpoint files
+// (lib/checkpoint.ts), or backend speed-ups (backend/: faster kernels registered with tfjs from outside, so that the
+// maths here stays in its textbook form). No dropout: every nanoVLM preset trains without.
 //
 // Papers: ViT (arXiv:2010.11929), SigLIP (2303.15343), pixel shuffle as in Idefics3 (2408.12637), Llama (2302.13971):
 // RMSNorm, RoPE (2104.09864), SwiGLU (2002.05202), grouped-query attention (2305.13245).
@@ -20,17 +21,644 @@
 //   H query heads   KV key/value heads   hd head size   F MLP width
 
 import * as tf from "@tensorflow/tfjs";
-import { encodeSafetensors, readSafetensors, recomputeInBackward, seededRandom, writeFileAtomic } from "./runtime.ts";
-import type { SafetensorsFile } from "./runtime.ts";
-import type { HubOptions } from "./hub.ts";
 
-// ---- Configuration and presets ----------------------------------------------------
+/** A model's weights by nanoVLM name (see `parameterSpecs` at the bottom for names, shapes and layouts). */
+export type Params = Map<string, tf.Tensor>;
 
-const CHATML_TEMPLATE =
+// ---- Small tensor helpers ------------------------------------------------------------
+
+/** y = x · W + b for x of any rank [..., in], W [in, out]; 2-D inside (tfjs has no broadcast-batch matMul gradient). */
+export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor): tf.Tensor {
+  const lead = x.shape.slice(0, -1);
+  let y = tf.matMul(x.reshape([-1, weight.shape[0]]), weight as tf.Tensor2D); // [rows, out]
+  if (bias) y = y.add(bias);
+  return y.reshape([...lead, weight.shape[1]!]);
+}
+
+/** LayerNorm over the last axis with biased variance, as torch.nn.LayerNorm. */
+export function layerNorm(x: tf.Tensor, weight: tf.Tensor, bias: tf.Tensor, eps: number): tf.Tensor {
+  const { mean, variance } = tf.moments(x, -1, true);
+  return x.sub(mean).mul(tf.rsqrt(variance.add(eps))).mul(weight).add(bias);
+}
+
+/** GELU, tanh approximation (SigLIP's gelu_pytorch_tanh): 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))). */
+export function geluTanh(x: tf.Tensor): tf.Tensor {
+  // On WASM, tanh runs as 2σ(2u) − 1 (backend/runtime.ts): the same function, about five times faster there.
+  const u = x.add(x.mul(x).mul(x).mul(0.044715)).mul(Math.sqrt(2 / Math.PI));
+  return x.mul(0.5).mul(tf.tanh(u).add(1));
+}
+
+/** RMSNorm: x / sqrt(mean(x²) + eps) · w. No mean subtraction and no bias, unlike LayerNorm. */
+export function rmsNorm(x: tf.Tensor, weight: tf.Tensor, eps: number): tf.Tensor {
+  return x.mul(tf.rsqrt(x.square().mean(-1, true).add(eps))).mul(weight);
+}
+
+/** Split heads: [B, T, heads·hd] → [B, heads, T, hd]. */
+function splitHeads(x: tf.Tensor, heads: number): tf.Tensor4D {
+  const [B, T, width] = x.shape;
+  return x.reshape([B, T, heads, width / heads]).transpose([0, 2, 1, 3]);
+}
+
+/** Merge heads: [B, heads, T, hd] → [B, T, heads·hd]. */
+function mergeHeads(x: tf.Tensor): tf.Tensor3D {
+  const [B, heads, T, hd] = x.shape;
+  return x.transpose([0, 2, 1, 3]).reshape([B, T, heads * hd]);
+}
+
+// ---- Vision encoder (SigLIP-style ViT) -----------------------------------------------
+
+/**
+ * Cut images into non-overlapping P×P patches, each flattened in (channel, row, col) order — the order of PyTorch's
+ * conv weight [Dv, 3, P, P] — with patches row-major. images [N, 3, S, S] → [N, Np, 3·P·P]
+ */
+export function patchify(images: tf.Tensor, P: number): tf.Tensor3D {
+  const [N, C, S] = images.shape;
+  const G = S / P;
+  return images
+    .reshape([N, C, G, P, G, P]) // split both image axes into (patch index, pixel in patch)
+    .transpose([0, 2, 4, 1, 3, 5]) // [N, G, G, 3, P, P]: patch grid first, then pixels
+    .reshape([N, G * G, C * P * P]);
+}
+
+/** The reference's Conv2d(3, Dv, P, stride P) as patchify + matMul, plus position embedding. → [N, Np, Dv] */
+export function patchEmbedding(p: Params, cfg: VLMConfig, images: tf.Tensor): tf.Tensor3D {
+  const w = (k: string) => p.get(`vision_encoder.patch_embedding.${k}`)!;
+  const patches = patchify(images, cfg.vit_patch_size); // [N, Np, 3·P·P]
+  return linear(patches, w("conv.weight"), w("conv.bias")).add(w("position_embedding")) as tf.Tensor3D;
+}
+
+/** Bidirectional multi-head self-attention with one fused q|k|v projection. x [N, Np, Dv] → [N, Np, Dv] */
+function vitAttention(p: Params, prefix: string, cfg: VLMConfig, x: tf.Tensor): tf.Tensor {
+  const w = (k: string) => p.get(`${prefix}.${k}`)!;
+  const H = cfg.vit_n_heads, hd = cfg.vit_hidden_dim / H;
+  const qkv = linear(x, w("qkv_proj.weight"), w("qkv_proj.bias")); // [N, Np, 3·Dv]
+  const [q, k, v] = tf.split(qkv, 3, -1).map((t) => splitHeads(t, H)); // each [N, H, Np, hd]
+  const scores = tf.matMul(q, k, false, true).mul(1 / Math.sqrt(hd)); // [N, H, Np, Np]
+  const out = tf.matMul(tf.softmax(scores), v); // [N, H, Np, hd]
+  return linear(mergeHeads(out), w("out_proj.weight"), w("out_proj.bias"));
+}
+
+/** One pre-LayerNorm transformer block: x + attn(ln1(x)), then + mlp(ln2(x)). x [N, Np, Dv] */
+export function vitBlock(p: Params, cfg: VLMConfig, i: number, x: tf.Tensor): tf.Tensor3D {
+  const b = `vision_encoder.blocks.${i}`;
+  const w = (k: string) => p.get(`${b}.${k}`)!;
+  const eps = cfg.vit_ln_eps;
+  x = x.add(vitAttention(p, `${b}.attn`, cfg, layerNorm(x, w("ln1.weight"), w("ln1.bias"), eps)));
+  const h = layerNorm(x, w("ln2.weight"), w("ln2.bias"), eps);
+  const hidden = geluTanh(linear(h, w("mlp.fc1.weight"), w("mlp.fc1.bias"))); // [N, Np, vit_inter_dim]
+  return x.add(linear(hidden, w("mlp.fc2.weight"), w("mlp.fc2.bias"))) as tf.Tensor3D;
+}
+
+/** The whole ViT: every patch token after the final LayerNorm (no CLS, no pooling). images [N,3,S,S] → [N, Np, Dv] */
+export function visionEncoder(p: Params, cfg: VLMConfig, images: tf.Tensor): tf.Tensor3D {
+  let x = patchEmbedding(p, cfg, images);
+  for (let i = 0; i < cfg.vit_n_blocks; i++) x = vitBlock(p, cfg, i, x);
+  const w = (k: string) => p.get(`vision_encoder.layer_norm.${k}`)!;
+  return layerNorm(x, w("weight"), w("bias"), cfg.vit_ln_eps) as tf.Tensor3D;
+}
+
+// ---- Modality projector ---------------------------------------------------------------
+
+/**
+ * Pixel shuffle (space-to-depth): every s×s block of neighbouring patches becomes one token, its s² patch vectors
+ * concatenated row-major. s² times fewer, s² times wider tokens: the decoder reads L = Np/s² image tokens, not Np.
+ * x [N, Np, Dv] → [N, L, s²·Dv]
+ */
+export function pixelShuffle(x: tf.Tensor, s: number): tf.Tensor3D {
+  const [N, Np, Dv] = x.shape;
+  const G = Math.sqrt(Np), O = G / s; // O×O output tokens
+  return x
+    .reshape([N, O, s, O, s, Dv]) // (block row, row in block, block col, col in block)
+    .transpose([0, 1, 3, 2, 4, 5]) // [N, O, O, s, s, Dv]: blocks first
+    .reshape([N, O * O, s * s * Dv]);
+}
+
+/** Pixel shuffle, then one bias-free linear map to the decoder width. [N, Np, Dv] → [N, L, D] */
+export function modalityProjector(p: Params, cfg: VLMConfig, x: tf.Tensor): tf.Tensor3D {
+  return linear(pixelShuffle(x, cfg.mp_pixel_shuffle_factor), p.get("MP.proj.weight")!) as tf.Tensor3D;
+}
+
+// ---- Language model (SmolLM2 / Llama-style decoder) -----------------------------------
+
+/** RoPE tables for some positions: cos and sin [T, hd], each the hd/2 frequencies twice (HF-Llama layout). */
+export type Rope = { cos: tf.Tensor2D; sin: tf.Tensor2D };
+
+/**
+ * Rotary position embedding: position t turns pair i of a head vector by the angle t·θ^(−2i/hd). Beyond
+ * lm_max_position_embeddings the frequencies are divided by (max position + 1) / max ("dynamic scaling"), for the
+ * whole call, as nanoVLM's models/language_model.py does.
+ */
+export function rotaryEmbedding(cfg: VLMConfig, positions: number[]): Rope {
+  const hd = cfg.lm_hidden_dim / cfg.lm_n_heads, longest = Math.max(...positions) + 1;
+  const scale = longest > cfg.lm_max_position_embeddings ? longest / cfg.lm_max_position_embeddings : 1;
+  return tf.tidy(() => {
+    // inv_freq[i] = 1 / θ^(2i/hd), in float32 arithmetic like the reference.
+    const exponents = tf.range(0, hd, 2, "float32").div(hd);
+    const invFreq = tf.pow(tf.scalar(cfg.lm_re_base), exponents).reciprocal().div(scale); // [hd/2]
+    const freqs = tf.tensor2d(positions, [positions.length, 1]).mul(invFreq.expandDims(0)); // [T, hd/2]
+    const angles = tf.concat([freqs, freqs], -1); // [T, hd]
+    const [cos, sin] = [tf.cos(angles), tf.sin(angles)].map((t) => t.mul(cfg.lm_attn_scaling) as tf.Tensor2D);
+    return { cos, sin };
+  });
+}
+
+/** rotate_half: the halves (x₁, x₂) of the last axis become (−x₂, x₁). x [.., hd] */
+export function rotateHalf(x: tf.Tensor): tf.Tensor {
+  const [x1, x2] = tf.split(x, 2, -1);
+  return tf.concat([x2.neg(), x1], -1);
+}
+
+/** Rotate each (x_i, x_{i+hd/2}) pair by its position's angle. x [B, heads, T, hd], rope.cos/sin [T, hd] */
+export function applyRotary(x: tf.Tensor, rope: Rope): tf.Tensor {
+  return x.mul(rope.cos).add(rotateHalf(x).mul(rope.sin));
+}
+
+/**
+ * What attention adds to its scores [B or 1, 1, 1, T or 1, Tk] (shaped for the grouped scores below), as
+ * models/language_model.py does: a huge negative number above the diagonal (causal) when T new tokens attend to
+ * exactly those T tokens, and on padded keys when an attention mask [B, Tk] is given. A single decoding step has no
+ * causal mask: the new token may see everything cached. A padded query sees only hidden keys: a uniform, finite softmax
+ * (garbage rows that no real token reads), never NaN.
+ */
+export function attentionBias(attentionMask: tf.Tensor | undefined, T: number, Tk: number): tf.Tensor | undefined {
+  const causal = T === Tk && T > 1;
+  if (attentionMask === undefined && !causal) return undefined;
+  return tf.tidy(() => {
+    let bias: tf.Tensor | undefined;
+    if (causal) { // a key (column) after the query (row) is hidden: [T, T]
+      const future = tf.range(0, T).expandDims(0).greater(tf.range(0, T).expandDims(1)); // column > row
+      bias = tf.where(future, tf.fill([T, T], HIDDEN), tf.zeros([T, T]));
+    }
+    if (attentionMask !== undefined) {
+      const Tm = attentionMask.shape[1]!;
+      const mask = attentionMask.slice([0, Tm - Tk], [-1, Tk]).toFloat(); // the last Tk columns
+      const padding = tf.scalar(1).sub(mask).mul(HIDDEN).expandDims(1); // [B, 1, Tk]
+      bias = bias ? padding.add(bias) : padding; // [B, T, Tk] or [B, 1, Tk]
+    }
+    return bias!.reshape([-1, 1, 1, ...bias!.shape.slice(-2)]);
+  });
+}
+// The reference uses −∞ (causal) and float32's lowest (padding); WGSL may assume finite floats, so both are half of
+// float32's lowest here, which stays finite when a key is hidden twice. exp of it is 0 all the same.
+const HIDDEN = -3.4028234663852886e38 / 2;
+
+/** Cached keys and values of one decoder block, both [B, KV, Tk, hd], keys already rotated. */
+export type KVCache = { k: tf.Tensor4D; v: tf.Tensor4D };
+
+/**
+ * Causal grouped-query attention. KV key/value heads serve H query heads, rep = H/KV each (query head h uses KV head
+ * floor(h/rep), as torch's repeat_interleave). Instead of copying k and v rep times, the query heads of one group are
+ * stacked along the token axis: q [B, H, T, hd] → [B, KV, rep·T, hd], one plain batched matMul per group.
+ * x [B, T, D] → out [B, T, D] and this block's updated cache.
+ */
+export function decoderAttention(
+  p: Params,
+  prefix: string,
+  cfg: VLMConfig,
+  x: tf.Tensor,
+  rope: Rope,
+  bias: tf.Tensor | undefined,
+  cache: KVCache | undefined,
+): { out: tf.Tensor; cache: KVCache } {
+  const w = (k: string) => p.get(`${prefix}.${k}.weight`)!;
+  const [B, T] = x.shape;
+  const H = cfg.lm_n_heads, KV = cfg.lm_n_kv_heads, rep = H / KV, hd = cfg.lm_hidden_dim / H;
+  const q = applyRotary(splitHeads(linear(x, w("q_proj")), H), rope); // [B, H, T, hd]
+  let k = applyRotary(splitHeads(linear(x, w("k_proj")), KV), rope); // [B, KV, T, hd]
+  let v: tf.Tensor = splitHeads(linear(x, w("v_proj")), KV); // [B, KV, T, hd]
+  if (cache) {
+    k = tf.concat([cache.k, k], 2); // [B, KV, Tk, hd]
+    v = tf.concat([cache.v, v], 2);
+  }
+  const Tk = k.shape[2]!;
+  const qGrouped = q.reshape([B, KV, rep * T, hd]);
+  let scores = tf.matMul(qGrouped, k, false, true).mul(1 / Math.sqrt(hd)); // [B, KV, rep·T, Tk]
+  if (bias) scores = scores.reshape([B, KV, rep, T, Tk]).add(bias).reshape([B, KV, rep * T, Tk]);
+  const out = tf.matMul(tf.softmax(scores), v).reshape([B, H, T, hd]); // [B, H, T, hd]
+  return { out: linear(mergeHeads(out), w("out_proj")), cache: { k: k as tf.Tensor4D, v: v as tf.Tensor4D } };
+}
+
+/** One pre-RMSNorm Llama block: x + attn(norm1(x)), then x + SwiGLU(norm2(x)). x [B, T, D] */
+export function decoderBlock(
+  p: Params,
+  cfg: VLMConfig,
+  i: number,
+  x: tf.Tensor,
+  rope: Rope,
+  bias?: tf.Tensor,
+  cache?: KVCache,
+): { out: tf.Tensor3D; cache: KVCache } {
+  const b = `decoder.blocks.${i}`;
+  const w = (k: string) => p.get(`${b}.${k}.weight`)!;
+  const attn = decoderAttention(p, `${b}.attn`, cfg, rmsNorm(x, w("norm1"), cfg.lm_rms_eps), rope, bias, cache);
+  x = x.add(attn.out);
+  const h = rmsNorm(x, w("norm2"), cfg.lm_rms_eps);
+  const gate = linear(h, w("mlp.gate_proj")); // [B, T, F]
+  const silu = gate.mul(tf.sigmoid(gate));
+  const mlp = linear(silu.mul(linear(h, w("mlp.up_proj"))), w("mlp.down_proj")); // SwiGLU, [B, T, D]
+  return { out: x.add(mlp) as tf.Tensor3D, cache: attn.cache };
+}
+
+/** Where the decoder reads from: a padding mask, the cache of earlier tokens, and the first new token's position. */
+export interface DecoderInputs {
+  attentionMask?: tf.Tensor; // [B, Tk]: 1 = token, 0 = left padding (covers cached and new tokens)
+  cache?: KVCache[]; // one per block, from the previous call
+  startPos?: number; // position of the first of the T new tokens (0 without a cache)
+  rope?: Rope; // cos/sin [T, hd] of those positions, if already made (a model keeps a table); else made here
+}
+
+/**
+ * The decoder over embeddings x [B, T, D] at positions startPos … startPos+T−1 (left padding occupies real positions,
+ * as in the reference). Returns the final-RMSNorm hidden states [B, T, D] and the per-block KV cache for the next call.
+ */
+export function decoder(
+  p: Params,
+  cfg: VLMConfig,
+  x: tf.Tensor,
+  { attentionMask, cache, startPos = 0, rope }: DecoderInputs = {},
+): { hidden: tf.Tensor3D; cache: KVCache[] } {
+  const T = x.shape[1]!;
+  const Tk = T + (cache ? cache[0].k.shape[2]! : 0);
+  rope ??= rotaryEmbedding(cfg, Array.from({ length: T }, (_, t) => startPos + t)); // cos/sin [T, hd]
+  const bias = attentionBias(attentionMask, T, Tk);
+  const newCache: KVCache[] = [];
+  for (let i = 0; i < cfg.lm_n_blocks; i++) {
+    const block = decoderBlock(p, cfg, i, x, rope, bias, cache?.[i]);
+    x = block.out;
+    newCache.push(block.cache);
+  }
+  return { hidden: rmsNorm(x, p.get("decoder.norm.weight")!, cfg.lm_rms_eps) as tf.Tensor3D, cache: newCache };
+}
+
+/** The output head: logits = hidden · Eᵀ (E the tied token embedding, or the untied head). [.., D] → [.., V] */
+export function lmHead(p: Params, cfg: VLMConfig, hidden: tf.Tensor): tf.Tensor {
+  const E = p.get(cfg.lm_tie_weights ? "decoder.token_embedding.weight" : "decoder.head.weight")!; // [V, D]
+  const lead = hidden.shape.slice(0, -1);
+  return tf.matMul(hidden.reshape([-1, cfg.lm_hidden_dim]), E as tf.Tensor2D, false, true).reshape([...lead, -1]);
+}
+
+// ---- Fusion: image embeddings into the image-token slots ------------------------------
+
+/**
+ * Write image embeddings into the `<|image|>` slots of the token embeddings. Slots are filled in row-major order
+ * (sample, then position) with image rows in order (image 0 token 0, image 0 token 1, …), so images must come flattened
+ * in sample order, exactly mp_image_token_length slots per image. Written as one gather from the stacked rows
+ * [token rows; image rows], which has a gradient on every backend.
+ * ids: the [B, T] token ids on the host; tokenEmbd [B, T, D]; imageEmbd [N, L, D] → [B, T, D]
+ */
+export function replaceImageTokens(
+  ids: ArrayLike<number>,
+  tokenEmbd: tf.Tensor,
+  imageEmbd: tf.Tensor | undefined,
+  imageTokenId: number,
+): tf.Tensor3D {
+  const [B, T, D] = tokenEmbd.shape;
+  const imageRows = imageEmbd ? imageEmbd.shape[0]! * imageEmbd.shape[1]! : 0;
+  const source = new Int32Array(B * T); // for each output row, the row of [tokens; images] it takes
+  let slot = 0;
+  for (let r = 0; r < B * T; r++) source[r] = ids[r] === imageTokenId ? B * T + slot++ : r;
+  if (slot !== imageRows) {
+    const L = imageEmbd?.shape[1] ?? 0;
+    throw new Error(
+      `the prompts have ${slot} <|image|> slots but the images give ${imageRows} image embeddings` +
+        (L ? ` (${imageRows / L} images × ${L} tokens)` : " (no images)") +
+        `: put exactly mp_image_token_length <|image|> tokens in the prompt for each image`,
+    );
+  }
+  if (slot === 0) return tokenEmbd.clone() as tf.Tensor3D;
+  const rows = tf.concat([tokenEmbd.reshape([B * T, D]), imageEmbd!.reshape([imageRows, D])]);
+  return tf.gather(rows, tf.tensor1d(source, "int32")).reshape([B, T, D]);
+}
+
+// ---- Loss ------------------------------------------------------------------------------
+
+/**
+ * Mean cross-entropy over the positions whose target is not -100. Targets are already shifted by the data pipeline
+ * (targets[t] is the token after t), as in the reference. The log-probability of each target is picked with a 1-D
+ * gather from the flattened [B·T·V] log-softmax: no [B·T, V] one-hot, and a gradient on every backend.
+ * logits [B, T, V], targets int32 [B, T], optional weights [B, T] (a weighted mean; the reference's is 1) → scalar
+ */
+export function crossEntropy(logits: tf.Tensor, targets: tf.Tensor, tokenWeights?: tf.Tensor): tf.Scalar {
+  const V = logits.shape[logits.shape.length - 1]!;
+  const flatTargets = targets.reshape([-1]);
+  const n = flatTargets.shape[0]!;
+  const keep = flatTargets.notEqual(-100); // built from labels only, never from logits
+  const safeTargets = tf.where(keep, flatTargets, tf.zerosLike(flatTargets));
+  const index = tf.range(0, n, 1, "int32").mul(tf.scalar(V, "int32")).add(safeTargets); // row·V + target
+  const logProbs = tf.logSoftmax(logits.reshape([n, V])).reshape([-1]);
+  const picked = tf.gather(logProbs, index); // [B·T]
+  const weights = tokenWeights ? keep.toFloat().mul(tokenWeights.reshape([-1])) : keep.toFloat();
+  return picked.mul(weights).sum().neg().div(weights.sum().maximum(1)) as tf.Scalar;
+}
+
+/**
+ * The flat positions (row·T + t) whose target is not -100: the only rows whose logits the loss reads. With none, one
+ * masked position, so that the loss (then 0) stays a function of the model and backprop gives zero gradients.
+ */
+export function trainedPositions(targets: ArrayLike<number>): Int32Array {
+  const positions: number[] = [];
+  for (let i = 0; i < targets.length; i++) if (targets[i] !== -100) positions.push(i);
+  return Int32Array.from(positions.length ? positions : [0]);
+}
+
+// ---- Sampling ---------------------------------------------------------------------------
+
+/**
+ * The reference's top-k / top-p filter on one row of logits (models/utils.py, top_k_top_p_filtering): a copy is
+ * returned, removed entries set to -Infinity. top-k keeps every logit ≥ the k-th largest (ties survive); top-p then
+ * sorts what is left, and removes each token whose cumulative probability *including itself* exceeds topP — unlike
+ * Hugging Face's version there is no shift, so the token that crosses topP is removed too — always keeping the most
+ * likely one.
+ */
+export function topKTopPFilter(logits: Float32Array, topK = 0, topP = 1.0): Float32Array {
+  const out = Float32Array.from(logits);
+  const V = out.length;
+  if (topK > 0) {
+    const kth = Float32Array.from(out).sort().reverse()[Math.min(topK, V) - 1];
+    for (let i = 0; i < V; i++) if (out[i] < kth) out[i] = -Infinity;
+  }
+  if (topP < 1.0) {
+    const order = Array.from(out.keys()).sort((a, b) => out[b] - out[a]); // most likely first
+    const probs = softmax(order.map((i) => out[i]));
+    let cumulative = 0;
+    for (let rank = 0; rank < V; rank++) {
+      cumulative += probs[rank];
+      if (rank > 0 && cumulative > topP) out[order[rank]] = -Infinity;
+    }
+  }
+  return out;
+}
+
+/** A numerically stable softmax of plain numbers (float64), softened by a temperature. */
+export function softmax(values: ArrayLike<number>, temperature = 1): Float64Array {
+  let max = -Infinity;
+  for (let i = 0; i < values.length; i++) max = Math.max(max, values[i]);
+  const out = new Float64Array(values.length);
+  let sum = 0;
+  for (let i = 0; i < values.length; i++) sum += out[i] = Math.exp((values[i] - max) / temperature);
+  for (let i = 0; i < values.length; i++) out[i] /= sum;
+  return out;
+}
+
+/** A small seeded random number generator (mulberry32), so a seed makes sampling and data repeatable. */
+export function seededRandom(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+/** Greedy choice: the most likely token of each row. logits [B, V] → ids [B] */
+async function argmaxRows(logits: tf.Tensor): Promise<Int32Array> {
+  const best = tf.argMax(logits, -1);
+  return Int32Array.from(await best.data().finally(() => best.dispose()));
+}
+
+/** Sampling: filter each row (top-k, top-p), soften by temperature, draw one token. logits [B, V] → ids [B] */
+async function sampleRows(
+  logits: tf.Tensor,
+  { topK, topP, temperature }: { topK: number; topP: number; temperature: number },
+  random: () => number,
+): Promise<Int32Array> {
+  const [B, V] = logits.shape as [number, number];
+  const all = (await logits.data()) as Float32Array;
+  const ids = new Int32Array(B);
+  for (let b = 0; b < B; b++) {
+    const probs = softmax(topKTopPFilter(all.subarray(b * V, (b + 1) * V), topK, topP), temperature);
+    let r = random(), id = 0;
+    while (id < V - 1 && (r -= probs[id]) > 0) id++;
+    ids[b] = id;
+  }
+  return ids;
+}
+
+/** Options of `VisionLanguageModel.generate`; the defaults are the reference's. */
+export interface GenerateOptions {
+  maxNewTokens?: number; // 5
+  greedy?: boolean; // false: sample
+  temperature?: number; // 0.5, applied after filtering
+  topK?: number; // 50 (0 = off)
+  topP?: number; // 0.9 (1 = off)
+  eosTokenId?: number; // tokens after a row's first EOS become EOS; default: the model's eosTokenId
+  seed?: number; // for sampling; default: random
+  /** Called after every step with the chosen ids [B], e.g. to stream text. */
+  onToken?: (ids: Int32Array, step: number) => void;
+  /** Called before every choice with that step's logits [B, V] (row-major), read to the host: to inspect or test. */
+  onLogits?: (logits: Float32Array, step: number) => void;
+}
+
+// ---- The vision-language model ----------------------------------------------------------
+
+let modelCount = 0; // tfjs variable names are global: each model gets its own prefix
+
+/** nanoVLM: ViT → pixel-shuffle projector → decoder, with image embeddings in the `<|image|>` slots. */
+export class VisionLanguageModel {
+  readonly cfg: VLMConfig;
+  /** Trainable weights by nanoVLM name, in our layout (see `parameterSpecs`). */
+  readonly params: Map<string, tf.Variable>;
+  /** End-of-sequence id for generate's EOS rewrite: `<|im_end|>` (2) in SmolLM2's ChatML layout. */
+  eosTokenId = 2;
+  /** The id of `<|image|>`: appended after the base vocabulary, as Hugging Face adds special tokens. */
+  readonly imageTokenId: number;
+  // RoPE for positions 0 … lm_max_length−1, made once and sliced by each call. None beyond
+  // lm_max_position_embeddings, where dynamic scaling makes the table depend on the call.
+  private readonly rope: Rope | undefined;
+
+  /** A randomly initialised model, drawn as the reference's `_init_weights` (seeded). */
+  constructor(cfg: VLMConfig, options: { seed?: number } = {}) {
+    validateConfig(cfg);
+    this.cfg = { ...cfg };
+    this.imageTokenId = cfg.lm_base_vocab_size;
+    const Lmax = cfg.lm_max_length;
+    this.rope = Lmax <= cfg.lm_max_position_embeddings
+      ? rotaryEmbedding(cfg, Array.from({ length: Lmax }, (_, t) => t))
+      : undefined;
+    if (this.rope) [this.rope.cos, this.rope.sin].forEach((t) => tf.keep(t)); // kept if made inside a tidy
+    const id = modelCount++;
+    let seed = options.seed ?? 0;
+    this.params = new Map();
+    for (const spec of parameterSpecs(cfg)) {
+      const init = tf.tidy(() => {
+        if (spec.init === "normal") return tf.randomNormal(spec.shape, 0, 0.02, "float32", seed++);
+        if (spec.init === "uniform") return tf.randomUniform(spec.shape, 0, 1, "float32", seed++); // torch.rand
+        return spec.init === "ones" ? tf.ones(spec.shape) : tf.zeros(spec.shape);
+      });
+      this.params.set(spec.name, tf.variable(init, true, `nanovlm${id}/${spec.name}`));
+      init.dispose();
+    }
+  }
+
+  /** Number of trainable scalars (the tied embedding counted once). */
+  parameterCount(): number {
+    return [...this.params.values()].reduce((n, v) => n + v.size, 0);
+  }
+
+  /** Image embeddings for the image-token slots. images [N, 3, S, S] → [N, L, D] */
+  embedImages(images: tf.Tensor): tf.Tensor3D {
+    const S = this.cfg.vit_img_size;
+    if (images.rank !== 4 || images.shape[1] !== 3 || images.shape[2] !== S || images.shape[3] !== S) {
+      throw new Error(
+        `images must be float32 [N, 3, ${S}, ${S}] (RGB, resized to vit_img_size); got [${images.shape}]`,
+      );
+    }
+    const patches = visionEncoder(this.params, this.cfg, images); // [N, Np, Dv]
+    return modalityProjector(this.params, this.cfg, patches);
+  }
+
+  /** Token embeddings with the image embeddings written into the `<|image|>` slots. → [B, T, D] */
+  embed(inputIds: tf.Tensor, images: tf.Tensor | undefined): tf.Tensor3D {
+    const ids = readIds(inputIds);
+    const tokenEmbd = tf.gather(this.params.get("decoder.token_embedding.weight")!, inputIds); // [B, T, D]
+    const imageEmbd = images && images.shape[0]! > 0 ? this.embedImages(images) : undefined;
+    return replaceImageTokens(ids, tokenEmbd, imageEmbd, this.imageTokenId);
+  }
+
+  /**
+   * The training/scoring forward pass. inputIds int32 [B, T]; images float32 [N, 3, S, S] (all images of the batch,
+   * sample order); attentionMask [B, T] (1 = token, 0 = left padding) or undefined; targets int32 [B, T] with -100
+   * where no loss is taken. Returns logits [B, T, V] and, with targets, the mean cross-entropy. Unlike the reference
+   * (which returns hidden states without targets), logits always come back.
+   */
+  forward(
+    inputIds: tf.Tensor,
+    images: tf.Tensor | undefined,
+    attentionMask?: tf.Tensor,
+    targets?: tf.Tensor,
+  ): { logits: tf.Tensor3D; loss?: tf.Scalar } {
+    return tf.tidy(() => {
+      const hidden = this.hiddenStates(inputIds, images, attentionMask); // [B, T, D]
+      const logits = lmHead(this.params, this.cfg, hidden) as tf.Tensor3D; // [B, T, V]
+      return targets ? { logits, loss: crossEntropy(logits, targets) } : { logits };
+    });
+  }
+
+  /**
+   * The training loss alone: forward's cross-entropy (optionally weighted per token, tokenWeights [B, T]), with the
+   * head run only on positions that have a target: at a real vocabulary the head is the largest matMul, and image
+   * tokens and prompts have no target. Same value and gradients as forward(...).loss.
+   */
+  loss(
+    inputIds: tf.Tensor,
+    images: tf.Tensor | undefined,
+    attentionMask: tf.Tensor | undefined,
+    targets: tf.Tensor,
+    tokenWeights?: tf.Tensor,
+  ): tf.Scalar {
+    return tf.tidy(() => {
+      const hidden = this.hiddenStates(inputIds, images, attentionMask); // [B, T, D]
+      const rows = tf.tensor1d(trainedPositions(readIds(targets, "targets")), "int32");
+      const pick = (t: tf.Tensor) => tf.gather(t.reshape([-1, ...t.shape.slice(2)]), rows); // [B, T, ..] → [rows, ..]
+      const logits = lmHead(this.params, this.cfg, pick(hidden)); // [rows, V]
+      return crossEntropy(logits, pick(targets), tokenWeights && pick(tokenWeights));
+    });
+  }
+
+  /** The decoder's output for the fused prompt, before the head (backend/low_memory.ts may replace it). [B, T, D] */
+  hiddenStates(inputIds: tf.Tensor, images: tf.Tensor | undefined, attentionMask?: tf.Tensor): tf.Tensor3D {
+    const T = inputIds.shape[1]!;
+    this.checkContext(T, 0);
+    const fused = this.embed(inputIds, images);
+    return decoder(this.params, this.cfg, fused, { attentionMask, rope: this.ropeAt(0, T) }).hidden;
+  }
+
+  /**
+   * Generate maxNewTokens tokens after each (left-padded) prompt: one prefill pass over the prompts fills the KV cache,
+   * then each step feeds only the newest token. Returns the new tokens only, int32 [B, maxNewTokens]; after a row's
+   * first EOS every token is EOS (the reference's post-processing). Stops early once every row has emitted EOS, which
+   * changes nothing in the result.
+   */
+  async generate(
+    inputIds: tf.Tensor,
+    images: tf.Tensor | undefined,
+    attentionMask?: tf.Tensor,
+    options: GenerateOptions = {},
+  ): Promise<tf.Tensor2D> {
+    const { maxNewTokens = 5, greedy = false, temperature = 0.5, topK = 50, topP = 0.9 } = options;
+    const eos = options.eosTokenId ?? this.eosTokenId;
+    const random = seededRandom(options.seed ?? Math.floor(Math.random() * 2 ** 32));
+    const [B, T] = inputIds.shape as [number, number];
+    this.checkContext(T, maxNewTokens);
+
+    // One decoder pass over new embeddings x [B, t, D] at positions start…: the grown cache, last logits [B, V].
+    const pass = (x: tf.Tensor, attentionMask: tf.Tensor | undefined, cache: KVCache[] | undefined, start: number) => {
+      const t = x.shape[1]!, rope = this.ropeAt(start, t);
+      const out = decoder(this.params, this.cfg, x, { attentionMask, cache, startPos: start, rope });
+      const last = out.hidden.slice([0, t - 1, 0], [B, 1, -1]).reshape([B, -1]); // [B, D]
+      return { cache: out.cache, logits: lmHead(this.params, this.cfg, last) };
+    };
+    // Prefill: the whole prompt at once.
+    let mask = attentionMask ? attentionMask.clone() : undefined;
+    let { cache, logits } = tf.tidy(() => pass(this.embed(inputIds, images), mask, undefined, 0));
+
+    const generated = new Int32Array(B * maxNewTokens).fill(eos);
+    const finished = new Array<boolean>(B).fill(false);
+    for (let step = 0; step < maxNewTokens; step++) {
+      if (options.onLogits) options.onLogits(Float32Array.from(await logits.data()), step);
+      const next = greedy ? await argmaxRows(logits) : await sampleRows(logits, { topK, topP, temperature }, random);
+      for (let b = 0; b < B; b++) {
+        generated[b * maxNewTokens + step] = finished[b] ? eos : next[b];
+        finished[b] ||= next[b] === eos;
+      }
+      options.onToken?.(next, step);
+      if (step === maxNewTokens - 1 || finished.every(Boolean)) break;
+
+      // Decode: embed the new token (position T + step), extend the mask, attend to the cache.
+      const previous = { cache, logits, mask };
+      ({ cache, logits, mask } = tf.tidy(() => {
+        const E = this.params.get("decoder.token_embedding.weight")!;
+        const embedding = tf.gather(E, tf.tensor2d(next, [B, 1], "int32")); // [B, 1, D]
+        const grown = mask ? tf.concat([mask, tf.ones([B, 1], mask.dtype)], 1) : undefined; // [B, T + step + 1]
+        return { ...pass(embedding, grown, cache, T + step), mask: grown };
+      }));
+      tf.dispose([previous.logits, previous.mask, ...previous.cache.flatMap((c) => [c.k, c.v])]);
+    }
+    tf.dispose([logits, mask, ...cache.flatMap((c) => [c.k, c.v])]);
+    return tf.tensor2d(generated, [B, maxNewTokens], "int32");
+  }
+
+  /** RoPE rows for positions start … start+T−1, sliced from the model's table (undefined: the decoder makes them). */
+  private ropeAt(start: number, T: number): Rope | undefined {
+    if (!this.rope) return undefined;
+    return { cos: this.rope.cos.slice([start, 0], [T, -1]), sin: this.rope.sin.slice([start, 0], [T, -1]) };
+  }
+
+  /** A prompt plus the tokens to generate must fit the context (lm_max_length). */
+  private checkContext(promptLength: number, newTokens: number): void {
+    const limit = this.cfg.lm_max_length;
+    if (promptLength + newTokens > limit) {
+      throw new Error(
+        `the prompt has ${promptLength} tokens` + (newTokens ? ` and ${newTokens} new tokens were asked for` : "") +
+          `, but the context (lm_max_length) is ${limit}: shorten the prompt or raise lm_max_length`,
+      );
+    }
+  }
+
+  /** Free every weight and the RoPE table. */
+  dispose(): void {
+    for (const v of this.params.values()) v.dispose();
+    tf.dispose([this.rope?.cos, this.rope?.sin]);
+  }
+}
+
+/** Read int32 token ids (or targets: `name`) [B, T] on the host (they are small) to find the image slots. */
+function readIds(inputIds: tf.Tensor, name = "inputIds"): Int32Array {
+  if (inputIds.dtype !== "int32" || inputIds.rank !== 2) {
+    throw new Error(`${name} must be an int32 [B, T] tensor; got ${inputIds.dtype} [${inputIds.shape}]`);
+  }
+  return inputIds.dataSync() as Int32Array;
+}
+
+// ---- Configuration and presets ----------------------------------------------------------
+
+/** SmolLM2's ChatML chat template (the reference's `lm_chat_template`). */
+export const CHATML_TEMPLATE =
   "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
-// Every field of the reference's VLMConfig, in its order (the order of config.json), with
-// its defaults at 8374ce1: the 450M backbones' names with the 135M-shaped LM fields.
+// Every field of the reference's VLMConfig (models/config.py), in its order, with its defaults at 8374ce1.
 const defaults = {
   vit_hidden_dim: 768, // Dv
   vit_inter_dim: 3072, // ViT MLP width
@@ -40,7 +668,7 @@ const defaults = {
   vit_dropout: 0.0, // kept for config compatibility; must be 0 here
   vit_n_blocks: 12,
   vit_ln_eps: 1e-6,
-  vit_cls_flag: false, // the CLS path is unusable in the VLM (reference §20.9); must be false
+  vit_cls_flag: false, // the CLS path gives one pooled vector the projector cannot use; must be false
   vit_model_type: "google/siglip2-base-patch16-256", // Hugging Face repo of the vision backbone
   lm_hidden_dim: 576, // D
   lm_inter_dim: 1536, // SwiGLU width F
@@ -120,10 +748,7 @@ export const PRESETS: Readonly<Record<string, Readonly<VLMConfig>>> = Object.fre
   }),
 });
 
-/**
- * Check that a config describes a model this file can build, and throw an Error that
- * names the field and the fix when it does not.
- */
+/** Check that a config describes a model this file can build; the error names the field and the fix. */
 export function validateConfig(cfg: VLMConfig): void {
   const { vit_img_size: S, vit_patch_size: P, mp_pixel_shuffle_factor: s, lm_hidden_dim: D, lm_n_heads: H } = cfg;
   const G = S / P, L = (G / s) ** 2;
@@ -141,44 +766,18 @@ export function validateConfig(cfg: VLMConfig): void {
   for (const [ok, problem] of rules) if (!ok) throw new Error(`invalid config: ${problem}`);
 }
 
-/**
- * Read a config object (e.g. a parsed config.json): every known field is taken, a missing one falls back to `base`, an
- * unknown one is reported through `warn` and ignored (old checkpoints carry fields such as `lm_eos_token_id`).
- */
-export function configFromJSON(
-  json: Record<string, unknown>,
-  base: VLMConfig = DEFAULT_CONFIG,
-  warn: (msg: string) => void = console.warn,
-): VLMConfig {
-  const cfg: Record<string, unknown> = { ...base };
-  for (const [key, value] of Object.entries(json)) {
-    if (!(key in base)) warn(`config: ignoring unknown key "${key}"`);
-    else if (typeof value !== typeof base[key as keyof VLMConfig]) {
-      throw new Error(
-        `config: "${key}" should be a ${typeof base[key as keyof VLMConfig]}, got ${JSON.stringify(value)}`,
-      );
-    } else cfg[key] = value;
-  }
-  return cfg as unknown as VLMConfig;
-}
-
-// ---- Parameters ---------------------------------------------------------------------
+// ---- Parameters -----------------------------------------------------------------------
 //
 // Parameters live in one Map keyed by the reference's state-dict names, so a reader can look any of them up in the
-// PyTorch code. Two layouts differ from PyTorch, for speed: a Linear weight is stored [in, out] so `x · W` is one plain
-// 2-D matMul (the fast path of every tfjs backend), and the patch-embedding conv weight [Dv, 3, P, P] is stored
-// flattened as [3·P·P, Dv] because we patchify + matMul instead of convolving (the WASM backend has no gradient for a
-// conv filter). `toTorchLayout` / `fromTorchLayout` convert.
+// PyTorch code. Two layouts differ from PyTorch: a Linear weight is stored [in, out] so `x · W` is one plain 2-D matMul,
+// and the patch-embedding conv weight [Dv, 3, P, P] is stored flattened as [3·P·P, Dv] because we patchify + matMul
+// instead of convolving. lib/checkpoint.ts converts to PyTorch's layouts when it reads and writes files.
 
-/** A float32 tensor as stored in a safetensors file. */
-export type F32Tensor = { dtype: "F32"; shape: number[]; data: Float32Array };
-
-/** A model's weights by nanoVLM name. */
-export type Params = Map<string, tf.Tensor>;
-
-type Layout = "linear" | "conv" | "plain";
+/** How a parameter is stored in PyTorch relative to ours: transposed (linear), a flattened conv, or the same. */
+export type Layout = "linear" | "conv" | "plain";
 type Init = "normal" | "zeros" | "ones" | "uniform";
-type ParamSpec = { name: string; shape: number[]; layout: Layout; init: Init }; // shape: our layout
+/** One parameter: its nanoVLM name, our shape, PyTorch's layout, and how the reference initialises it. */
+export type ParamSpec = { name: string; shape: number[]; layout: Layout; init: Init };
 
 /** Every parameter of the model: name, our shape, how PyTorch lays it out, and how the reference initialises it. */
 export function parameterSpecs(cfg: VLMConfig): ParamSpec[] {
@@ -229,811 +828,4 @@ export function parameterSpecs(cfg: VLMConfig): ParamSpec[] {
 
   linear("MP.proj", cfg.mp_pixel_shuffle_factor ** 2 * Dv, D, false);
   return specs;
-}
-
-/** The PyTorch shape of a parameter, from our shape and layout. */
-function torchShape(spec: ParamSpec, cfg: VLMConfig): number[] {
-  const P = cfg.vit_patch_size;
-  if (spec.layout === "linear") return [spec.shape[1], spec.shape[0]]; // [out, in]
-  if (spec.layout === "conv") return [spec.shape[1], 3, P, P]; // [Dv, 3, P, P]
-  return spec.shape;
-}
-
-/** Our layout → PyTorch layout. Both transposes are 2-D: conv [3PP, Dv] → [Dv, 3PP] → [Dv, 3, P, P]. */
-function toTorchLayout(t: tf.Tensor, spec: ParamSpec, cfg: VLMConfig): tf.Tensor {
-  return spec.layout === "plain" ? t.clone() : t.transpose().reshape(torchShape(spec, cfg));
-}
-
-/** PyTorch layout → our layout (the inverse of `toTorchLayout`). */
-function fromTorchLayout(t: tf.Tensor, spec: ParamSpec): tf.Tensor {
-  if (spec.layout === "plain") return t.clone();
-  return t.reshape([t.shape[0], -1]).transpose(); // [out, in…] → [in…, out]
-}
-
-// ---- Small tensor helpers ------------------------------------------------------------
-
-/**
- * y = x · W + b for x of any rank [..., in]. tfjs has no gradient for matMul with broadcast batch dimensions, so the
- * input is flattened to 2-D first, which is also the fastest matMul on every backend.
- */
-export function linear(x: tf.Tensor, weight: tf.Tensor, bias?: tf.Tensor): tf.Tensor {
-  const lead = x.shape.slice(0, -1);
-  let y = tf.matMul(x.reshape([-1, weight.shape[0]]), weight as tf.Tensor2D); // [rows, out]
-  if (bias) y = y.add(bias);
-  return y.reshape([...lead, weight.shape[1]!]);
-}
-
-/** LayerNorm over the last axis with biased variance, as torch.nn.LayerNorm. */
-export function layerNorm(x: tf.Tensor, weight: tf.Tensor, bias: tf.Tensor, eps: number): tf.Tensor {
-  const { mean, variance } = tf.moments(x, -1, true);
-  return x.sub(mean).mul(tf.rsqrt(variance.add(eps))).mul(weight).add(bias);
-}
-
-/**
- * GELU, tanh approximation (SigLIP's gelu_pytorch_tanh): 0.5·x·(1 + tanh(u)), written as
- * x·σ(2u), the same function (1 + tanh(u) = 2σ(2u)), because WASM's sigmoid is 10× faster
- * than its tanh. u = √(2/π)·(x + 0.044715·x³); x·x·x because `pow` is slow on WASM.
- */
-export function geluTanh(x: tf.Tensor): tf.Tensor {
-  const twoU = x.add(x.mul(x).mul(x).mul(0.044715)).mul(2 * Math.sqrt(2 / Math.PI));
-  return x.mul(tf.sigmoid(twoU));
-}
-
-/** RMSNorm: x / sqrt(mean(x²) + eps) · w. No mean subtraction and no bias, unlike LayerNorm. */
-export function rmsNorm(x: tf.Tensor, weight: tf.Tensor, eps: number): tf.Tensor {
-  return x.mul(tf.rsqrt(x.square().mean(-1, true).add(eps))).mul(weight);
-}
-
-/** Block `prefix`, checkpointed: backprop keeps only `xs` and its weights, and recomputes the rest (runtime.ts). */
-function checkpointed(p: Params, prefix: string, xs: tf.Tensor[], block: (p: Params, xs: tf.Tensor[]) => tf.Tensor) {
-  const names = [...p.keys()].filter((name) => name.startsWith(`${prefix}.`)), n = xs.length;
-  const run = (...ts: tf.Tensor[]) => block(new Map(names.map((name, j) => [name, ts[n + j]])), ts.slice(0, n));
-  return recomputeInBackward(run, [...xs, ...names.map((name) => p.get(name)!)]) as tf.Tensor3D;
-}
-
-/** Split heads: [B, T, heads·hd] → [B, heads, T, hd]. */
-function splitHeads(x: tf.Tensor, heads: number): tf.Tensor4D {
-  const [B, T, width] = x.shape;
-  return x.reshape([B, T, heads, width / heads]).transpose([0, 2, 1, 3]);
-}
-
-/** Merge heads: [B, heads, T, hd] → [B, T, heads·hd]. */
-function mergeHeads(x: tf.Tensor): tf.Tensor3D {
-  const [B, heads, T, hd] = x.shape;
-  return x.transpose([0, 2, 1, 3]).reshape([B, T, heads * hd]);
-}
-
-// ---- Vision encoder (SigLIP-style ViT) -----------------------------------------------
-
-/**
- * Cut images into non-overlapping P×P patches, each flattened in (channel, row, col)
- * order — the order of PyTorch's conv weight [Dv, 3, P, P] — with patches row-major.
- * images [N, 3, S, S] → [N, Np, 3·P·P]
- */
-export function patchify(images: tf.Tensor, P: number): tf.Tensor3D {
-  const [N, C, S] = images.shape;
-  const G = S / P;
-  return images
-    .reshape([N, C, G, P, G, P]) // split both image axes into (patch index, pixel in patch)
-    .transpose([0, 2, 4, 1, 3, 5]) // [N, G, G, 3, P, P]: patch grid first, then pixels
-    .reshape([N, G * G, C * P * P]);
-}
-
-/** A strided conv as patchify + matMul, plus the learned position embedding. images [N,3,S,S] → [N, Np, Dv] */
-export function patchEmbedding(p: Params, cfg: VLMConfig, images: tf.Tensor): tf.Tensor3D {
-  const w = (k: string) => p.get(`vision_encoder.patch_embedding.${k}`)!;
-  const patches = patchify(images, cfg.vit_patch_size); // [N, Np, 3·P·P]
-  return linear(patches, w("conv.weight"), w("conv.bias")).add(w("position_embedding")) as tf.Tensor3D;
-}
-
-/** Bidirectional multi-head self-attention with one fused q|k|v projection. x [N, Np, Dv] → [N, Np, Dv] */
-function vitAttention(p: Params, prefix: string, cfg: VLMConfig, x: tf.Tensor): tf.Tensor {
-  const w = (k: string) => p.get(`${prefix}.${k}`)!;
-  const H = cfg.vit_n_heads, hd = cfg.vit_hidden_dim / H;
-  const qkv = linear(x, w("qkv_proj.weight"), w("qkv_proj.bias")); // [N, Np, 3·Dv]
-  // Split on the last axis, then 4-D transposes: 5-D transposes are very slow on WASM.
-  const [q, k, v] = tf.split(qkv, 3, -1).map((t) => splitHeads(t, H)); // each [N, H, Np, hd]
-  const scores = tf.matMul(q, k, false, true).mul(1 / Math.sqrt(hd)); // [N, H, Np, Np]
-  const out = tf.matMul(tf.softmax(scores), v); // [N, H, Np, hd]
-  return linear(mergeHeads(out), w("out_proj.weight"), w("out_proj.bias"));
-}
-
-/** One pre-LayerNorm transformer block: x + attn(ln1(x)), then + mlp(ln2(x)). x [N, Np, Dv] */
-export function vitBlock(p: Params, cfg: VLMConfig, i: number, x: tf.Tensor): tf.Tensor3D {
-  const b = `vision_encoder.blocks.${i}`;
-  const w = (k: string) => p.get(`${b}.${k}`)!;
-  const eps = cfg.vit_ln_eps;
-  x = x.add(vitAttention(p, `${b}.attn`, cfg, layerNorm(x, w("ln1.weight"), w("ln1.bias"), eps)));
-  const h = layerNorm(x, w("ln2.weight"), w("ln2.bias"), eps);
-  const hidden = geluTanh(linear(h, w("mlp.fc1.weight"), w("mlp.fc1.bias"))); // [N, Np, vit_inter_dim]
-  return x.add(linear(hidden, w("mlp.fc2.weight"), w("mlp.fc2.bias"))) as tf.Tensor3D;
-}
-
-/** The whole ViT: every patch token after the final LayerNorm (no CLS, no pooling). images [N,3,S,S] → [N, Np, Dv] */
-export function visionEncoder(p: Params, cfg: VLMConfig, images: tf.Tensor, checkpoint = false): tf.Tensor3D {
-  let x = patchEmbedding(p, cfg, images);
-  for (let i = 0; i < cfg.vit_n_blocks; i++) {
-    const b = `vision_encoder.blocks.${i}`;
-    x = checkpoint ? checkpointed(p, b, [x], (w, [x]) => vitBlock(w, cfg, i, x)) : vitBlock(p, cfg, i, x);
-  }
-  const w = (k: string) => p.get(`vision_encoder.layer_norm.${k}`)!;
-  return layerNorm(x, w("weight"), w("bias"), cfg.vit_ln_eps) as tf.Tensor3D;
-}
-
-// ---- Modality projector ---------------------------------------------------------------
-
-/**
- * Pixel shuffle (space-to-depth): every s×s block of neighbouring patches becomes one token, its s² patch vectors
- * concatenated row-major. s² times fewer, s² times wider tokens: the decoder reads L = Np/s² image tokens, not Np.
- * x [N, Np, Dv] → [N, L, s²·Dv]
- */
-export function pixelShuffle(x: tf.Tensor, s: number): tf.Tensor3D {
-  const [N, Np, Dv] = x.shape;
-  const G = Math.sqrt(Np), O = G / s; // O×O output tokens
-  return x
-    .reshape([N, O, s, O, s, Dv]) // (block row, row in block, block col, col in block)
-    .transpose([0, 1, 3, 2, 4, 5]) // [N, O, O, s, s, Dv]: blocks first
-    .reshape([N, O * O, s * s * Dv]);
-}
-
-/** Pixel shuffle, then one bias-free linear map to the decoder width. [N, Np, Dv] → [N, L, D] */
-export function modalityProjector(p: Params, cfg: VLMConfig, x: tf.Tensor): tf.Tensor3D {
-  return linear(pixelShuffle(x, cfg.mp_pixel_shuffle_factor), p.get("MP.proj.weight")!) as tf.Tensor3D;
-}
-
-// ---- Language model (SmolLM2 / Llama-style decoder) -----------------------------------
-
-/**
- * Rotary position embedding, HF-Llama "rotate half" layout: cos/sin [T, hd] (the hd/2 frequencies twice) and
- * rotateHalf [hd, hd], the ±1 matrix with x·rotateHalf = concat(−x₂, x₁): on wasm one small matMul beats a split, a
- * negation and a concat, forward and backward. Beyond lm_max_position_embeddings the frequencies are divided by
- * (max position + 1) / max ("dynamic scaling"), for the whole call, as the reference does.
- */
-export type Rope = { cos: tf.Tensor2D; sin: tf.Tensor2D; rotateHalf: tf.Tensor2D };
-export function rotaryEmbedding(cfg: VLMConfig, positions: number[]): Rope {
-  const hd = cfg.lm_hidden_dim / cfg.lm_n_heads, longest = Math.max(...positions) + 1;
-  const scale = longest > cfg.lm_max_position_embeddings ? longest / cfg.lm_max_position_embeddings : 1;
-  return tf.tidy(() => {
-    // inv_freq[i] = 1 / θ^(2i/hd), in float32 arithmetic like the reference.
-    const exponents = tf.range(0, hd, 2, "float32").div(hd);
-    const invFreq = tf.pow(tf.scalar(cfg.lm_re_base), exponents).reciprocal().div(scale); // [hd/2]
-    const freqs = tf.tensor2d(positions, [positions.length, 1]).mul(invFreq.expandDims(0)); // [T, hd/2]
-    const angles = tf.concat([freqs, freqs], -1); // [T, hd]
-    const [cos, sin] = [tf.cos(angles), tf.sin(angles)].map((t) => t.mul(cfg.lm_attn_scaling) as tf.Tensor2D);
-    const r = new Float32Array(hd * hd); // column j < hd/2 takes −x_{j+hd/2}, column j + hd/2 takes x_j
-    for (let j = 0; j < hd / 2; j++) [r[(j + hd / 2) * hd + j], r[j * hd + j + hd / 2]] = [-1, 1];
-    return { cos, sin, rotateHalf: tf.tensor2d(r, [hd, hd]) };
-  });
-}
-
-/** Rotate each (x_i, x_{i+hd/2}) pair by its position's angle. x [B, heads, T, hd], rope.cos/sin [T, hd] */
-export function applyRotary(x: tf.Tensor, rope: Rope): tf.Tensor {
-  const rotatedHalf = x.reshape([-1, x.shape[3]!]).matMul(rope.rotateHalf).reshape(x.shape); // rotate_half(x)
-  return x.mul(rope.cos).add(rotatedHalf.mul(rope.sin));
-}
-
-/**
- * What a hidden key adds to its score. The reference adds float32's most negative value for padding and -inf for the
- * future; on a row that hides every key (a padded query) both make tfjs-webgpu's softmax return NaN, which then reaches
- * real rows through 0·NaN in the next layer. Any value below about -1e10 gives real rows the same probabilities
- * (exactly 0 for hidden keys), and -1e30 stays finite when added twice.
- */
-const HIDDEN = -1e30;
-
-/**
- * The additive attention bias [B or 1, 1, 1, T or 1, Tk] (shaped for the grouped scores below): causal (HIDDEN above
- * the diagonal) when T new tokens attend to exactly those T tokens, plus HIDDEN on padded keys when an attention mask
- * [B, Tk] is given. A single decoding step needs no causal mask: the new token may see everything cached.
- */
-export function attentionBias(
-  attentionMask: tf.Tensor | undefined,
-  T: number,
-  Tk: number,
-  positions?: tf.Tensor1D,
-): tf.Tensor | undefined {
-  const causal = T === Tk && T > 1;
-  if (attentionMask === undefined && !causal) return undefined;
-  return tf.tidy(() => {
-    let bias: tf.Tensor | undefined;
-    if (causal) { // a key (column) after the query (row) is hidden: [T, T]
-      const pos = positions ? positions.slice(0, T) : tf.range(0, T); // [T]: a model's (DecoderTables) or made here
-      bias = tf.where(pos.expandDims(0).greater(pos.expandDims(1)), tf.fill([T, T], HIDDEN), tf.fill([T, T], 0));
-    }
-    if (attentionMask !== undefined) {
-      const Tm = attentionMask.shape[1]!;
-      const mask = attentionMask.slice([0, Tm - Tk], [-1, Tk]).toFloat(); // the last Tk columns
-      const padding = tf.scalar(1).sub(mask).mul(HIDDEN).expandDims(1); // [B, 1, Tk]
-      bias = bias ? padding.add(bias) : padding; // [B, T, Tk] or [B, 1, Tk]
-    }
-    return bias!.reshape([-1, 1, 1, ...bias!.shape.slice(-2)]);
-  });
-}
-
-/**
- * Decoder inputs that depend only on the config, made once per model so that each forward pass or decoding step slices
- * them instead of remaking them from uploaded data: RoPE (Lmax = lm_max_length rows) and positions 0…Lmax−1 [Lmax].
- * None if Lmax passes lm_max_position_embeddings (dynamic RoPE scaling then depends on the call).
- */
-export type DecoderTables = Rope & { positions: tf.Tensor1D };
-
-/** The tables of `cfg`, kept (a model frees them in `dispose`), or undefined (see DecoderTables). */
-export function decoderTables(cfg: VLMConfig): DecoderTables | undefined {
-  const Lmax = cfg.lm_max_length;
-  if (Lmax > cfg.lm_max_position_embeddings) return undefined;
-  const tables = { ...rotaryEmbedding(cfg, Array.from({ length: Lmax }, (_, t) => t)), positions: tf.range(0, Lmax) };
-  Object.values(tables).forEach((t) => tf.keep(t)); // a model built inside a caller's tf.tidy keeps them
-  return tables as DecoderTables;
-}
-
-/** Cached keys and values of one decoder block, both [B, KV, Tk, hd], keys already rotated. */
-export type KVCache = { k: tf.Tensor4D; v: tf.Tensor4D };
-
-/**
- * Causal grouped-query attention. KV key/value heads serve H query heads, rep = H/KV each (query head h uses KV head
- * floor(h/rep), as torch's repeat_interleave). Instead of copying k and v rep times, the query heads of one group are
- * stacked along the token axis: q [B, H, T, hd] → [B, KV, rep·T, hd], one plain batched matMul per group.
- * x [B, T, D] → out [B, T, D] and this block's updated cache.
- */
-export function decoderAttention(
-  p: Params,
-  prefix: string,
-  cfg: VLMConfig,
-  x: tf.Tensor,
-  rope: Rope,
-  bias: tf.Tensor | undefined,
-  cache: KVCache | undefined,
-): { out: tf.Tensor; cache: KVCache } {
-  const w = (k: string) => p.get(`${prefix}.${k}.weight`)!;
-  const [B, T] = x.shape;
-  const H = cfg.lm_n_heads, KV = cfg.lm_n_kv_heads, rep = H / KV, hd = cfg.lm_hidden_dim / H;
-  const q = applyRotary(splitHeads(linear(x, w("q_proj")), H), rope); // [B, H, T, hd]
-  let k = applyRotary(splitHeads(linear(x, w("k_proj")), KV), rope); // [B, KV, T, hd]
-  let v: tf.Tensor = splitHeads(linear(x, w("v_proj")), KV); // [B, KV, T, hd]
-  if (cache) {
-    k = tf.concat([cache.k, k], 2); // [B, KV, Tk, hd]
-    v = tf.concat([cache.v, v], 2);
-  }
-  const Tk = k.shape[2]!;
-  const qGrouped = q.reshape([B, KV, rep * T, hd]);
-  let scores = tf.matMul(qGrouped, k, false, true).mul(1 / Math.sqrt(hd)); // [B, KV, rep·T, Tk]
-  if (bias) scores = scores.reshape([B, KV, rep, T, Tk]).add(bias).reshape([B, KV, rep * T, Tk]);
-  const out = tf.matMul(tf.softmax(scores), v).reshape([B, H, T, hd]); // [B, H, T, hd]
-  return { out: linear(mergeHeads(out), w("out_proj")), cache: { k: k as tf.Tensor4D, v: v as tf.Tensor4D } };
-}
-
-/** One pre-RMSNorm Llama block: x + attn(norm1(x)), then x + SwiGLU(norm2(x)). x [B, T, D] */
-export function decoderBlock(
-  p: Params,
-  cfg: VLMConfig,
-  i: number,
-  x: tf.Tensor,
-  rope: Rope,
-  bias?: tf.Tensor,
-  cache?: KVCache,
-): { out: tf.Tensor3D; cache: KVCache } {
-  const b = `decoder.blocks.${i}`;
-  const w = (k: string) => p.get(`${b}.${k}.weight`)!;
-  const attn = decoderAttention(p, `${b}.attn`, cfg, rmsNorm(x, w("norm1"), cfg.lm_rms_eps), rope, bias, cache);
-  x = x.add(attn.out);
-  const h = rmsNorm(x, w("norm2"), cfg.lm_rms_eps);
-  const gate = linear(h, w("mlp.gate_proj")); // [B, T, F]
-  const silu = gate.mul(tf.sigmoid(gate));
-  const mlp = linear(silu.mul(linear(h, w("mlp.up_proj"))), w("mlp.down_proj")); // SwiGLU, [B, T, D]
-  return { out: x.add(mlp) as tf.Tensor3D, cache: attn.cache };
-}
-
-/**
- * The decoder over embeddings x [B, T, D] at positions startPos … startPos+T-1 (left padding occupies real positions,
- * as in the reference). Returns the final-RMSNorm hidden states [B, T, D] and the per-block KV cache for the next
- * call; `checkpoint` (training) recomputes each block in backward instead of keeping its activations, and no cache.
- * With a model's `tables` the RoPE rows and the causal mask come from them; without, they are made for this call.
- */
-export function decoder(
-  p: Params,
-  cfg: VLMConfig,
-  x: tf.Tensor,
-  attentionMask?: tf.Tensor,
-  cache?: KVCache[],
-  startPos = 0,
-  checkpoint = false,
-  tables?: DecoderTables,
-): { hidden: tf.Tensor3D; cache: KVCache[] } {
-  const T = x.shape[1]!;
-  const Tk = T + (cache ? cache[0].k.shape[2]! : 0);
-  const rope: Rope = tables // cos/sin [T, hd]
-    ? { ...tables, cos: tables.cos.slice([startPos, 0], [T, -1]), sin: tables.sin.slice([startPos, 0], [T, -1]) }
-    : rotaryEmbedding(cfg, Array.from({ length: T }, (_, t) => startPos + t));
-  const bias = attentionBias(attentionMask, T, Tk, tables?.positions);
-  const newCache: KVCache[] = [];
-  for (let i = 0; i < cfg.lm_n_blocks; i++) {
-    if (checkpoint) { // a checkpointed block may read no tensor but its inputs: RoPE tables and mask go in too
-      const run = (w: Params, [x, cos, sin, rotateHalf, bias]: tf.Tensor[]) =>
-        decoderBlock(w, cfg, i, x, { cos, sin, rotateHalf } as Rope, bias).out;
-      const inputs = [x, rope.cos, rope.sin, rope.rotateHalf, ...(bias ? [bias] : [])];
-      x = checkpointed(p, `decoder.blocks.${i}`, inputs, run);
-      continue;
-    }
-    const block = decoderBlock(p, cfg, i, x, rope, bias, cache?.[i]);
-    x = block.out;
-    newCache.push(block.cache);
-  }
-  tf.dispose([rope.cos, rope.sin, tables ? undefined : rope.rotateHalf, bias]);
-  return { hidden: rmsNorm(x, p.get("decoder.norm.weight")!, cfg.lm_rms_eps) as tf.Tensor3D, cache: newCache };
-}
-
-/** The output head: logits = hidden · Eᵀ (E the tied token embedding, or the untied head). [.., D] → [.., V] */
-export function lmHead(p: Params, cfg: VLMConfig, hidden: tf.Tensor): tf.Tensor {
-  // Eᵀ is never copied, not even once per decoding step: WebGPU and BLAS read E transposed, wasm computes (E·hᵀ)ᵀ.
-  const E = p.get(cfg.lm_tie_weights ? "decoder.token_embedding.weight" : "decoder.head.weight")!;
-  const lead = hidden.shape.slice(0, -1);
-  return tf.matMul(hidden.reshape([-1, cfg.lm_hidden_dim]), E as tf.Tensor2D, false, true).reshape([...lead, -1]);
-}
-
-// ---- Fusion: image embeddings into the image-token slots ------------------------------
-
-/**
- * Write image embeddings into the `<|image|>` slots of the token embeddings. Slots are filled in row-major order
- * (sample, then position) with image rows in order (image 0 token 0, image 0 token 1, …), so images must come flattened
- * in sample order, exactly mp_image_token_length slots per image. Implemented as one gather from the stacked rows
- * [token rows; image rows], which has a gradient on every backend.
- * ids: the [B, T] token ids on the host; tokenEmbd [B, T, D]; imageEmbd [N, L, D] → [B, T, D]
- */
-export function replaceImageTokens(
-  ids: ArrayLike<number>,
-  tokenEmbd: tf.Tensor,
-  imageEmbd: tf.Tensor | undefined,
-  imageTokenId: number,
-): tf.Tensor3D {
-  const [B, T, D] = tokenEmbd.shape;
-  const imageRows = imageEmbd ? imageEmbd.shape[0]! * imageEmbd.shape[1]! : 0;
-  const source = new Int32Array(B * T); // for each output row, the row of [tokens; images] it takes
-  let slot = 0;
-  for (let r = 0; r < B * T; r++) source[r] = ids[r] === imageTokenId ? B * T + slot++ : r;
-  if (slot !== imageRows) {
-    const L = imageEmbd?.shape[1] ?? 0;
-    throw new Error(
-      `the prompts have ${slot} <|image|> slots but the images give ${imageRows} image embeddings` +
-        (L ? ` (${imageRows / L} images × ${L} tokens)` : " (no images)") +
-        `: put exactly mp_image_token_length <|image|> tokens in the prompt for each image`,
-    );
-  }
-  if (slot === 0) return tokenEmbd.clone() as tf.Tensor3D;
-  const rows = tf.concat([tokenEmbd.reshape([B * T, D]), imageEmbd!.reshape([imageRows, D])]);
-  return tf.gather(rows, tf.tensor1d(source, "int32")).reshape([B, T, D]);
-}
-
-// ---- Loss ------------------------------------------------------------------------------
-
-/**
- * Mean cross-entropy over the positions whose target is not -100. Targets are already shifted by the data pipeline
- * (targets[t] is the token after t), as in the reference. The log-probability of each target is picked with a 1-D
- * gather from the flattened [B·T·V] log-softmax: no [B·T, V] one-hot, and a gradient on every backend.
- * logits [B, T, V], targets int32 [B, T], optional weights [B, T] (a weighted mean; the reference's is 1) → scalar
- */
-export function crossEntropy(logits: tf.Tensor, targets: tf.Tensor, tokenWeights?: tf.Tensor): tf.Scalar {
-  const V = logits.shape[logits.shape.length - 1]!;
-  const flatTargets = targets.reshape([-1]);
-  const n = flatTargets.shape[0]!;
-  const keep = flatTargets.notEqual(-100); // built from labels only, never from logits
-  const safeTargets = tf.where(keep, flatTargets, tf.zerosLike(flatTargets));
-  const index = tf.range(0, n, 1, "int32").mul(tf.scalar(V, "int32")).add(safeTargets); // row·V + target
-  const logProbs = tf.logSoftmax(logits.reshape([n, V])).reshape([-1]);
-  const picked = tf.gather(logProbs, index); // [B·T]
-  const weights = tokenWeights ? keep.toFloat().mul(tokenWeights.reshape([-1])) : keep.toFloat();
-  return picked.mul(weights).sum().neg().div(weights.sum().maximum(1)) as tf.Scalar;
-}
-
-/**
- * The flat positions (row·T + t) whose target is not -100: the only rows whose logits the loss reads. With none, one
- * masked position, so that the loss (then 0) stays a function of the model and backprop gives zero gradients.
- */
-export function trainedPositions(targets: ArrayLike<number>): Int32Array {
-  const positions: number[] = [];
-  for (let i = 0; i < targets.length; i++) if (targets[i] !== -100) positions.push(i);
-  return Int32Array.from(positions.length ? positions : [0]);
-}
-
-// ---- Sampling ---------------------------------------------------------------------------
-
-/**
- * The reference's top-k / top-p filter on one row of logits (a copy is returned, removed entries set to -Infinity).
- * top-k keeps every logit ≥ the k-th largest (ties survive); top-p then sorts what is left, and removes each token
- * whose cumulative probability *including itself* exceeds topP — unlike Hugging Face's version there is no shift, so
- * the token that crosses topP is removed too — always keeping the most likely one.
- */
-export function topKTopPFilter(logits: Float32Array, topK = 0, topP = 1.0): Float32Array {
-  const out = Float32Array.from(logits);
-  const V = out.length;
-  if (topK > 0) {
-    const kth = Float32Array.from(out).sort().reverse()[Math.min(topK, V) - 1];
-    for (let i = 0; i < V; i++) if (out[i] < kth) out[i] = -Infinity;
-  }
-  if (topP < 1.0) {
-    const order = Array.from(out.keys()).sort((a, b) => out[b] - out[a]); // most likely first
-    const probs = softmax(order.map((i) => out[i]));
-    let cumulative = 0;
-    for (let rank = 0; rank < V; rank++) {
-      cumulative += probs[rank];
-      if (rank > 0 && cumulative > topP) out[order[rank]] = -Infinity;
-    }
-  }
-  return out;
-}
-
-/** A numerically stable softmax of plain numbers (float64). */
-export function softmax(values: ArrayLike<number>, temperature = 1): Float64Array {
-  let max = -Infinity;
-  for (let i = 0; i < values.length; i++) max = Math.max(max, values[i]);
-  const out = new Float64Array(values.length);
-  let sum = 0;
-  for (let i = 0; i < values.length; i++) sum += out[i] = Math.exp((values[i] - max) / temperature);
-  for (let i = 0; i < values.length; i++) out[i] /= sum;
-  return out;
-}
-
-/** Options of `VisionLanguageModel.generate`; the defaults are the reference's. */
-export interface GenerateOptions {
-  maxNewTokens?: number; // 5
-  greedy?: boolean; // false: sample
-  temperature?: number; // 0.5, applied after filtering
-  topK?: number; // 50 (0 = off)
-  topP?: number; // 0.9 (1 = off)
-  eosTokenId?: number; // tokens after a row's first EOS become EOS; default: the model's eosTokenId
-  seed?: number; // for sampling; default: random
-  /** Called after every step with the chosen ids [B], e.g. to stream text. */
-  onToken?: (ids: Int32Array, step: number) => void;
-  /** Called before every choice with that step's logits [B, V] (row-major), read to the host: to inspect or test. */
-  onLogits?: (logits: Float32Array, step: number) => void;
-}
-
-// Host copies of ids already read. WebGPU can read a tensor made from JS values synchronously only until its
-// first use uploads it, and tensors never change, so each one is read once (a second forward on the same ids).
-const hostIds = new WeakMap<tf.Tensor, Int32Array>();
-
-/** Read int32 token ids (or targets: `name`) on the host (they are small) to find the image slots. */
-function readIds(inputIds: tf.Tensor, name = "inputIds"): Int32Array {
-  if (inputIds.dtype !== "int32" || inputIds.rank !== 2) {
-    throw new Error(`${name} must be an int32 [B, T] tensor; got ${inputIds.dtype} [${inputIds.shape}]`);
-  }
-  try {
-    if (!hostIds.has(inputIds)) hostIds.set(inputIds, inputIds.dataSync() as Int32Array);
-    return hostIds.get(inputIds)!;
-  } catch (e) { // WebGPU under Deno cannot read synchronously once a tensor lives on the GPU
-    throw new Error(
-      `cannot read ${name} on the host (${e}): make them from JS values, tf.tensor2d(ids, [B, T], "int32")`,
-    );
-  }
-}
-
-/** Greedy choice: the most likely token of each row. logits [B, V] → ids [B] (one GPU→CPU read). */
-async function argmaxRows(logits: tf.Tensor): Promise<Int32Array> {
-  const best = tf.argMax(logits, -1);
-  const ids = Int32Array.from(await best.data());
-  best.dispose();
-  return ids;
-}
-
-type Sampling = { topK: number; topP: number; temperature: number };
-
-/** Sampling: filter each row (top-k, top-p), soften by temperature, draw one token. logits [B, V] → ids [B] */
-async function sampleRows(logits: tf.Tensor, o: Sampling, random: () => number): Promise<Int32Array> {
-  const [B, V] = logits.shape as [number, number];
-  const all = (await logits.data()) as Float32Array;
-  const ids = new Int32Array(B);
-  for (let b = 0; b < B; b++) {
-    const probs = softmax(topKTopPFilter(all.subarray(b * V, (b + 1) * V), o.topK, o.topP), o.temperature);
-    let r = random(), id = 0;
-    while (id < V - 1 && (r -= probs[id]) > 0) id++;
-    ids[b] = id;
-  }
-  return ids;
-}
-
-// ---- The vision-language model ----------------------------------------------------------
-
-let modelCount = 0; // tfjs variable names are global: each model gets its own prefix
-
-/** nanoVLM: ViT → pixel-shuffle projector → decoder, with image embeddings in the `<|image|>` slots. */
-export class VisionLanguageModel {
-  readonly cfg: VLMConfig;
-  /** Trainable weights by nanoVLM name, in our layout (see `parameterSpecs`). */
-  readonly params: Map<string, tf.Variable>;
-  /** End-of-sequence id for generate's EOS rewrite: `<|im_end|>` (2) in SmolLM2's ChatML layout. */
-  eosTokenId = 2;
-  /** The id of `<|image|>`: appended after the base vocabulary, as Hugging Face adds special tokens. */
-  readonly imageTokenId: number;
-  /** Activation checkpointing in `forward`: backprop keeps one tensor per block and recomputes the rest (§9.4). */
-  checkpointBlocks = false;
-  private readonly tables: DecoderTables | undefined; // made once for every call of the decoder
-
-  /** A randomly initialised model, drawn as the reference's `_init_weights` (seeded). */
-  constructor(cfg: VLMConfig, options: { seed?: number } = {}) {
-    validateConfig(cfg);
-    this.cfg = { ...cfg };
-    this.imageTokenId = cfg.lm_base_vocab_size;
-    this.tables = decoderTables(cfg);
-    const id = modelCount++;
-    let seed = options.seed ?? 0;
-    this.params = new Map();
-    for (const spec of parameterSpecs(cfg)) {
-      const init = tf.tidy(() => {
-        if (spec.init === "normal") return tf.randomNormal(spec.shape, 0, 0.02, "float32", seed++);
-        if (spec.init === "uniform") return tf.randomUniform(spec.shape, 0, 1, "float32", seed++); // torch.rand
-        return spec.init === "ones" ? tf.ones(spec.shape) : tf.zeros(spec.shape);
-      });
-      this.params.set(spec.name, tf.variable(init, true, `nanovlm${id}/${spec.name}`));
-      init.dispose();
-    }
-  }
-
-  /** Number of trainable scalars (the tied embedding counted once). */
-  parameterCount(): number {
-    return [...this.params.values()].reduce((n, v) => n + v.size, 0);
-  }
-
-  /** Image embeddings for the image-token slots. images [N, 3, S, S] → [N, L, D] */
-  embedImages(images: tf.Tensor): tf.Tensor3D {
-    const S = this.cfg.vit_img_size;
-    if (images.rank !== 4 || images.shape[1] !== 3 || images.shape[2] !== S || images.shape[3] !== S) {
-      throw new Error(
-        `images must be float32 [N, 3, ${S}, ${S}] (RGB, resized to vit_img_size); got [${images.shape}]`,
-      );
-    }
-    const patches = visionEncoder(this.params, this.cfg, images, this.checkpointBlocks); // [N, Np, Dv]
-    return modalityProjector(this.params, this.cfg, patches);
-  }
-
-  /** Token embeddings with the image embeddings written into the `<|image|>` slots. → [B, T, D] */
-  embed(inputIds: tf.Tensor, images: tf.Tensor | undefined): tf.Tensor3D {
-    const ids = readIds(inputIds);
-    const tokenEmbd = tf.gather(this.params.get("decoder.token_embedding.weight")!, inputIds); // [B, T, D]
-    const imageEmbd = images && images.shape[0]! > 0 ? this.embedImages(images) : undefined;
-    return replaceImageTokens(ids, tokenEmbd, imageEmbd, this.imageTokenId);
-  }
-
-  /**
-   * The training/scoring forward pass. inputIds int32 [B, T]; images float32 [N, 3, S, S] (all images of the batch,
-   * sample order); attentionMask [B, T] (1 = token, 0 = left padding) or undefined; targets int32 [B, T] with -100
-   * where no loss is taken. Returns logits [B, T, V] and, with targets, the mean cross-entropy. Unlike the reference
-   * (which returns hidden states without targets), logits always come back.
-   */
-  forward(
-    inputIds: tf.Tensor,
-    images: tf.Tensor | undefined,
-    attentionMask?: tf.Tensor,
-    targets?: tf.Tensor,
-  ): { logits: tf.Tensor3D; loss?: tf.Scalar } {
-    return tf.tidy(() => {
-      const logits = lmHead(this.params, this.cfg, this.hidden(inputIds, images, attentionMask)) as tf.Tensor3D;
-      return targets ? { logits, loss: crossEntropy(logits, targets) } : { logits };
-    });
-  }
-
-  /**
-   * The training loss alone: forward's cross-entropy (optionally weighted per token, tokenWeights [B, T]), with the
-   * output head run only on the positions that have a target. Image tokens and prompts have none (the 222M's 49 image
-   * tokens alone are 38% of a 128-token sample), and at its vocabulary the head is the largest matMul (49,153 × 576)
-   * and its [B, T, V] logits, with their log-softmax, the largest activations. Same value and gradients as
-   * forward(...).loss, to float32 rounding.
-   */
-  loss(
-    inputIds: tf.Tensor,
-    images: tf.Tensor | undefined,
-    attentionMask: tf.Tensor | undefined,
-    targets: tf.Tensor,
-    tokenWeights?: tf.Tensor,
-  ): tf.Scalar {
-    return tf.tidy(() => {
-      const hidden = this.hidden(inputIds, images, attentionMask); // [B, T, D]
-      const rows = tf.tensor1d(trainedPositions(readIds(targets, "targets")), "int32");
-      const pick = (t: tf.Tensor) => tf.gather(t.reshape([-1, ...t.shape.slice(2)]), rows); // [B, T, ..] → [rows, ..]
-      const logits = lmHead(this.params, this.cfg, pick(hidden)); // [rows, V]
-      return crossEntropy(logits, pick(targets), tokenWeights && pick(tokenWeights));
-    });
-  }
-
-  /** The decoder's output for the fused prompt: forward and loss, before the head. → [B, T, D] */
-  private hidden(inputIds: tf.Tensor, images: tf.Tensor | undefined, attentionMask?: tf.Tensor): tf.Tensor3D {
-    this.checkContext(inputIds.shape[1]!, 0);
-    const fused = this.embed(inputIds, images);
-    const { checkpointBlocks, tables } = this;
-    return decoder(this.params, this.cfg, fused, attentionMask, undefined, 0, checkpointBlocks, tables).hidden;
-  }
-
-  /**
-   * Generate maxNewTokens tokens after each (left-padded) prompt: one prefill pass over the prompts fills the KV cache,
-   * then each step feeds only the newest token. Returns the new tokens only, int32 [B, maxNewTokens]; after a row's
-   * first EOS every token is EOS (the reference's post-processing). Stops early once every row has emitted EOS, which
-   * changes nothing in the result.
-   */
-  async generate(
-    inputIds: tf.Tensor,
-    images: tf.Tensor | undefined,
-    attentionMask?: tf.Tensor,
-    options: GenerateOptions = {},
-  ): Promise<tf.Tensor2D> {
-    const { maxNewTokens = 5, greedy = false, temperature = 0.5, topK = 50, topP = 0.9 } = options;
-    const eos = options.eosTokenId ?? this.eosTokenId;
-    const random = seededRandom(options.seed ?? Math.floor(Math.random() * 2 ** 32));
-    const [B, T] = inputIds.shape as [number, number];
-    this.checkContext(T, maxNewTokens);
-
-    // Prefill: the whole prompt at once; keep the cache and the last position's logits.
-    let mask = attentionMask ? attentionMask.clone() : undefined;
-    let { cache, logits } = tf.tidy(() => {
-      const out = decoder(this.params, this.cfg, this.embed(inputIds, images), mask, undefined, 0, false, this.tables);
-      const last = out.hidden.slice([0, T - 1, 0], [B, 1, -1]).reshape([B, -1]); // [B, D]
-      return { cache: out.cache, logits: lmHead(this.params, this.cfg, last) }; // logits [B, V]
-    });
-
-    const generated = new Int32Array(B * maxNewTokens).fill(eos);
-    const finished = new Array<boolean>(B).fill(false);
-    for (let step = 0; step < maxNewTokens; step++) {
-      if (options.onLogits) options.onLogits(Float32Array.from(await logits.data()), step);
-      const next = greedy ? await argmaxRows(logits) : await sampleRows(logits, { topK, topP, temperature }, random);
-      for (let b = 0; b < B; b++) {
-        generated[b * maxNewTokens + step] = finished[b] ? eos : next[b];
-        finished[b] ||= next[b] === eos;
-      }
-      options.onToken?.(next, step);
-      if (step === maxNewTokens - 1 || finished.every(Boolean)) break;
-
-      // Decode: embed the new token, extend the mask, attend to the cache.
-      const previous = { cache, logits, mask };
-      ({ cache, logits, mask } = tf.tidy(() => {
-        const E = this.params.get("decoder.token_embedding.weight")!;
-        const embedding = tf.gather(E, tf.tensor2d(next, [B, 1], "int32")); // [B, 1, D]
-        const grown = mask ? tf.concat([mask, tf.ones([B, 1], mask.dtype)], 1) : undefined;
-        const out = decoder(this.params, this.cfg, embedding, grown, cache, T + step, false, this.tables);
-        return { cache: out.cache, logits: lmHead(this.params, this.cfg, out.hidden.reshape([B, -1])), mask: grown };
-      }));
-      tf.dispose([previous.logits, previous.mask, ...previous.cache.flatMap((c) => [c.k, c.v])]);
-    }
-    tf.dispose([logits, mask, ...cache.flatMap((c) => [c.k, c.v])]);
-    return tf.tensor2d(generated, [B, maxNewTokens], "int32");
-  }
-
-  /** A prompt plus the tokens to generate must fit the context (lm_max_length). */
-  private checkContext(promptLength: number, newTokens: number): void {
-    const limit = this.cfg.lm_max_length;
-    if (promptLength + newTokens > limit) {
-      throw new Error(
-        `the prompt has ${promptLength} tokens` + (newTokens ? ` and ${newTokens} new tokens were asked for` : "") +
-          `, but the context (lm_max_length) is ${limit}: shorten the prompt or raise lm_max_length`,
-      );
-    }
-  }
-
-  // ---- Save and load -------------------------------------------------------------------
-
-  /**
-   * The weights as nanoVLM saves them: PyTorch layouts, the tied embedding stored once as `decoder.head.weight`
-   * (recorded in `__metadata__`), plus the RoPE buffer `decoder.rotary_embd.inv_freq`.
-   */
-  async stateDict(): Promise<{ tensors: Map<string, F32Tensor>; metadata: Record<string, string> }> {
-    const tensors = new Map<string, F32Tensor>();
-    for (const spec of parameterSpecs(this.cfg)) {
-      const torchTensor = toTorchLayout(this.params.get(spec.name)!, spec, this.cfg);
-      const tied = this.cfg.lm_tie_weights && spec.name === "decoder.token_embedding.weight";
-      const data = (await torchTensor.data()) as Float32Array;
-      tensors.set(tied ? "decoder.head.weight" : spec.name, { dtype: "F32", shape: torchTensor.shape, data });
-      torchTensor.dispose();
-    }
-    const hd = this.cfg.lm_hidden_dim / this.cfg.lm_n_heads, theta = this.cfg.lm_re_base;
-    // inv_freq = 1 / θ^(2i/hd), rounded to float32 like PyTorch
-    const invFreq = Float32Array.from({ length: hd / 2 }, (_, i) => 1 / Math.fround(theta ** Math.fround(2 * i / hd)));
-    tensors.set("decoder.rotary_embd.inv_freq", { dtype: "F32", shape: [hd / 2], data: invFreq });
-    const metadata: Record<string, string> = this.cfg.lm_tie_weights
-      ? { "decoder.token_embedding.weight": "decoder.head.weight" }
-      : {};
-    return { tensors, metadata };
-  }
-
-  /**
-   * Copy weights in through a name map: each of our parameters is one tensor of the file (PyTorch layout), or several
-   * concatenated along the first axis (SigLIP's q, k, v). A missing or wrongly shaped tensor is an error naming the key
-   * and both shapes; with `strict` so is a tensor the map does not use. Nothing is assigned unless all fit.
-   */
-  loadWeights(map: NameMapping[], file: SafetensorsFile, source: string, strict: boolean): void {
-    const specs = new Map(parameterSpecs(this.cfg).map((spec) => [spec.name, spec]));
-    const problems: string[] = [];
-    const values = new Map<string, tf.Tensor>();
-    for (const { ours, theirs } of map) {
-      const spec = specs.get(ours)!, want = torchShape(spec, this.cfg);
-      const parts = theirs.map((key) => file.tensors.get(key)!);
-      const absent = theirs.filter((_, i) => !parts[i]);
-      if (absent.length) {
-        problems.push(`missing tensor ${absent.join(", ")}`);
-        continue;
-      }
-      const rows = parts.reduce((n, t) => n + t.shape[0], 0);
-      const shape = [rows, ...parts[0].shape.slice(1)];
-      // A pretrained embedding lacks the rows of our added tokens (<|image|>): they keep their random init.
-      const extendsRows = !strict && ours === "decoder.token_embedding.weight" && rows < want[0] &&
-        shape[1] === want[1];
-      if (!extendsRows && shape.join() !== want.join() && [1, ...shape].join() !== want.join()) {
-        problems.push(`tensor ${theirs.join(" + ")} has shape [${shape}] but this config needs [${want}]`);
-        continue;
-      }
-      values.set(
-        ours,
-        tf.tidy(() => {
-          const joined = tf.concat(parts.map((t) => tf.tensor(t.data, t.shape, "float32")));
-          const full = extendsRows ? tf.concat([joined, this.params.get(ours)!.slice([rows, 0], [-1, -1])]) : joined;
-          return fromTorchLayout(full.reshape(extendsRows ? full.shape : want), spec);
-        }),
-      );
-    }
-    if (strict) {
-      const used = new Set([...map.flatMap((m) => m.theirs), "decoder.rotary_embd.inv_freq"]); // RoPE: recomputed
-      if (this.cfg.lm_tie_weights) used.add("decoder.head.weight"); // the same tensor as the embedding
-      const unexpected = [...file.tensors.keys()].filter((key) => !used.has(key));
-      if (unexpected.length) problems.push(`unexpected tensors ${unexpected.join(", ")}`);
-    }
-    if (problems.length) {
-      tf.dispose([...values.values()]);
-      throw new Error(`${source} does not fit this model's config:\n  ${problems.join("\n  ")}`);
-    }
-    for (const [name, value] of values) {
-      this.params.get(name)!.assign(value);
-      value.dispose();
-    }
-  }
-
-  /** Write `config.json` and `model.safetensors` to `dir` in nanoVLM's format (each file atomically). */
-  async savePretrained(dir: string): Promise<void> {
-    await Deno.mkdir(dir, { recursive: true });
-    const { tensors, metadata } = await this.stateDict();
-    await writeFileAtomic(`${dir}/model.safetensors`, encodeSafetensors(tensors, metadata));
-    await writeFileAtomic(`${dir}/config.json`, JSON.stringify(this.cfg, null, 4));
-  }
-
-  /**
-   * Load a model saved by `savePretrained` or by PyTorch nanoVLM: `dir` is a folder with config.json and
-   * model.safetensors, or a Hugging Face repo id ("lusxvr/nanoVLM-450M") that hub.ts downloads.
-   */
-  static async fromPretrained(dir: string, options: HubOptions = {}): Promise<VisionLanguageModel> {
-    const isFolder = await Deno.stat(dir).then((s) => s.isDirectory, () => false);
-    // "owner/name" that is no local folder: a Hub repo, downloaded to the cache by hub.ts (which imports this file).
-    if (!isFolder && /^[\w.-]+\/[\w.-]+$/.test(dir)) return (await import("./hub.ts")).loadPretrained(dir, options);
-    for (const file of ["config.json", "model.safetensors"]) {
-      const found = await Deno.stat(`${dir}/${file}`).then(() => true, () => false);
-      if (!found) throw new Error(`${dir} is not a nanoVLM checkpoint: ${file} is missing`);
-    }
-    const cfg = configFromJSON(JSON.parse(await Deno.readTextFile(`${dir}/config.json`)));
-    const file = await readSafetensors(`${dir}/model.safetensors`);
-    const model = new VisionLanguageModel(cfg);
-    try {
-      model.loadWeights(nanoVLMNameMap(cfg, file), file, `${dir}/model.safetensors`, true);
-    } catch (e) {
-      model.dispose();
-      throw e;
-    }
-    return model;
-  }
-
-  /** Free every weight and the decoder's tables. */
-  dispose(): void {
-    for (const v of this.params.values()) v.dispose();
-    tf.dispose(Object.values(this.tables ?? {}));
-  }
-}
-
-// ---- Name maps ------------------------------------------------------------------------
-//
-// Every checkpoint is read through a name map from our parameter names to the file's (`loadWeights` above). nanoVLM's
-// own files use our names; the maps for pretrained SigLIP and SmolLM2 files (and their config.json) are in backbones.ts.
-
-/** One of our parameters and the file's tensor(s) it is made of (several: concatenated rows). */
-export interface NameMapping {
-  ours: string;
-  theirs: string[];
-}
-
-/** nanoVLM's names are ours; a tied embedding is stored as `decoder.head.weight`, as nanoVLM saves it. */
-export function nanoVLMNameMap(cfg: VLMConfig, file: SafetensorsFile): NameMapping[] {
-  return parameterSpecs(cfg).map(({ name }) => {
-    const storedAsHead = cfg.lm_tie_weights && name === "decoder.token_embedding.weight" && !file.tensors.has(name);
-    return { ours: name, theirs: [storedAsHead ? "decoder.head.weight" : name] };
-  });
 }

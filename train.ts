@@ -25,33 +25,26 @@
 import * as tf from "@tensorflow/tfjs";
 import { parseArgs } from "node:util";
 import { type Batch, type ChatTokenizer, checkTokenizerFitsConfig, IGNORE_INDEX, shapesBatches } from "./data.ts";
-import { evaluate, shapesQuestions } from "./eval.ts";
-import { resolveTokenizerPath } from "./generate.ts";
-import { modelFromBackbones } from "./backbones.ts";
-import { type DataSource, heldOutBatches, newDataStats, openDataset, trainingBatches } from "./datasets.ts";
-import { hubToken, hubTokenizer, loadBackbones, pushToHub } from "./hub.ts";
-import { GradientHelper, type GradientWork, splitRows } from "./parallel.ts";
-import {
-  configFromJSON,
-  parameterSpecs,
-  PRESETS,
-  validateConfig,
-  VisionLanguageModel,
-  type VLMConfig,
-} from "./nanovlm.ts";
+import { evaluate, shapesQuestions } from "./lib/eval.ts";
+import { resolveTokenizerPath } from "./lib/inference.ts";
+import { loadBackbones, modelFromBackbones } from "./lib/backbones.ts";
+import { type DataSource, heldOutBatches, newDataStats, openDataset, trainingBatches } from "./lib/datasets.ts";
+import { hubToken, hubTokenizer, pushToHub } from "./lib/hub.ts";
+import { GradientHelper, type GradientWork, splitRows } from "./backend/parallel.ts";
+import { configFromJSON, fromPretrained, savePretrained } from "./lib/checkpoint.ts";
+import { parameterSpecs, PRESETS, validateConfig, VisionLanguageModel, type VLMConfig } from "./nanovlm.ts";
 import {
   type BackendName,
-  encodeSafetensors,
   initBackend,
-  readSafetensors,
-  type SafetensorsTensor,
   shareBlasThreads,
   SimdAdamW,
   wasmMatMulEngine,
   webgpuAdamWStep,
   webgpuSumOfSquares,
-  writeFileAtomic,
-} from "./runtime.ts";
+} from "./backend/runtime.ts";
+import { encodeSafetensors, readSafetensors, type SafetensorsTensor } from "./lib/safetensors.ts";
+import { writeFileAtomic } from "./lib/files.ts";
+import { useActivationCheckpointing } from "./backend/low_memory.ts";
 
 // ---- Training configuration -----------------------------------------------------------
 
@@ -817,7 +810,7 @@ export async function saveCheckpoint(
 ): Promise<void> {
   const partial = `${dir}.partial`, previous = `${dir}.previous`;
   await recoverCheckpoint(dir);
-  await model.savePretrained(partial);
+  await savePretrained(model, partial);
   if (training) {
     await writeFile(`${partial}/optimizer.safetensors`, encodeSafetensors(await training.optimizer.state()));
     await writeFile(`${partial}/trainer_state.json`, JSON.stringify(training.state, null, 2) + "\n");
@@ -841,7 +834,7 @@ export async function loadCheckpoint(
   for (const file of CHECKPOINT_FILES) {
     if (!await exists(`${dir}/${file}`)) throw new Error(`cannot resume from ${dir}: ${file} is missing`);
   }
-  const model = await VisionLanguageModel.fromPretrained(dir);
+  const model = await fromPretrained(dir);
   const optimizer = new AdamW(model.params, paramGroups(model, lrMp, lrBackbones), optimizerOptions);
   try {
     const state = JSON.parse(await Deno.readTextFile(`${dir}/trainer_state.json`)) as TrainerState;
@@ -1019,7 +1012,7 @@ export async function train(
       momentsOnHost: adamWOnHost(backend),
     });
   }
-  model.checkpointBlocks = lowMemory;
+  if (lowMemory) useActivationCheckpointing(model);
   const cfg = model.cfg;
   // A tokenizer folder of this project (tokenizers/shapes), or a Hub repo such as HuggingFaceTB/SmolLM2-135M.
   const localTokenizer = resolveTokenizerPath(cfg.lm_tokenizer);
@@ -1250,7 +1243,7 @@ async function trainLoop(
   );
   if (config.test_examples > 0 && !source) {
     summary.test = {};
-    const best = await VisionLanguageModel.fromPretrained(`${runDir}/best`);
+    const best = await fromPretrained(`${runDir}/best`);
     best.eosTokenId = tokenizer.eosTokenId;
     try {
       for (const split of ["test", "test-novel"] as const) {

@@ -23,7 +23,7 @@
 // Shapes (legend of nanovlm.ts: B batch, T tokens, D decoder width, H query heads,
 // KV key/value heads, hd head size = D / H):
 //   x          [B, T, D]
-//   rope       { cos, sin } each [T, hd], for positions 0 … T−1, and rotateHalf [hd, hd]
+//   rope       { cos, sin } each [T, hd], for positions 0 … T−1
 //   cfg        cfg.lm_n_heads = H, cfg.lm_n_kv_heads = KV, cfg.lm_hidden_dim = D
 //   →          [B, T, D]
 //

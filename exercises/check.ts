@@ -38,12 +38,13 @@ import {
   rmsNorm,
   type Rope,
   rotaryEmbedding,
+  seededRandom,
   softmax,
   topKTopPFilter,
   VisionLanguageModel,
   type VLMConfig,
 } from "../nanovlm.ts";
-import { initBackend, seededRandom } from "../runtime.ts";
+import { initBackend } from "../backend/runtime.ts";
 import { AdamW, batchTensors, lrSchedule, paramGroups, trainStep } from "../train.ts";
 import type { Batch } from "../data.ts";
 import { TodoError } from "./todo.ts";
@@ -855,7 +856,7 @@ const kvCacheStepExercise: Exercise = {
     const next = Array.from({ length: B }, () => c.int(0, V - 1));
     const nextEmbd = tf.gather(E, tf.tensor2d(next, [B, 1], "int32")); // [B, 1, D]
     const stepAt = (position: number) => {
-      const out = decoder(p, cfg, nextEmbd, undefined, cache, position);
+      const out = decoder(p, cfg, nextEmbd, { cache, startPos: position });
       return { logits: lmHead(p, cfg, out.hidden.reshape([B, D])), cache: out.cache };
     };
     const expected = stepAt(T0);

@@ -9,6 +9,7 @@
 import { checkTokenizerFitsConfig, loadTokenizer, shapesBatches } from "../data.ts";
 import { PRESETS, VisionLanguageModel } from "../nanovlm.ts";
 import { AdamW, lrSchedule, paramGroups, trainStep } from "../train.ts";
+import { fromPretrained, savePretrained } from "../lib/checkpoint.ts";
 
 /** Where notebook 7 saves its model (nanoVLM's format: config.json + model.safetensors). */
 export const CHECKPOINT: string = new URL("../runs/notebooks/tiny", import.meta.url).pathname;
@@ -36,7 +37,7 @@ export async function trainedTinyModel(
 ): Promise<{ model: VisionLanguageModel; source: string }> {
   const tokenizer = await loadTokenizer(TOKENIZER_DIR);
   try {
-    const model = await VisionLanguageModel.fromPretrained(CHECKPOINT);
+    const model = await fromPretrained(CHECKPOINT);
     try {
       checkTokenizerFitsConfig(tokenizer, model.cfg);
       const source = `loaded ${CHECKPOINT} (saved by notebook 7)`;
@@ -77,6 +78,6 @@ export async function trainedTinyModel(
     }
   }
   optimizer.dispose();
-  await model.savePretrained(CHECKPOINT);
+  await savePretrained(model, CHECKPOINT);
   return { model, source: `trained here for ${RECIPE.steps} steps (notebook 7's recipe) and saved to ${CHECKPOINT}` };
 }

@@ -4,7 +4,7 @@
 // (scripts/pack-gpu.sh): its bundled bench runs from an empty folder with an empty DENO_DIR.
 
 import * as assert from "node:assert/strict";
-import { type BenchRow, medianMs } from "../bench.ts";
+import { type BenchRow, medianMs } from "../tools/bench.ts";
 import { testNeeding, WEBGPU_ADAPTER } from "./helpers.ts";
 
 const REPO_ROOT = new URL("..", import.meta.url).pathname;
@@ -69,7 +69,16 @@ async function checkBench(output: string, out: string, backend: string, threads:
 Deno.test("deno task bench (smoke): a table and one JSON line per batch size, on wasm", async () => {
   const out = await Deno.makeTempFile({ suffix: ".jsonl" });
   try {
-    const output = await run(Deno.execPath(), ["run", "-A", "bench.ts", ...SMOKE, "--backend", "wasm", "--out", out]);
+    const output = await run(Deno.execPath(), [
+      "run",
+      "-A",
+      "tools/bench.ts",
+      ...SMOKE,
+      "--backend",
+      "wasm",
+      "--out",
+      out,
+    ]);
     // As train.ts: a helper thread on a machine with two cores or more, but 2 rows of the tiny preset are too little
     // work to share (MIN_PART_WORK), so one thread computed the step.
     if (navigator.hardwareConcurrency >= 2) assert.match(output, /^training step on up to 2 threads/m);
@@ -80,7 +89,10 @@ Deno.test("deno task bench (smoke): a table and one JSON line per batch size, on
 });
 
 // Whether the bench's own process will find an adapter: asked in a child process, as the bench runs in one.
-const probe = await run(Deno.execPath(), ["eval", `import { initBackend } from "./runtime.ts"; await initBackend();`]);
+const probe = await run(Deno.execPath(), [
+  "eval",
+  `import { initBackend } from "./backend/runtime.ts"; await initBackend();`,
+]);
 const webgpu = { ...WEBGPU_ADAPTER, available: !/no WebGPU adapter/.test(probe) };
 
 testNeeding(webgpu, {
@@ -88,7 +100,7 @@ testNeeding(webgpu, {
   fn: async () => {
     const out = await Deno.makeTempFile({ suffix: ".jsonl" });
     try {
-      const args = ["run", "-A", "bench.ts", ...SMOKE, "--backend", "webgpu", "--out", out];
+      const args = ["run", "-A", "tools/bench.ts", ...SMOKE, "--backend", "webgpu", "--out", out];
       await checkBench(await run(Deno.execPath(), args), out, "webgpu", 1);
     } finally {
       await Deno.remove(out);
@@ -97,7 +109,7 @@ testNeeding(webgpu, {
 });
 
 Deno.test("deno task memory (smoke): peak memory by batch size, stopping at the first that does not fit", async () => {
-  const args = ["run", "-A", "memory.ts", "--preset", "tiny", "--backend", "wasm", "--iterations", "1"];
+  const args = ["run", "-A", "tools/memory.ts", "--preset", "tiny", "--backend", "wasm", "--iterations", "1"];
   const fits = await run(Deno.execPath(), [...args, "--batches", "1,2"]);
   // The weights alone: on wasm AdamW's two moments live in JS memory (train.ts's adamWOnHost), not in tensors.
   assert.match(fits, /^after building the model: 3 MiB of tensors$/m);
@@ -112,7 +124,7 @@ Deno.test("deno task memory (smoke): peak memory by batch size, stopping at the 
   assert.doesNotMatch(stops, /^\| 2 \|/m);
 });
 
-Deno.test("scripts/pack-gpu.sh: the archive fits 64 MiB and its bundled bench runs offline from an empty folder", async () => {
+Deno.test("tools/pack-gpu.sh: the archive fits 64 MiB and its bundled bench runs offline from an empty folder", async () => {
   const dir = await Deno.makeTempDir();
   try {
     // A stand-in ldconfig whose listing (over 64 KiB, the Vulkan loader first) outgrows a pipe's buffer, as on a
@@ -130,7 +142,7 @@ Deno.test("scripts/pack-gpu.sh: the archive fits 64 MiB and its bundled bench ru
     );
     await Deno.writeTextFile(`${dir}/fakebin/ldconfig`, `#!/bin/sh\ncat ${dir}/ldconfig.txt\n`, { mode: 0o755 });
     assert.ok((await Deno.stat(`${dir}/ldconfig.txt`)).size > 64 * 1024);
-    await run("bash", ["scripts/pack-gpu.sh", "--no-deno", `${dir}/out`], {
+    await run("bash", ["tools/pack-gpu.sh", "--no-deno", `${dir}/out`], {
       PATH: `${dir}/fakebin:${Deno.env.get("PATH")}`,
     });
     assert.equal(await Deno.readTextFile(`${dir}/out/nanovlm-gpu/lib/libvulkan.so.1`), "not a real library");
@@ -156,8 +168,8 @@ Deno.test("scripts/pack-gpu.sh: the archive fits 64 MiB and its bundled bench ru
 });
 
 Deno.test("kernelCostUs: a positive cost per kernel, and every tensor it made is freed", async () => {
-  const { kernelCostUs } = await import("../bench.ts");
-  const { initBackend } = await import("../runtime.ts");
+  const { kernelCostUs } = await import("../tools/bench.ts");
+  const { initBackend } = await import("../backend/runtime.ts");
   const tf = await import("@tensorflow/tfjs");
   await initBackend("wasm", { quiet: true });
   const before = tf.memory().numTensors;
@@ -167,7 +179,7 @@ Deno.test("kernelCostUs: a positive cost per kernel, and every tensor it made is
 });
 
 Deno.test("tensorsOverBindingLimit: the 222M's training logits (trained positions only) fit 128 MiB up to batch 8", async () => {
-  const { BENCH_CONFIGS, tensorsOverBindingLimit } = await import("../bench.ts");
+  const { BENCH_CONFIGS, tensorsOverBindingLimit } = await import("../tools/bench.ts");
   const { cfg, seq } = BENCH_CONFIGS["nanovlm-222m"];
   // 128 − 1 − 49 = 78 trained rows of 49,153 logits: 14.6 MiB a sample.
   assert.deepEqual(tensorsOverBindingLimit(cfg, 8, seq, 2 ** 27), []);

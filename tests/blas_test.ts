@@ -7,7 +7,8 @@
 
 import * as tf from "@tensorflow/tfjs";
 import * as assert from "node:assert/strict";
-import { initBackend, seededRandom, SMALL_GEMV_ELEMENTS, wasmMatMulEngine } from "../runtime.ts";
+import { initBackend, SMALL_GEMV_ELEMENTS, wasmMatMulEngine } from "../backend/runtime.ts";
+import { seededRandom } from "../nanovlm.ts";
 import { OPENBLAS, testNeeding } from "./helpers.ts";
 
 const REPO_ROOT = new URL("..", import.meta.url).pathname;
@@ -142,7 +143,7 @@ testNeeding(openblasInUse, {
 });
 
 Deno.test("NANOVLM_BLAS=off and a missing library fall back to wasm's own matMul, which still passes the matMul tests", async () => {
-  const code = `import { initBackend } from "./runtime.ts"; await initBackend("wasm");`;
+  const code = `import { initBackend } from "./backend/runtime.ts"; await initBackend("wasm");`;
   const off = await deno(["eval", code], { NANOVLM_BLAS: "off", NANOVLM_BACKEND: "" });
   assert.ok(off.ok, off.output);
   assert.match(off.output, /matMul: wasm XNNPACK \(NANOVLM_BLAS=off\)/);

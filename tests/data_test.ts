@@ -40,7 +40,8 @@ import {
   SPLITS,
   tokenizerFromJson,
 } from "../data.ts";
-import { readSafetensors, seededRandom } from "../runtime.ts";
+import { readSafetensors } from "../lib/safetensors.ts";
+import { seededRandom } from "../nanovlm.ts";
 
 const FIXTURE = new URL("./fixtures/nanovlm-tiny-a/", import.meta.url);
 const fixturePath = (name: string) => new URL(name, FIXTURE).pathname;

@@ -18,8 +18,8 @@ import {
   readCauldronParquet,
   readJsonlConversations,
   shuffleBuffer,
-} from "../datasets.ts";
-import { hubDownload } from "../hub.ts";
+} from "../lib/datasets.ts";
+import { hubDownload } from "../lib/hub.ts";
 import { PRESETS } from "../nanovlm.ts";
 import { assert, assertEquals, assertMatch, assertRejects } from "./assert.ts";
 import { cauldronParquet, FakeHub, noisePng, tempCache } from "./fake_hub.ts";

@@ -26,7 +26,7 @@ import {
   type VisionLanguageModel,
   type VLMConfig,
 } from "../nanovlm.ts";
-import { initBackend } from "../runtime.ts";
+import { initBackend } from "../backend/runtime.ts";
 import type { AdamW } from "../train.ts";
 import type { BatchTensors } from "../exercises/solutions/10_training_step.ts";
 // Static imports, so `deno test` type-checks every stub and solution.

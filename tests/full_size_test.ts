@@ -7,7 +7,7 @@
 import * as tf from "@tensorflow/tfjs";
 import { assert, assertEquals } from "./assert.ts";
 import { PRESETS, VisionLanguageModel } from "../nanovlm.ts";
-import { initBackend } from "../runtime.ts";
+import { initBackend } from "../backend/runtime.ts";
 
 await initBackend("wasm", { quiet: true });
 

@@ -7,8 +7,9 @@
 import * as tf from "@tensorflow/tfjs";
 import { assert, assertEquals } from "./assert.ts";
 import { softmax, topKTopPFilter, VisionLanguageModel } from "../nanovlm.ts";
-import { initBackend } from "../runtime.ts";
+import { initBackend } from "../backend/runtime.ts";
 import { FIXTURE_DIR, loadFixture, maxAbsDiff, SMALL, toTensor } from "./helpers.ts";
+import { fromPretrained } from "../lib/checkpoint.ts";
 
 await initBackend("wasm", { quiet: true });
 const { inputs, expected } = await loadFixture();
@@ -64,7 +65,7 @@ async function checkDecodeSteps(model: VisionLanguageModel, ids: tf.Tensor, imag
 }
 
 Deno.test("generate: each decode step's logits equal a full recompute (fixture model, left-padded prompts of unequal lengths)", async () => {
-  const model = await VisionLanguageModel.fromPretrained(FIXTURE_DIR);
+  const model = await fromPretrained(FIXTURE_DIR);
   const ids = toTensor(inputs.get("gen.input_ids")!), mask = toTensor(inputs.get("gen.attention_mask")!);
   const images = toTensor(inputs.get("gen.images")!);
   const padding = Array.from(mask.dataSync());
@@ -109,7 +110,7 @@ const DRAWS = 2000;
  * row samples from the same logits. Returns the step-0 logits row and how often each id was drawn.
  */
 async function drawFirstTokens(options: { temperature: number; topK: number; topP: number; seed: number }) {
-  const model = await VisionLanguageModel.fromPretrained(FIXTURE_DIR);
+  const model = await fromPretrained(FIXTURE_DIR);
   const prompt = toTensor(inputs.get("gen_single.input_ids")!), image = toTensor(inputs.get("gen_single.images")!);
   const ids = tf.tile(prompt, [DRAWS, 1]), images = tf.tile(image, [DRAWS, 1, 1, 1]);
   const { tokens, logits } = await generateWithLogits(model, ids, images, undefined, { maxNewTokens: 1, ...options });

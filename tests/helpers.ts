@@ -4,7 +4,7 @@
 
 import * as tf from "@tensorflow/tfjs";
 import { PRESETS, type VLMConfig } from "../nanovlm.ts";
-import { readSafetensors, type SafetensorsTensor } from "../runtime.ts";
+import { readSafetensors, type SafetensorsTensor } from "../lib/safetensors.ts";
 
 /** The PyTorch reference fixture folder (a copy of ../shared/fixtures/nanovlm-tiny-a). */
 export const FIXTURE_DIR = new URL("./fixtures/nanovlm-tiny-a", import.meta.url).pathname;

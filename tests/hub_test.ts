@@ -9,7 +9,7 @@
  */
 import { createHash } from "node:crypto";
 import { join } from "node:path";
-import { modelFromBackbones } from "../backbones.ts";
+import { loadBackbones, modelFromBackbones } from "../lib/backbones.ts";
 import {
   cachedFile,
   hfHome,
@@ -25,14 +25,13 @@ import {
   hubTokenizer,
   listCachedFiles,
   listRepoFiles,
-  loadBackbones,
-  loadPretrained,
   modelCard,
   progressBar,
   pushToHub,
-} from "../hub.ts";
+} from "../lib/hub.ts";
+import { fromPretrained } from "../lib/checkpoint.ts";
 import { PRESETS, VisionLanguageModel } from "../nanovlm.ts";
-import { initBackend } from "../runtime.ts";
+import { initBackend } from "../backend/runtime.ts";
 import { assert, assertEquals, assertMatch, assertRejects } from "./assert.ts";
 import { addBackboneRepos, FakeHub, SIGLIP_REPO, SMOLLM_REPO, tempCache } from "./fake_hub.ts";
 import { captureWarnings, FIXTURE_DIR, withEnv } from "./helpers.ts";
@@ -221,7 +220,7 @@ Deno.test("a missing repo, file or revision is an error that names them", async 
       "is not a Hugging Face repo id",
     );
     // A path-like name that is neither a folder nor a repo says both.
-    await assertRejects(() => loadPretrained("checkpoints/missing-run", options), HubNotFoundError, "no local folder");
+    await assertRejects(() => fromPretrained("checkpoints/missing-run", options), HubNotFoundError, "no local folder");
   });
 });
 
@@ -297,18 +296,18 @@ Deno.test("an unreachable Hub falls back to the cache, or says what to do", asyn
 
 Deno.test("loadPretrained: a nanoVLM repo with an unknown config key warns and loads", async () => {
   await withHub(async (hub, options) => {
-    const { result: model, warnings } = await captureWarnings(() => loadPretrained(NANOVLM_REPO, options));
+    const { result: model, warnings } = await captureWarnings(() => fromPretrained(NANOVLM_REPO, options));
     assertEquals(warnings, ['config: ignoring unknown key "lm_eos_token_id"']);
-    const local = await VisionLanguageModel.fromPretrained(FIXTURE_DIR);
+    const local = await fromPretrained(FIXTURE_DIR);
     await assertSameWeights(model, local);
     assertEquals(model.cfg, local.cfg);
     // The model class itself takes a repo id too, and goes through the same cache.
-    const byRepoId = await VisionLanguageModel.fromPretrained(NANOVLM_REPO, options);
+    const byRepoId = await fromPretrained(NANOVLM_REPO, options);
     await assertSameWeights(byRepoId, local);
     byRepoId.dispose();
     // A local folder is loaded as is, without the Hub.
     hub.requests.length = 0;
-    const again = await loadPretrained(FIXTURE_DIR, options);
+    const again = await fromPretrained(FIXTURE_DIR, options);
     assertEquals(hub.requests.length, 0);
     for (const m of [model, local, again]) m.dispose();
   });
@@ -316,7 +315,7 @@ Deno.test("loadPretrained: a nanoVLM repo with an unknown config key warns and l
 
 Deno.test("loadBackbones + hubTokenizer: SigLIP and SmolLM2 by repo id, <|image|> appended", async () => {
   await withHub(async (_hub, options) => {
-    const fixtureCfg = await VisionLanguageModel.fromPretrained(FIXTURE_DIR);
+    const fixtureCfg = await fromPretrained(FIXTURE_DIR);
     const cfg = { ...fixtureCfg.cfg, vit_model_type: SIGLIP_REPO, lm_model_type: SMOLLM_REPO };
     const backbones = await loadBackbones(cfg, options);
     assertEquals((backbones.vision!.config.vision_config as Record<string, number>).hidden_size, 64);
@@ -362,14 +361,18 @@ Deno.test("listRepoFiles follows the tree API's pages", async () => {
 
 Deno.test("pushToHub creates the repo and commits config.json, model.safetensors and a model card", async () => {
   await withHub(async (hub, options) => {
-    const model = await VisionLanguageModel.fromPretrained(FIXTURE_DIR);
+    const model = await fromPretrained(FIXTURE_DIR);
     const pushLog: string[] = [];
     const push = { endpoint: hub.url, token: hub.writeToken, log: (line: string) => pushLog.push(line) };
-    await assertRejects(() => pushToHub(model, "me/tiny-vlm", { ...push, token: undefined }), Error, "set HF_TOKEN");
+    await assertRejects(
+      () => pushToHub(FIXTURE_DIR, "me/tiny-vlm", { ...push, token: undefined }),
+      Error,
+      "set HF_TOKEN",
+    );
     assertEquals(hub.requests.length, 0);
 
     const summary = { data: "the shapes world", steps: 600, finalLoss: 0.1234, hardware: "2-core CPU (WASM)" };
-    const { url, commit } = await pushToHub(model, "me/tiny-vlm", { ...push, trainingSummary: summary });
+    const { url, commit } = await pushToHub(FIXTURE_DIR, "me/tiny-vlm", { ...push, trainingSummary: summary });
     assertEquals(url, `${hub.url}/me/tiny-vlm`);
     assertEquals(pushLog, [
       `hub: created ${hub.url}/me/tiny-vlm`,
@@ -390,27 +393,21 @@ Deno.test("pushToHub creates the repo and commits config.json, model.safetensors
     ]);
     const card = new TextDecoder().decode(repo.files.get("README.md"));
     assertMatch(card, /^---\nlibrary_name: nanovlm\nlicense: mit\npipeline_tag: image-text-to-text\n/);
-    assertMatch(card, /loadPretrained\("me\/tiny-vlm"\)/);
+    assertMatch(card, /fromPretrained\("me\/tiny-vlm"\)/);
     assertMatch(card, /VisionLanguageModel\.from_pretrained\("me\/tiny-vlm"\)/);
     assertMatch(card, /- Final training loss: 0\.1234/);
     assertMatch(card, new RegExp(`${model.parameterCount().toLocaleString("en-US")} parameters`));
 
     // What was pushed loads back identically.
-    const back = await loadPretrained("me/tiny-vlm", options);
+    const back = await fromPretrained("me/tiny-vlm", options);
     await assertSameWeights(back, model);
     back.dispose();
 
     // Pushing again into the existing repo (409 on create) makes a second commit.
-    const dir = await Deno.makeTempDir();
-    try {
-      await model.savePretrained(dir);
-      const second = await pushToHub(dir, "me/tiny-vlm", push);
-      assertEquals(repo.history.length, 3);
-      assertEquals(second.commit, repo.commit);
-      assertMatch(new TextDecoder().decode(repo.files.get("README.md")), /No training details were recorded/);
-    } finally {
-      await Deno.remove(dir, { recursive: true });
-    }
+    const second = await pushToHub(FIXTURE_DIR, "me/tiny-vlm", push);
+    assertEquals(repo.history.length, 3);
+    assertEquals(second.commit, repo.commit);
+    assertMatch(new TextDecoder().decode(repo.files.get("README.md")), /No training details were recorded/);
     model.dispose();
   });
 });
@@ -439,7 +436,7 @@ Deno.test("deno task hub download: HF_ENDPOINT and HF_HOME from the environment,
     const home = options.cacheDir; // an empty folder for HF_HOME
     const run = async (args: string[], env: Record<string, string>) => {
       const command = new Deno.Command(Deno.execPath(), {
-        args: ["run", "-A", new URL("../hub.ts", import.meta.url).pathname, ...args],
+        args: ["run", "-A", new URL("../lib/hub.ts", import.meta.url).pathname, ...args],
         env: { HF_ENDPOINT: hub.url, HF_HOME: home, HF_HUB_DISABLE_PROGRESS_BARS: "1", ...env },
         stdout: "piped",
         stderr: "piped",

@@ -1,5 +1,5 @@
 // Low-memory training, what lets the 222M preset train inside the wasm heap's 4 GiB:
-// activation checkpointing (runtime.ts `recomputeInBackward`, `model.checkpointBlocks`)
+// activation checkpointing (backend/low_memory.ts `recomputeInBackward`, `useActivationCheckpointing`)
 // gives the plain gradients on wasm and cpu, leaks nothing and changes no forward or
 // generation; AdamW with its moments in JS memory (`momentsOnHost`) gives the tensor
 // AdamW's weights and state; and `train` switches both on (`--low_memory`), resumes
@@ -9,7 +9,9 @@ import * as tf from "@tensorflow/tfjs";
 import { assert, assertEquals, assertThrows } from "./assert.ts";
 import type { Batch } from "../data.ts";
 import { PRESETS, VisionLanguageModel, type VLMConfig } from "../nanovlm.ts";
-import { initBackend, readSafetensors, recomputeInBackward, SimdAdamW } from "../runtime.ts";
+import { initBackend, SimdAdamW } from "../backend/runtime.ts";
+import { readSafetensors } from "../lib/safetensors.ts";
+import { recomputeInBackward, useActivationCheckpointing } from "../backend/low_memory.ts";
 import { AdamW, lowMemoryTraining, paramGroups, train, type TrainConfig, trainStep } from "../train.ts";
 import { assertNoLeak, maxAbsDiff, MICRO_OVERRIDES, SMALL } from "./helpers.ts";
 
@@ -59,7 +61,7 @@ function batch() {
 
 /** The loss and every parameter's gradient, by name, read back to the host. */
 async function lossAndGrads(model: VisionLanguageModel, checkpoint: boolean) {
-  model.checkpointBlocks = checkpoint;
+  useActivationCheckpointing(model, checkpoint);
   const t = batch();
   const { value, grads } = tf.variableGrads(() => model.forward(t.inputIds, t.images, t.mask, t.targets).loss!);
   const byName = new Map<string, Float32Array>();
@@ -91,7 +93,7 @@ for (const backend of ["wasm", "cpu"]) {
   });
 }
 
-Deno.test("checkpointBlocks changes neither the logits nor what generate picks", async () => {
+Deno.test("activation checkpointing changes neither the logits nor what generate picks", async () => {
   const model = new VisionLanguageModel(small, { seed: 2 });
   const t = batch();
   const run = async () => {
@@ -102,7 +104,7 @@ Deno.test("checkpointBlocks changes neither the logits nor what generate picks",
     return out;
   };
   const plain = await run();
-  model.checkpointBlocks = true;
+  useActivationCheckpointing(model);
   const checkpointed = await run();
   assertEquals(maxAbsDiff(checkpointed.logits, plain.logits), 0);
   assertEquals(checkpointed.ids, plain.ids);

@@ -4,8 +4,8 @@
 
 import * as tf from "@tensorflow/tfjs";
 import { assert, assertEquals, assertMatch, assertRejects, assertThrows } from "./assert.ts";
+import { configFromJSON, fromPretrained, savePretrained } from "../lib/checkpoint.ts";
 import {
-  configFromJSON,
   crossEntropy,
   decoder,
   lmHead,
@@ -15,7 +15,8 @@ import {
   VisionLanguageModel,
   type VLMConfig,
 } from "../nanovlm.ts";
-import { encodeSafetensors, initBackend, readSafetensors } from "../runtime.ts";
+import { encodeSafetensors, readSafetensors } from "../lib/safetensors.ts";
+import { initBackend } from "../backend/runtime.ts";
 import { assertNoLeak, FIXTURE_DIR, maxAbsDiff, SMALL } from "./helpers.ts";
 
 await initBackend("wasm", { quiet: true });
@@ -51,12 +52,18 @@ Deno.test("KV-cache decoding equals a full recompute", () => {
   tf.tidy(() => {
     const x = tf.randomNormal([2, 7, SMALL.lm_hidden_dim], 0, 1, "float32", 3);
     const mask = tf.tensor2d([0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], [2, 7], "int32");
-    const full = decoder(p, SMALL, x, mask).hidden; // all 7 positions at once
+    const full = decoder(p, SMALL, x, { attentionMask: mask }).hidden; // all 7 positions at once
     // Prefill 4, then feed positions 4, 5, 6 one at a time through the cache.
-    let { hidden, cache } = decoder(p, SMALL, x.slice([0, 0, 0], [2, 4, -1]), mask.slice([0, 0], [2, 4]));
+    let { hidden, cache } = decoder(p, SMALL, x.slice([0, 0, 0], [2, 4, -1]), {
+      attentionMask: mask.slice([0, 0], [2, 4]),
+    });
     const pieces = [hidden];
     for (let t = 4; t < 7; t++) {
-      ({ hidden, cache } = decoder(p, SMALL, x.slice([0, t, 0], [2, 1, -1]), mask.slice([0, 0], [2, t + 1]), cache, t));
+      ({ hidden, cache } = decoder(p, SMALL, x.slice([0, t, 0], [2, 1, -1]), {
+        attentionMask: mask.slice([0, 0], [2, t + 1]),
+        cache,
+        startPos: t,
+      }));
       pieces.push(hidden);
     }
     const stepwise = tf.concat(pieces, 1);
@@ -86,7 +93,7 @@ Deno.test("KV-cache decoding equals a full recompute", () => {
 Deno.test("save → load gives exactly the same logits, in nanoVLM's file layout", async () => {
   const dir = await Deno.makeTempDir();
   const model = new VisionLanguageModel(SMALL, { seed: 3 });
-  await model.savePretrained(dir);
+  await savePretrained(model, dir);
   const file = await readSafetensors(`${dir}/model.safetensors`);
   assert(file.tensors.has("decoder.head.weight") && !file.tensors.has("decoder.token_embedding.weight"));
   assertEquals(file.metadata["decoder.token_embedding.weight"], "decoder.head.weight");
@@ -94,7 +101,7 @@ Deno.test("save → load gives exactly the same logits, in nanoVLM's file layout
   assertEquals(file.tensors.get("vision_encoder.patch_embedding.conv.weight")!.shape, [32, 3, 4, 4]);
   const config = JSON.parse(await Deno.readTextFile(`${dir}/config.json`));
   assertEquals(Object.keys(config), Object.keys(PRESETS.tiny)); // every reference field, in order
-  const loaded = await VisionLanguageModel.fromPretrained(dir);
+  const loaded = await fromPretrained(dir);
   const { inputIds, mask, images } = batch();
   const a = model.forward(inputIds, images, mask).logits, b = loaded.forward(inputIds, images, mask).logits;
   assertEquals(maxAbsDiff(await a.data(), await b.data()), 0);
@@ -150,10 +157,10 @@ Deno.test("loss (the head on trained positions only) = forward's loss, weighted 
   model.dispose();
 });
 
-Deno.test("the decoder's tables: made with the model, the per-call values exactly, no growth, freed by dispose", async () => {
+Deno.test("the RoPE table: made with the model, the per-call values exactly, no growth, freed by dispose", async () => {
   const before = tf.memory().numTensors;
   const model = new VisionLanguageModel(SMALL, { seed: 8 });
-  assertEquals(tf.memory().numTensors - before, model.params.size + 4, "weights + RoPE tables and positions");
+  assertEquals(tf.memory().numTensors - before, model.params.size + 2, "weights + the RoPE table (cos, sin)");
   const { inputIds, mask, images, targets } = batch();
   const forward = async () => {
     const { logits, loss } = model.forward(inputIds, images, mask, targets);
@@ -166,14 +173,16 @@ Deno.test("the decoder's tables: made with the model, the per-call values exactl
   assertEquals(tf.memory().numTensors, withInputs, "the first forward leaves nothing behind (no lazy cache)");
   await forward();
   assertEquals(tf.memory().numTensors, withInputs, "nor does the second");
-  // The free decoder, which makes RoPE tables and the causal mask for the call, gives the very same logits.
+  // The free decoder, which makes the RoPE rows for the call, gives the very same logits.
   const p = model.params as Map<string, tf.Tensor>;
-  const perCall = tf.tidy(() => lmHead(p, SMALL, decoder(p, SMALL, model.embed(inputIds, images), mask).hidden));
+  const perCall = tf.tidy(() =>
+    lmHead(p, SMALL, decoder(p, SMALL, model.embed(inputIds, images), { attentionMask: mask }).hidden)
+  );
   assertEquals(maxAbsDiff(first, await perCall.data()), 0);
   tf.dispose([perCall, inputIds, mask, images, targets]);
   model.dispose();
   assertEquals(tf.memory().numTensors, before);
-  // A context that may pass lm_max_position_embeddings has no tables: dynamic RoPE scaling is per call.
+  // A context that may pass lm_max_position_embeddings has no table: dynamic RoPE scaling is per call.
   const long = new VisionLanguageModel({ ...SMALL, lm_max_position_embeddings: 16 });
   assertEquals(tf.memory().numTensors - before, long.params.size);
   long.dispose();
@@ -228,8 +237,8 @@ Deno.test("bad input gets an error that names the problem", async () => {
 
 Deno.test("the fixture checkpoint saves back to the same config.json and tensors", async () => {
   const dir = await Deno.makeTempDir();
-  const model = await VisionLanguageModel.fromPretrained(FIXTURE_DIR);
-  await model.savePretrained(dir);
+  const model = await fromPretrained(FIXTURE_DIR);
+  await savePretrained(model, dir);
   model.dispose();
   const config = (path: string) => JSON.parse(Deno.readTextFileSync(path));
   assertEquals(config(`${dir}/config.json`), config(`${FIXTURE_DIR}/config.json`));
@@ -244,18 +253,18 @@ Deno.test("the fixture checkpoint saves back to the same config.json and tensors
 
 Deno.test("checkpoint problems are named: missing files, truncation, wrong shapes, unknown keys", async () => {
   const dir = await Deno.makeTempDir();
-  await assertRejects(() => VisionLanguageModel.fromPretrained(dir), Error, "config.json is missing");
+  await assertRejects(() => fromPretrained(dir), Error, "config.json is missing");
   const model = new VisionLanguageModel(SMALL, { seed: 7 });
-  await model.savePretrained(dir);
+  await savePretrained(model, dir);
   model.dispose();
   await Deno.remove(`${dir}/model.safetensors`);
-  await assertRejects(() => VisionLanguageModel.fromPretrained(dir), Error, "model.safetensors is missing");
+  await assertRejects(() => fromPretrained(dir), Error, "model.safetensors is missing");
 
   // A truncated copy of the fixture checkpoint.
   const bytes = await Deno.readFile(`${FIXTURE_DIR}/model.safetensors`);
   await Deno.copyFile(`${FIXTURE_DIR}/config.json`, `${dir}/config.json`);
   await Deno.writeFile(`${dir}/model.safetensors`, bytes.slice(0, bytes.length - 1000));
-  await assertRejects(() => VisionLanguageModel.fromPretrained(dir), Error, "model.safetensors");
+  await assertRejects(() => fromPretrained(dir), Error, "model.safetensors");
 
   // One tensor of the wrong shape: the key and both shapes are named.
   const file = await readSafetensors(`${FIXTURE_DIR}/model.safetensors`);
@@ -265,7 +274,7 @@ Deno.test("checkpoint problems are named: missing files, truncation, wrong shape
   wrong.set("decoder.norm.weight", { dtype: "F32", shape: [32], data: new Float32Array(32) });
   await Deno.writeFile(`${dir}/model.safetensors`, encodeSafetensors(wrong, file.metadata));
   await assertRejects(
-    () => VisionLanguageModel.fromPretrained(dir),
+    () => fromPretrained(dir),
     Error,
     "tensor decoder.norm.weight has shape [32] but this config needs [64]",
   );
@@ -278,7 +287,7 @@ Deno.test("checkpoint problems are named: missing files, truncation, wrong shape
   const original = console.warn;
   console.warn = (msg: string) => warnings.push(msg);
   try {
-    const loaded = await VisionLanguageModel.fromPretrained(dir);
+    const loaded = await fromPretrained(dir);
     loaded.dispose();
   } finally {
     console.warn = original;

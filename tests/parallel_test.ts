@@ -4,9 +4,9 @@
 import * as tf from "@tensorflow/tfjs";
 import { type Batch, loadTokenizer, shapesBatches } from "../data.ts";
 import { VisionLanguageModel } from "../nanovlm.ts";
-import { initBackend } from "../runtime.ts";
+import { initBackend } from "../backend/runtime.ts";
 import { AdamW, minRowsFor, paramGroups, trainingThreads, trainStep } from "../train.ts";
-import { GradientHelper, splitRows } from "../parallel.ts";
+import { GradientHelper, splitRows } from "../backend/parallel.ts";
 import { assert, assertEquals, assertRejects, assertThrows } from "./assert.ts";
 import { maxAbsDiff, MICRO } from "./helpers.ts";
 

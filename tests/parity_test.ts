@@ -7,7 +7,6 @@ import * as tf from "@tensorflow/tfjs";
 import { assertEquals } from "./assert.ts";
 import {
   attentionBias,
-  configFromJSON,
   decoder,
   decoderBlock,
   lmHead,
@@ -23,8 +22,10 @@ import {
   vitBlock,
   type VLMConfig,
 } from "../nanovlm.ts";
-import { initBackend, readSafetensors } from "../runtime.ts";
-import { modelFromBackbones, smolLM2NameMap } from "../backbones.ts";
+import { configFromJSON, fromPretrained, stateDict } from "../lib/checkpoint.ts";
+import { initBackend } from "../backend/runtime.ts";
+import { readSafetensors } from "../lib/safetensors.ts";
+import { modelFromBackbones, smolLM2NameMap } from "../lib/backbones.ts";
 import { assertClose, FIXTURE_DIR, loadFixture, maxAbsDiff, toTensor } from "./helpers.ts";
 
 const { inputs, expected } = await loadFixture();
@@ -64,7 +65,7 @@ async function greedyWithoutCache(model: VisionLanguageModel, ids: number[][], i
 for (const backend of ["wasm", "cpu"] as const) {
   Deno.test(`parity on ${backend}`, async (t) => {
     await initBackend(backend, { quiet: true });
-    const model = await VisionLanguageModel.fromPretrained(FIXTURE_DIR);
+    const model = await fromPretrained(FIXTURE_DIR);
     const p = model.params as Map<string, tf.Tensor>;
     const images = toTensor(get("images"));
     const inputIds = toTensor(get("input_ids"));
@@ -105,7 +106,7 @@ for (const backend of ["wasm", "cpu"] as const) {
       const rope = rotaryEmbedding(cfg, Array.from({ length: 48 }, (_, i) => i));
       const block0 = decoderBlock(p, cfg, 0, fused, rope, attentionBias(mask, 48, 48)).out;
       await assertClose("lm.block0", block0, get("lm.block0"), 1e-4, rowMask);
-      const { hidden } = decoder(p, cfg, fused, mask);
+      const { hidden } = decoder(p, cfg, fused, { attentionMask: mask });
       await assertClose("lm.hidden", hidden, get("lm.hidden"), 1e-4, rowMask);
       await assertClose("lm.logits (head)", lmHead(p, cfg, hidden), get("lm.logits"), 1e-4, rowMask);
       const { logits, loss } = model.forward(inputIds, images, mask, labels);
@@ -192,7 +193,7 @@ for (const backend of ["wasm", "cpu"] as const) {
       });
       assertEquals(fromHF.cfg.vit_hidden_dim, cfg.vit_hidden_dim);
       assertEquals(fromHF.cfg.lm_n_kv_heads, cfg.lm_n_kv_heads);
-      const { tensors } = await fromHF.stateDict();
+      const { tensors } = await stateDict(fromHF);
       let compared = 0;
       for (const [name, want] of reference) {
         if (name === "MP.proj.weight") continue; // the projector is not part of either backbone

@@ -9,16 +9,13 @@ import wabtInit from "wabt";
 import {
   ADAMW_WASM,
   ADAMW_WAT,
-  decodeSafetensors,
-  encodeSafetensors,
   initBackend,
-  readSafetensors,
   registerWasmKernelFixes,
   requestWebGPUAdapter,
-  type SafetensorsTensor,
   wasmHeapBytes,
-  writeFileAtomic,
-} from "../runtime.ts";
+} from "../backend/runtime.ts";
+import { decodeSafetensors, encodeSafetensors, readSafetensors, type SafetensorsTensor } from "../lib/safetensors.ts";
+import { writeFileAtomic } from "../lib/files.ts";
 import { testNeeding, WEBGPU_ADAPTER } from "./helpers.ts";
 
 const FIXTURES = new URL("./fixtures/nanovlm-tiny-a/", import.meta.url).pathname;
@@ -359,11 +356,14 @@ async function runDeno(code: string, env: Record<string, string>): Promise<{ ok:
 Deno.test("initBackend without any WebGPU adapter: automatic picks wasm, explicit webgpu explains what to install", async () => {
   // Linux has no DirectX 12, so this environment leaves Deno without an adapter on any machine.
   const env = { DENO_WEBGPU_BACKEND: "dx12", NANOVLM_BACKEND: "" };
-  const automatic = await runDeno(`import { initBackend } from "./runtime.ts"; await initBackend();`, env);
+  const automatic = await runDeno(`import { initBackend } from "./backend/runtime.ts"; await initBackend();`, env);
   assert.ok(automatic.ok, automatic.output);
   assert.match(automatic.output, /^backend: wasm \| .* \| automatic: no WebGPU adapter$/m);
 
-  const explicit = await runDeno(`import { initBackend } from "./runtime.ts"; await initBackend("webgpu");`, env);
+  const explicit = await runDeno(
+    `import { initBackend } from "./backend/runtime.ts"; await initBackend("webgpu");`,
+    env,
+  );
   assert.ok(!explicit.ok, "an explicit webgpu request must fail without an adapter");
   assert.match(explicit.output, /no adapter/);
   assert.match(explicit.output, /mesa-vulkan-drivers/);

@@ -16,13 +16,15 @@ import {
   main as evalMain,
   normalizeAnswer,
   readQuestionsJsonl,
-} from "../eval.ts";
-import { answerQuestion, findLatestCheckpoint, loadForInference, main as generateMain } from "../generate.ts";
+} from "../lib/eval.ts";
+import { answerQuestion, findLatestCheckpoint, loadForInference } from "../lib/inference.ts";
+import { main as generateMain } from "../generate.ts";
 import { VisionLanguageModel } from "../nanovlm.ts";
-import { initBackend } from "../runtime.ts";
+import { initBackend } from "../backend/runtime.ts";
 import { AdamW, modelConfig, paramGroups, saveCheckpoint, trainStep } from "../train.ts";
 import { assert, assertEquals, assertRejects } from "./assert.ts";
 import { MICRO_OVERRIDES } from "./helpers.ts";
+import { savePretrained } from "../lib/checkpoint.ts";
 
 await initBackend("wasm", { quiet: true });
 const ROOT = new URL("..", import.meta.url).pathname;
@@ -53,7 +55,7 @@ async function saveStub(dir: string): Promise<void> {
   head[eos * D + 1] = 1; // direction 1 → <|im_end|>
   model.params.get("decoder.token_embedding.weight")!.assign(tf.tensor2d(embedding, [V, D]));
   model.params.get("decoder.head.weight")!.assign(tf.tensor2d(head, [V, D]));
-  await model.savePretrained(dir);
+  await savePretrained(model, dir);
   model.dispose();
 }
 

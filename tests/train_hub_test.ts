@@ -7,8 +7,8 @@
  */
 import { join } from "node:path";
 import { train, type TrainConfig } from "../train.ts";
-import { CAULDRON_REPO } from "../datasets.ts";
-import { readSafetensors } from "../runtime.ts";
+import { CAULDRON_REPO } from "../lib/datasets.ts";
+import { readSafetensors } from "../lib/safetensors.ts";
 import { assert, assertEquals, assertMatch, assertRejects } from "./assert.ts";
 import {
   addBackboneRepos,

@@ -5,8 +5,10 @@
 
 import * as tf from "@tensorflow/tfjs";
 import { type Batch, IGNORE_INDEX, loadTokenizer, shapesBatches } from "../data.ts";
-import { configFromJSON, PRESETS, VisionLanguageModel } from "../nanovlm.ts";
-import { initBackend, readSafetensors } from "../runtime.ts";
+import { configFromJSON, fromPretrained } from "../lib/checkpoint.ts";
+import { PRESETS, VisionLanguageModel } from "../nanovlm.ts";
+import { initBackend } from "../backend/runtime.ts";
+import { readSafetensors } from "../lib/safetensors.ts";
 import {
   AdamW,
   answerWeights,
@@ -102,7 +104,7 @@ async function torchValues(model: VisionLanguageModel, name: string): Promise<Fl
 Deno.test("AdamW's update is torch's: the reference's step-1 gradients give its step-1 parameters", async () => {
   // The optimizer alone, fed the fixture's own gradients (clipped as clip_grad_norm_ does), so no
   // float noise from our backward pass enters: agreement must be at float32 precision.
-  const model = await VisionLanguageModel.fromPretrained(FIXTURE_DIR);
+  const model = await fromPretrained(FIXTURE_DIR);
   const probes = new Map(PROBES.map((name) => [name, model.params.get(name)!]));
   const optimizer = new AdamW(probes, [
     { name: "mp", maxLr: LRS[0], params: ["MP.proj.weight"] },
@@ -151,7 +153,7 @@ Deno.test("AdamW with another β2 (the default run's 0.95) follows torch's formu
 });
 
 Deno.test("two training steps match the reference: loss, gradient norm and parameters", async () => {
-  const model = await VisionLanguageModel.fromPretrained(FIXTURE_DIR);
+  const model = await fromPretrained(FIXTURE_DIR);
   const optimizer = new AdamW(model.params, paramGroups(model, LRS[0], LRS[1]));
   for (const step of [1, 2]) {
     const { loss, gradNorm } = await trainStep(model, [fixtureBatch()], optimizer, { lrs: LRS, maxGradNorm: 1 });
@@ -247,7 +249,7 @@ Deno.test("paramGroups: MP vs backbones; lr_backbones = 0 leaves the backbones o
 });
 
 Deno.test("trimPadding drops all-padding columns and keeps the loss (RoPE sees only distances)", async () => {
-  const model = await VisionLanguageModel.fromPretrained(FIXTURE_DIR);
+  const model = await fromPretrained(FIXTURE_DIR);
   const full = fixtureBatch(), trimmed = trimPadding(full);
   assert(trimmed.length < full.length, `${trimmed.length}`);
   const lossOf = async (b: Batch) => {

@@ -5,7 +5,8 @@
 
 import * as tf from "@tensorflow/tfjs";
 import * as assert from "node:assert/strict";
-import { initBackend, seededRandom } from "../runtime.ts";
+import { initBackend } from "../backend/runtime.ts";
+import { seededRandom } from "../nanovlm.ts";
 
 const random = seededRandom(11);
 const values = (shape: number[]) => Float32Array.from({ length: tf.util.sizeFromShape(shape) }, () => 2 * random() - 1);

@@ -6,9 +6,9 @@
 
 import * as tf from "@tensorflow/tfjs";
 import * as assert from "node:assert/strict";
-import { configFromJSON, VisionLanguageModel } from "../nanovlm.ts";
+import { configFromJSON, fromPretrained } from "../lib/checkpoint.ts";
 import { AdamW, gradientNorm } from "../train.ts";
-import { initBackend, webgpuBindingLimit } from "../runtime.ts";
+import { initBackend, webgpuBindingLimit } from "../backend/runtime.ts";
 import { assertClose, FIXTURE_DIR, loadFixture, testNeeding, toTensor, WEBGPU_ADAPTER } from "./helpers.ts";
 
 const REPO_ROOT = new URL("..", import.meta.url).pathname;
@@ -43,7 +43,7 @@ Deno.test('webgpu: without an adapter, initBackend("webgpu") fails saying what t
   } else {
     // This machine has one: hide it from a child process (Linux has no DirectX 12).
     const { success, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
-      args: ["eval", `import { initBackend } from "./runtime.ts"; await initBackend("webgpu");`],
+      args: ["eval", `import { initBackend } from "./backend/runtime.ts"; await initBackend("webgpu");`],
       cwd: REPO_ROOT,
       env: { DENO_WEBGPU_BACKEND: "dx12", NO_COLOR: "1" },
       stdout: "piped",
@@ -59,7 +59,7 @@ Deno.test('webgpu: without an adapter, initBackend("webgpu") fails saying what t
 gpuTest("webgpu: forward logits, loss, gradients and greedy ids match PyTorch nanoVLM", async () => {
   assert.equal(tf.getBackend(), "webgpu");
   const cfg = configFromJSON(JSON.parse(await Deno.readTextFile(`${FIXTURE_DIR}/config.json`)));
-  const model = await VisionLanguageModel.fromPretrained(FIXTURE_DIR);
+  const model = await fromPretrained(FIXTURE_DIR);
   assert.equal(model.cfg.lm_vocab_size, cfg.lm_vocab_size);
   const [inputIds, images, mask, labels] = ["input_ids", "images", "attention_mask", "labels"].map((n) =>
     toTensor(get(n))

@@ -6,9 +6,9 @@
 
 /// <reference lib="deno.worker" />
 import * as tf from "@tensorflow/tfjs";
-import { VisionLanguageModel, type VLMConfig } from "./nanovlm.ts";
+import { VisionLanguageModel, type VLMConfig } from "../nanovlm.ts";
 import { initBackend } from "./runtime.ts";
-import { gradientsOf } from "./train.ts";
+import { gradientsOf } from "../train.ts";
 import type { GradientWork } from "./parallel.ts";
 
 let model: VisionLanguageModel | undefined;

@@ -10,8 +10,8 @@
 //
 // The helper's side is parallel_worker.ts. Shapes as in nanovlm.ts: B batch, T tokens, S image side.
 
-import type { Batch } from "./data.ts";
-import type { VLMConfig } from "./nanovlm.ts";
+import type { Batch } from "../data.ts";
+import type { VLMConfig } from "../nanovlm.ts";
 
 /**
  * The rows of a collated batch in `parts` contiguous groups, as many rows each as can be (the first ones take the

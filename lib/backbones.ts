@@ -11,8 +11,12 @@
 // [Np, Dv] (ours [1, Np, Dv]), and SmolLM2's embedding lacks the row of our added
 // `<|image|>` token, which keeps its random initialisation.
 
-import { type NameMapping, VisionLanguageModel, type VLMConfig } from "./nanovlm.ts";
-import type { SafetensorsFile } from "./runtime.ts";
+import { join } from "node:path";
+import { checkCached, type HubOptions, hubSnapshot } from "./hub.ts";
+import { readSafetensors } from "./safetensors.ts";
+import { VisionLanguageModel, type VLMConfig } from "../nanovlm.ts";
+import type { SafetensorsFile } from "./safetensors.ts";
+import { loadWeights, type NameMapping } from "./checkpoint.ts";
 
 /** A pretrained backbone: its Hugging Face config.json (parsed) and its weights. */
 export interface Backbone {
@@ -33,8 +37,8 @@ export function modelFromBackbones(
   const { vision, language } = backbones;
   const model = new VisionLanguageModel(configWithBackbones(cfg, vision?.config, language?.config), options);
   try {
-    if (vision) model.loadWeights(siglipNameMap(model.cfg), vision.weights, cfg.vit_model_type, false);
-    if (language) model.loadWeights(smolLM2NameMap(model.cfg), language.weights, cfg.lm_model_type, false);
+    if (vision) loadWeights(model, siglipNameMap(model.cfg), vision.weights, cfg.vit_model_type, false);
+    if (language) loadWeights(model, smolLM2NameMap(model.cfg), language.weights, cfg.lm_model_type, false);
   } catch (e) {
     model.dispose();
     throw e;
@@ -139,4 +143,31 @@ export function configWithBackbones(
     }
   }
   return out as VLMConfig;
+}
+
+// ---- Downloading backbones ------------------------------------------------------------------
+
+/** A Hugging Face model repo's config.json (parsed) and model.safetensors, downloaded or cached. */
+export async function loadBackbone(repoId: string, options: HubOptions = {}): Promise<Backbone> {
+  const dir = await hubSnapshot(repoId, ["config.json", "model.safetensors"], { ...options, repoType: "model" });
+  return {
+    config: JSON.parse(await Deno.readTextFile(join(dir, "config.json"))),
+    weights: await readSafetensors(join(dir, "model.safetensors")),
+  };
+}
+
+/**
+ * The pretrained backbones a config names (`vit_model_type`, `lm_model_type`, e.g.
+ * google/siglip-base-patch16-224 and HuggingFaceTB/SmolLM2-135M), ready for
+ * `modelFromBackbones(cfg, backbones)` (backbones.ts). A type of "none" is skipped. In
+ * offline mode every missing file of both repos is listed at once.
+ */
+export async function loadBackbones(
+  cfg: Pick<VLMConfig, "vit_model_type" | "lm_model_type">,
+  options: HubOptions = {},
+): Promise<{ vision?: Backbone; language?: Backbone }> {
+  const repos = [cfg.vit_model_type, cfg.lm_model_type].filter((r) => r && r !== "none");
+  await checkCached(repos.map((repoId) => ({ repoId, files: ["config.json", "model.safetensors"] })), options);
+  const load = (repo: string) => repo && repo !== "none" ? loadBackbone(repo, options) : undefined;
+  return { vision: await load(cfg.vit_model_type), language: await load(cfg.lm_model_type) };
 }

@@ -27,9 +27,10 @@ import {
   peakRssMiB,
   syntheticBatch,
 } from "./bench.ts";
-import { VisionLanguageModel } from "./nanovlm.ts";
-import { type BackendName, initBackend } from "./runtime.ts";
-import { AdamW, adamWOnHost, batchTensors, lowMemoryTraining, paramGroups, trainStep } from "./train.ts";
+import { VisionLanguageModel } from "../nanovlm.ts";
+import { type BackendName, initBackend } from "../backend/runtime.ts";
+import { AdamW, adamWOnHost, batchTensors, lowMemoryTraining, paramGroups, trainStep } from "../train.ts";
+import { useActivationCheckpointing } from "../backend/low_memory.ts";
 
 /** What each batch size runs: a training step, forward + backward only, or a forward pass with the loss. */
 export type MemoryMode = "train" | "fwd-bwd" | "forward";
@@ -68,7 +69,7 @@ export async function measureOnce(
   device?.pushErrorScope("out-of-memory");
   const model = new VisionLanguageModel(bench.cfg, { seed: 0 });
   const low = lowMemoryTraining(lowMemory, tf.getBackend(), bench.cfg); // as train.ts decides
-  model.checkpointBlocks = low;
+  if (low) useActivationCheckpointing(model);
   const optimizer = mode === "train"
     ? new AdamW(model.params, paramGroups(model, 1e-4, 1e-4), { momentsOnHost: adamWOnHost(tf.getBackend()) })
     : null;

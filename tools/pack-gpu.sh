@@ -12,7 +12,7 @@
 #   nvidia_icd.json      a Vulkan ICD file for the NVIDIA driver, used only when the machine has none
 #   run.sh, README.txt, COMMIT
 #
-# Usage: scripts/pack-gpu.sh [--no-deno] [OUT_DIR]     (default OUT_DIR: .carry, which git ignores)
+# Usage: tools/pack-gpu.sh [--no-deno] [OUT_DIR]     (default OUT_DIR: .carry, which git ignores)
 #   --no-deno   skip the 1-2 minute xz of the Deno binary (tests; or when the GPU machine has Deno 2.9.6)
 # On the GPU machine: tar xf nanovlm-gpu.tar && cd nanovlm-gpu && ./run.sh bench --backend webgpu --preset tiny
 set -euo pipefail
@@ -33,8 +33,9 @@ prelude='import { createRequire as nanovlmRequire } from "node:module";
 globalThis.require ??= nanovlmRequire(import.meta.url);
 globalThis.__filename ??= new URL(import.meta.url).pathname;
 globalThis.__dirname ??= new URL(".", import.meta.url).pathname;'
-for entry in bench memory train generate eval parallel_worker; do
-  deno bundle --quiet --platform deno --minify --external '*.node' -o "$pack/$entry.body.js" "$entry.ts"
+for source in tools/bench.ts tools/memory.ts train.ts generate.ts lib/eval.ts backend/parallel_worker.ts; do
+  entry="$(basename "$source" .ts)"
+  deno bundle --quiet --platform deno --minify --external '*.node' -o "$pack/$entry.body.js" "$source"
   { printf '%s\n' "$prelude"; cat "$pack/$entry.body.js"; } > "$pack/$entry.js"
   rm "$pack/$entry.body.js"
 done

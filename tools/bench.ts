@@ -28,17 +28,16 @@
 
 import * as tf from "@tensorflow/tfjs";
 import { parseArgs } from "node:util";
-import type { Batch } from "./data.ts";
-import { parameterSpecs, PRESETS, VisionLanguageModel, type VLMConfig } from "./nanovlm.ts";
+import type { Batch } from "../data.ts";
+import { parameterSpecs, PRESETS, seededRandom, VisionLanguageModel, type VLMConfig } from "../nanovlm.ts";
 import {
   type BackendName,
   initBackend,
-  seededRandom,
   shareBlasThreads,
   wasmHeapBytes,
   wasmMatMulEngine,
   webgpuBindingLimit,
-} from "./runtime.ts";
+} from "../backend/runtime.ts";
 import {
   AdamW,
   adamWOnHost,
@@ -48,8 +47,9 @@ import {
   paramGroups,
   trainingThreads,
   trainStep,
-} from "./train.ts";
-import { GradientHelper } from "./parallel.ts";
+} from "../train.ts";
+import { GradientHelper } from "../backend/parallel.ts";
+import { useActivationCheckpointing } from "../backend/low_memory.ts";
 
 // ---- What to measure ------------------------------------------------------------------
 
@@ -368,7 +368,7 @@ export async function benchmark(options: BenchOptions): Promise<BenchRow[]> {
   log(`kernel probe: ${kernelUs.toFixed(1)} µs per small kernel (1,000 chained adds of 4,096 floats)`);
 
   const model = new VisionLanguageModel(cfg, { seed: 0 });
-  model.checkpointBlocks = lowMemory;
+  if (lowMemory) useActivationCheckpointing(model);
   const params = model.parameterCount();
   log(
     `config ${options.config}: ${bench.about} | ${params.toLocaleString("en-US")} parameters | T ${seq}` +

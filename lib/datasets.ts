@@ -31,7 +31,7 @@ import {
   encodeConversation,
   type EncodedSample,
   preprocessImage,
-} from "./data.ts";
+} from "../data.ts";
 import {
   cachedFile,
   hubOffline,
@@ -41,7 +41,7 @@ import {
   listRepoFiles,
   repoCacheDir,
 } from "./hub.ts";
-import { seededRandom } from "./runtime.ts";
+import { seededRandom } from "../nanovlm.ts";
 
 // ---- 1. Samples ---------------------------------------------------------------------------
 

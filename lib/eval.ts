@@ -29,10 +29,10 @@ import {
   type Split,
   SPLITS,
   toCHWFloat,
-} from "./data.ts";
-import { findLatestCheckpoint, loadForInference } from "./generate.ts";
-import type { VisionLanguageModel } from "./nanovlm.ts";
-import { type BackendName, initBackend } from "./runtime.ts";
+} from "../data.ts";
+import { findLatestCheckpoint, loadForInference } from "./inference.ts";
+import type { VisionLanguageModel } from "../nanovlm.ts";
+import { type BackendName, initBackend } from "../backend/runtime.ts";
 
 // ---- Questions ---------------------------------------------------------------------------
 

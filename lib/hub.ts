@@ -9,7 +9,7 @@
 //      transformers, and the other way round.
 //   3. Download: HEAD for the commit, blob id and size, then GET with HTTP Range into a
 //      `.incomplete` file (resumed after an interruption), then a size and hash check.
-//   4. Models: `loadPretrained("owner/repo")`, `loadBackbones(cfg)`, `hubTokenizer(name)`.
+//   4. Tokenizers: `hubTokenizer(name)` (models: lib/checkpoint.ts `fromPretrained`, lib/backbones.ts).
 //   5. Listing a folder of a repo (the Cauldron's parquet shards).
 //   6. Push: create the repo, upload config.json, model.safetensors and a model card.
 //
@@ -25,10 +25,9 @@ import { createRepo, HubApiError, uploadFiles } from "@huggingface/hub";
 import { createHash } from "node:crypto";
 import { dirname, join, relative } from "node:path";
 import { parseArgs } from "node:util";
-import { type ChatTokenizer, loadTokenizer } from "./data.ts";
-import type { Backbone } from "./backbones.ts";
-import { VisionLanguageModel, type VLMConfig } from "./nanovlm.ts";
-import { readSafetensors } from "./runtime.ts";
+import { type ChatTokenizer, loadTokenizer } from "../data.ts";
+import type { VLMConfig } from "../nanovlm.ts";
+import { fileExists, isDirectory } from "./files.ts";
 
 // ---- 1. Settings from the environment ---------------------------------------------------
 
@@ -128,6 +127,11 @@ function settings(options: HubOptions): Settings {
 // and a download holds the lock `{cache}/.locks/models--owner--name/<etag>.lock`.
 
 const REPO_ID = /^([\w.-]+\/)?[\w.-]+$/;
+
+/** Whether `name` has the form of a Hub repo id ("owner/name"). */
+export function isRepoId(name: string): boolean {
+  return /^[\w.-]+\/[\w.-]+$/.test(name) && !name.includes("..");
+}
 const COMMIT_HASH = /^[0-9a-f]{40}$/;
 
 function checkRepoId(repoId: string): void {
@@ -157,7 +161,7 @@ export async function cachedFile(repoId: string, filename: string, options: HubO
   const commit = await resolveCachedRevision(dir, settings(options).revision);
   if (!commit) return null;
   const path = join(dir, "snapshots", commit, filename);
-  return (await isFile(path)) ? path : null;
+  return (await fileExists(path)) ? path : null;
 }
 
 async function resolveCachedRevision(repoDir: string, revision: string): Promise<string | null> {
@@ -166,14 +170,6 @@ async function resolveCachedRevision(repoDir: string, revision: string): Promise
     return (await Deno.readTextFile(join(repoDir, "refs", revision))).trim();
   } catch {
     return null;
-  }
-}
-
-async function isFile(path: string): Promise<boolean> {
-  try {
-    return (await Deno.stat(path)).isFile;
-  } catch {
-    return false;
   }
 }
 
@@ -337,8 +333,8 @@ export async function hubDownload(repoId: string, filename: string, options: Hub
 
   const blob = join(repoDir, "blobs", meta.etag);
   const pointer = join(repoDir, "snapshots", meta.commit, filename);
-  if (!(await isFile(pointer))) {
-    if (!(await isFile(blob))) await downloadBlob(meta, blob, repoId, filename, s);
+  if (!(await fileExists(pointer))) {
+    if (!(await fileExists(blob))) await downloadBlob(meta, blob, repoId, filename, s);
     await linkSnapshot(blob, pointer);
   }
   if (s.revision !== meta.commit) {
@@ -358,7 +354,7 @@ async function downloadBlob(meta: FileMetadata, blob: string, repoId: string, fi
   const lock = await Deno.open(lockPath, { create: true, write: true });
   await lock.lock(true);
   try {
-    if (await isFile(blob)) return; // the other process finished it meanwhile
+    if (await fileExists(blob)) return; // the other process finished it meanwhile
     const partial = `${blob}.incomplete`;
     const progress = s.onProgress ?? progressBar(label, meta.size);
     for (let attempt = 0;; attempt++) {
@@ -469,7 +465,7 @@ export async function hubSnapshot(repoId: string, filenames: string[], options: 
 }
 
 /** In offline mode, throw one HubOfflineError naming every file of `wanted` that is not cached. */
-async function checkCached(wanted: { repoId: string; files: string[] }[], options: HubOptions): Promise<void> {
+export async function checkCached(wanted: { repoId: string; files: string[] }[], options: HubOptions): Promise<void> {
   const s = settings(options);
   if (!s.offline) return;
   const missing: MissingFile[] = [];
@@ -534,57 +530,7 @@ export function progressBar(
   };
 }
 
-// ---- 4. Models: nanoVLM checkpoints, backbones, tokenizers ----------------------------------
-
-async function isDirectory(path: string): Promise<boolean> {
-  try {
-    return (await Deno.stat(path)).isDirectory;
-  } catch {
-    return false;
-  }
-}
-
-/**
- * `VisionLanguageModel.fromPretrained` for a local folder or a Hub repo in nanoVLM's
- * format (config.json + model.safetensors), e.g. "lusxvr/nanoVLM-450M". A folder that
- * exists wins over a repo id of the same name, as in the reference.
- */
-export async function loadPretrained(repoOrDir: string, options: HubOptions = {}): Promise<VisionLanguageModel> {
-  if (await isDirectory(repoOrDir)) return VisionLanguageModel.fromPretrained(repoOrDir);
-  if (!REPO_ID.test(repoOrDir)) throw new Error(`${repoOrDir} is neither a folder nor a Hugging Face repo id`);
-  try {
-    const dir = await hubSnapshot(repoOrDir, ["config.json", "model.safetensors"], { ...options, repoType: "model" });
-    return VisionLanguageModel.fromPretrained(dir);
-  } catch (e) {
-    if (e instanceof HubNotFoundError) e.message += ` (and there is no local folder ${repoOrDir})`;
-    throw e;
-  }
-}
-
-/** A Hugging Face model repo's config.json (parsed) and model.safetensors, downloaded or cached. */
-export async function loadBackbone(repoId: string, options: HubOptions = {}): Promise<Backbone> {
-  const dir = await hubSnapshot(repoId, ["config.json", "model.safetensors"], { ...options, repoType: "model" });
-  return {
-    config: JSON.parse(await Deno.readTextFile(join(dir, "config.json"))),
-    weights: await readSafetensors(join(dir, "model.safetensors")),
-  };
-}
-
-/**
- * The pretrained backbones a config names (`vit_model_type`, `lm_model_type`, e.g.
- * google/siglip-base-patch16-224 and HuggingFaceTB/SmolLM2-135M), ready for
- * `modelFromBackbones(cfg, backbones)` (backbones.ts). A type of "none" is skipped. In
- * offline mode every missing file of both repos is listed at once.
- */
-export async function loadBackbones(
-  cfg: Pick<VLMConfig, "vit_model_type" | "lm_model_type">,
-  options: HubOptions = {},
-): Promise<{ vision?: Backbone; language?: Backbone }> {
-  const repos = [cfg.vit_model_type, cfg.lm_model_type].filter((r) => r && r !== "none");
-  await checkCached(repos.map((repoId) => ({ repoId, files: ["config.json", "model.safetensors"] })), options);
-  const load = (repo: string) => repo && repo !== "none" ? loadBackbone(repo, options) : undefined;
-  return { vision: await load(cfg.vit_model_type), language: await load(cfg.lm_model_type) };
-}
+// ---- 4. Tokenizers ------------------------------------------------------------------------
 
 /**
  * A tokenizer by local path (a folder with tokenizer.json, or the file) or by Hub repo
@@ -592,7 +538,7 @@ export async function loadBackbones(
  * tokenizer_config.json are downloaded), with `<|image|>` appended as the reference does.
  */
 export async function hubTokenizer(pathOrRepo: string, options: HubOptions = {}): Promise<ChatTokenizer> {
-  if ((await isDirectory(pathOrRepo)) || (await isFile(pathOrRepo))) return loadTokenizer(pathOrRepo);
+  if ((await isDirectory(pathOrRepo)) || (await fileExists(pathOrRepo))) return loadTokenizer(pathOrRepo);
   const files = ["tokenizer.json", "tokenizer_config.json"];
   return loadTokenizer(await hubSnapshot(pathOrRepo, files, { ...options, repoType: "model" }));
 }
@@ -737,8 +683,7 @@ ${trainingLines.length ? trainingLines.join("\n") : "No training details were re
 With nanovlm.ts (Deno):
 
 \`\`\`ts
-import { loadPretrained } from "./hub.ts";
-const model = await loadPretrained("${repoId}");
+const model = await fromPretrained("${repoId}");
 \`\`\`
 
 With PyTorch [nanoVLM](https://github.com/huggingface/nanoVLM) (its config.json has exactly the fields of nanoVLM's
@@ -767,12 +712,12 @@ export interface PushOptions {
 
 /**
  * Share a model: create the repo `owner/name` (an existing one is fine), then upload
- * config.json, model.safetensors and a model card (README.md) in one commit. `model` is a
- * VisionLanguageModel or a folder that holds config.json + model.safetensors. Returns the
- * repo's URL and the commit.
+ * config.json, model.safetensors and a model card (README.md) in one commit. `dir` is a
+ * folder that holds config.json + model.safetensors (lib/checkpoint.ts `savePretrained`).
+ * Returns the repo's URL and the commit.
  */
 export async function pushToHub(
-  model: VisionLanguageModel | string,
+  dir: string,
   repoId: string,
   options: PushOptions = {},
 ): Promise<{ url: string; commit?: string }> {
@@ -789,50 +734,41 @@ export async function pushToHub(
   const endpoint = (options.endpoint ?? hubEndpoint()).replace(/\/+$/, "");
   const log = options.log ?? console.log;
 
-  let dir = typeof model === "string" ? model : "";
-  if (typeof model !== "string") {
-    dir = await Deno.makeTempDir({ prefix: "nanovlm-push-" });
-    await model.savePretrained(dir);
-  }
-  try {
-    const configText = await Deno.readTextFile(join(dir, "config.json"));
-    const weights = await Deno.readFile(join(dir, "model.safetensors"));
-    const cfg = JSON.parse(configText) as VLMConfig;
-    const parameters = typeof model === "string" ? countParameters(weights) : model.parameterCount();
-    const card = modelCard(repoId, cfg, parameters, options.trainingSummary);
+  const configText = await Deno.readTextFile(join(dir, "config.json"));
+  const weights = await Deno.readFile(join(dir, "model.safetensors"));
+  const cfg = JSON.parse(configText) as VLMConfig;
+  const parameters = countParameters(weights);
+  const card = modelCard(repoId, cfg, parameters, options.trainingSummary);
 
-    try {
-      await createRepo({ repo: repoId, accessToken: token, private: options.private ?? false, hubUrl: endpoint });
-      log(`hub: created ${endpoint}/${repoId}`);
-    } catch (e) {
-      if (!(e instanceof HubApiError && e.statusCode === 409)) throw e; // 409: it exists, upload into it
-    }
-    log(`hub: uploading config.json, model.safetensors (${formatBytes(weights.length)}), README.md`);
-    const result = await uploadFiles({
-      repo: repoId,
-      accessToken: token,
-      hubUrl: endpoint,
-      commitTitle: options.commitMessage ?? "Upload nanoVLM using nanovlm.ts pushToHub",
-      files: [
-        { path: "config.json", content: new Blob([configText]) },
-        { path: "model.safetensors", content: new Blob([weights]) },
-        { path: "README.md", content: new Blob([card]) },
-      ],
-    });
-    log(`hub: pushed to ${endpoint}/${repoId}`);
-    return { url: `${endpoint}/${repoId}`, commit: result?.commit.oid };
-  } finally {
-    if (typeof model !== "string") await Deno.remove(dir, { recursive: true });
+  try {
+    await createRepo({ repo: repoId, accessToken: token, private: options.private ?? false, hubUrl: endpoint });
+    log(`hub: created ${endpoint}/${repoId}`);
+  } catch (e) {
+    if (!(e instanceof HubApiError && e.statusCode === 409)) throw e; // 409: it exists, upload into it
   }
+  log(`hub: uploading config.json, model.safetensors (${formatBytes(weights.length)}), README.md`);
+  const result = await uploadFiles({
+    repo: repoId,
+    accessToken: token,
+    hubUrl: endpoint,
+    commitTitle: options.commitMessage ?? "Upload nanoVLM using nanovlm.ts pushToHub",
+    files: [
+      { path: "config.json", content: new Blob([configText]) },
+      { path: "model.safetensors", content: new Blob([weights]) },
+      { path: "README.md", content: new Blob([card]) },
+    ],
+  });
+  log(`hub: pushed to ${endpoint}/${repoId}`);
+  return { url: `${endpoint}/${repoId}`, commit: result?.commit.oid };
 }
 
-/** Scalars in a safetensors file (the tied embedding is stored once, as nanoVLM saves it). */
+/** Parameters in a safetensors file: every tensor but the RoPE buffer (the tied embedding is stored once). */
 function countParameters(bytes: Uint8Array): number {
   const headerLength = Number(new DataView(bytes.buffer, bytes.byteOffset).getBigUint64(0, true));
   const header = JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + headerLength)));
   let n = 0;
   for (const [name, t] of Object.entries(header as Record<string, { shape: number[] }>)) {
-    if (name !== "__metadata__") n += t.shape.reduce((a, b) => a * b, 1);
+    if (name !== "__metadata__" && name !== "decoder.rotary_embd.inv_freq") n += t.shape.reduce((a, b) => a * b, 1);
   }
   return n;
 }
