@@ -12,25 +12,26 @@ import { parseArgs } from "node:util";
 import { makeShapesExample, preprocessImage, toCHWFloat } from "./data.ts";
 import { type BackendName, initBackend } from "./backend/runtime.ts";
 import { answerQuestion, findLatestCheckpoint, loadForInference } from "./lib/inference.ts";
+import { snakeCaseFlags } from "./lib/cli.ts";
 
 // ---- main ------------------------------------------------------------------------------------
 
 const USAGE = `usage: deno task generate [--checkpoint DIR] [--image PATH]... [--prompt TEXT]
-  [--max-new-tokens N] [--greedy] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--backend NAME] [--quiet]`;
+  [--max_new_tokens N] [--greedy] [--temperature T] [--top_k K] [--top_p P] [--seed S] [--backend NAME] [--quiet]`;
 
 /** The command line: everything goes to stdout/stderr; returns the answer (for tests). */
 export async function main(args: string[]): Promise<string> {
   const { values } = parseArgs({
-    args,
+    args: snakeCaseFlags(args),
     options: {
       checkpoint: { type: "string" },
       image: { type: "string", multiple: true },
       prompt: { type: "string" },
-      "max-new-tokens": { type: "string" },
+      max_new_tokens: { type: "string" },
       greedy: { type: "boolean" },
       temperature: { type: "string" },
-      "top-k": { type: "string" },
-      "top-p": { type: "string" },
+      top_k: { type: "string" },
+      top_p: { type: "string" },
       seed: { type: "string" },
       backend: { type: "string" },
       quiet: { type: "boolean" },
@@ -72,11 +73,11 @@ export async function main(args: string[]): Promise<string> {
 
     const encoder = new TextEncoder();
     const answer = await answerQuestion(model, tokenizer, images, prompt, {
-      maxNewTokens: number("max-new-tokens"),
+      maxNewTokens: number("max_new_tokens"),
       greedy: values.greedy ?? false,
       temperature: number("temperature"),
-      topK: number("top-k"),
-      topP: number("top-p"),
+      topK: number("top_k"),
+      topP: number("top_p"),
       seed: number("seed"),
       onText: quiet ? undefined : (piece) => Deno.stdout.writeSync(encoder.encode(piece)),
     });

@@ -45,6 +45,7 @@ import {
 import { encodeSafetensors, readSafetensors, type SafetensorsTensor } from "./lib/safetensors.ts";
 import { writeFileAtomic } from "./lib/files.ts";
 import { useActivationCheckpointing } from "./backend/low_memory.ts";
+import { snakeCaseFlags } from "./lib/cli.ts";
 
 // ---- Training configuration -----------------------------------------------------------
 
@@ -179,7 +180,7 @@ export function parseTrainArgs(args: string[]): { train: Partial<TrainConfig>; m
   const options = Object.fromEntries([...trainKeys, ...modelKeys].map((k) => [k, { type: "string" as const }]));
   let values: Record<string, string | undefined>;
   try {
-    ({ values } = parseArgs({ args, options, strict: true, allowPositionals: false }));
+    ({ values } = parseArgs({ args: snakeCaseFlags(args), options, strict: true, allowPositionals: false }));
   } catch (e) {
     throw new Error(
       `${(e as Error).message}\n\nTraining options: ${trainKeys.map((k) => `--${k}`).join(" ")}\n` +

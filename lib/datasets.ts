@@ -193,7 +193,7 @@ export interface Shard {
 /**
  * The parquet shards of a subset (a folder) of a Hub dataset, sorted: listed with the
  * Hub's tree API, or, with HF_HUB_OFFLINE=1, the shards already in the cache (put there
- * with `deno task hub download --repo-type dataset HuggingFaceM4/the_cauldron vqav2/…`).
+ * with `deno task hub download --repo_type dataset HuggingFaceM4/the_cauldron vqav2/…`).
  */
 export async function cauldronShards(
   subset: string,
@@ -207,7 +207,7 @@ export async function cauldronShards(
       throw new Error(
         `HF_HUB_OFFLINE is set and no parquet shard of ${repoId}/${subset} is in the cache ` +
           `(${repoCacheDir(repoId, opts)}). Download shards where the Hub is reachable, e.g.\n` +
-          `  deno task hub download --repo-type dataset ${repoId} ${subset}/<shard>.parquet\n` +
+          `  deno task hub download --repo_type dataset ${repoId} ${subset}/<shard>.parquet\n` +
           `(the shard names are listed at https://huggingface.co/datasets/${repoId}/tree/main/${subset}).`,
       );
     }

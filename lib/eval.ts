@@ -33,6 +33,7 @@ import {
 import { findLatestCheckpoint, loadForInference } from "./inference.ts";
 import type { VisionLanguageModel } from "../nanovlm.ts";
 import { type BackendName, initBackend } from "../backend/runtime.ts";
+import { snakeCaseFlags } from "./cli.ts";
 
 // ---- Questions ---------------------------------------------------------------------------
 
@@ -241,18 +242,18 @@ export function formatReport(result: EvalResult, title: string): string {
 // ---- main ------------------------------------------------------------------------------------
 
 const USAGE = `usage: deno task eval [--checkpoint DIR] [--split test|test-novel|val | --data FILE.jsonl]
-  [--examples N] [--batch-size N] [--out FILE.jsonl] [--backend NAME]`;
+  [--examples N] [--batch_size N] [--out FILE.jsonl] [--backend NAME]`;
 
 /** The command line; returns the result (for tests). */
 export async function main(args: string[]): Promise<EvalResult> {
   const { values } = parseArgs({
-    args,
+    args: snakeCaseFlags(args),
     options: {
       checkpoint: { type: "string" },
       split: { type: "string" },
       data: { type: "string" },
       examples: { type: "string", default: "500" },
-      "batch-size": { type: "string", default: "64" },
+      batch_size: { type: "string", default: "64" },
       out: { type: "string" },
       backend: { type: "string" },
       help: { type: "boolean" },
@@ -262,7 +263,7 @@ export async function main(args: string[]): Promise<EvalResult> {
     console.log(USAGE);
     return { accuracy: 0, correct: 0, total: 0, perKind: {}, predictions: [] };
   }
-  const count = (key: "examples" | "batch-size") => {
+  const count = (key: "examples" | "batch_size") => {
     const n = Number(values[key]);
     if (!Number.isInteger(n) || n < 1) throw new Error(`--${key}=${values[key]}: expected a positive integer`);
     return n;
@@ -284,7 +285,7 @@ export async function main(args: string[]): Promise<EvalResult> {
     console.error(`checkpoint ${dir} | ${items.length} questions from ${source}`);
     const started = performance.now();
     const result = await evaluate(model, tokenizer, items, {
-      batchSize: count("batch-size"),
+      batchSize: count("batch_size"),
       onProgress: (done, total) => console.error(`  ${done}/${total}`),
     });
     console.log(formatReport(result, source));

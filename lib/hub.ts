@@ -28,6 +28,7 @@ import { parseArgs } from "node:util";
 import { type ChatTokenizer, loadTokenizer } from "../data.ts";
 import type { VLMConfig } from "../nanovlm.ts";
 import { fileExists, isDirectory } from "./files.ts";
+import { snakeCaseFlags } from "./cli.ts";
 
 // ---- 1. Settings from the environment ---------------------------------------------------
 
@@ -198,7 +199,7 @@ export class HubOfflineError extends Error {
     const lines = [...byRepo.values()].map((files) => {
       const { repoId, repoType, revision } = files[0];
       const names = files.map((f) => f.filename);
-      const flags = (repoType === "dataset" ? " --repo-type dataset" : "") +
+      const flags = (repoType === "dataset" ? " --repo_type dataset" : "") +
         (revision === "main" ? "" : ` --revision ${revision}`);
       return `  ${repoId}${revision === "main" ? "" : `@${revision}`}: ${names.join(", ")}\n` +
         `    get them with: deno task hub download${flags} ${repoId} ${names.join(" ")}`;
@@ -775,19 +776,19 @@ function countParameters(bytes: Uint8Array): number {
 
 // ---- main: fill the cache, or push a folder ----------------------------------------------------
 
-/** The command line: `download [--repo-type dataset] [--revision REV] <repo> <file>...` or `push [--private] <dir> <repo>`. */
+/** The command line: `download [--repo_type dataset] [--revision REV] <repo> <file>...` or `push [--private] <dir> <repo>`. */
 async function main(args: string[]): Promise<number> {
   const { values, positionals } = parseArgs({
-    args,
+    args: snakeCaseFlags(args),
     allowPositionals: true,
     options: {
-      "repo-type": { type: "string", default: "model" },
+      repo_type: { type: "string", default: "model" },
       revision: { type: "string", default: "main" },
       private: { type: "boolean", default: false },
     },
   });
   const [command, ...rest] = positionals;
-  const repoType = values["repo-type"] as RepoType;
+  const repoType = values.repo_type as RepoType;
   if (command === "download" && rest.length >= 2 && ["model", "dataset"].includes(repoType)) {
     const [repoId, ...files] = rest;
     const dir = await hubSnapshot(repoId, files, { repoType, revision: values.revision });
@@ -796,7 +797,7 @@ async function main(args: string[]): Promise<number> {
     await pushToHub(rest[0], rest[1], { private: values.private });
   } else {
     console.error(
-      "usage: deno task hub download [--repo-type dataset] [--revision REV] <owner/repo> <file>...\n" +
+      "usage: deno task hub download [--repo_type dataset] [--revision REV] <owner/repo> <file>...\n" +
         "       deno task hub push [--private] <folder with config.json + model.safetensors> <owner/repo>",
     );
     return 2;

@@ -251,7 +251,7 @@ Deno.test("cauldron:<subset> streams shards from the Hub with range requests, or
     await assertRejects(
       () => openDataset("cauldron:vqav2", offline),
       Error,
-      "deno task hub download --repo-type dataset",
+      "deno task hub download --repo_type dataset",
     );
     await hubDownload(CAULDRON_REPO, "vqav2/train-00001-of-00002.parquet", { ...options, repoType: "dataset" });
     hub.requests.length = 0;

@@ -18,7 +18,7 @@
 //
 //   deno task bench                                    # cpu-5m at batch 1, 8, 32 on the best backend
 //   deno task bench --preset nanovlm-222m --backend webgpu --batch 1,8,32
-//   deno task bench --preset tiny --batch 2 --steps 1 --warmup 1 --new-tokens 4   # smoke run
+//   deno task bench --preset tiny --batch 2 --steps 1 --warmup 1 --new_tokens 4   # smoke run
 //
 // What this is not: a test (tests/ assert behaviour; speed lives here), or `deno task
 // memory` (memory.ts finds the largest batch that fits, one process per batch size).
@@ -50,6 +50,7 @@ import {
 } from "../train.ts";
 import { GradientHelper } from "../backend/parallel.ts";
 import { useActivationCheckpointing } from "../backend/low_memory.ts";
+import { snakeCaseFlags } from "../lib/cli.ts";
 
 // ---- What to measure ------------------------------------------------------------------
 
@@ -599,13 +600,13 @@ export function formatTable(rows: BenchRow[]): string {
 // ---- Command line ----------------------------------------------------------------------
 
 const USAGE = `deno task bench [--preset NAME] [--backend webgpu|wasm|cpu] [--batch 1,8,32] [--seq T]
-  [--steps N] [--warmup N] [--new-tokens N] [--only train,fwd-bwd,forward,generate] [--out FILE]
-  [--low-memory auto|on|off] [--threads N] [--profile]
+  [--steps N] [--warmup N] [--new_tokens N] [--only train,fwd-bwd,forward,generate] [--out FILE]
+  [--low_memory auto|on|off] [--threads N] [--profile]
 presets: ${Object.keys(BENCH_CONFIGS).join(", ")}`;
 
 if (import.meta.main) {
   const { values } = parseArgs({
-    args: Deno.args,
+    args: snakeCaseFlags(Deno.args),
     options: {
       preset: { type: "string", default: "cpu-5m" },
       backend: { type: "string" },
@@ -613,10 +614,10 @@ if (import.meta.main) {
       seq: { type: "string" },
       steps: { type: "string", default: "5" },
       warmup: { type: "string", default: "2" },
-      "new-tokens": { type: "string", default: "32" },
+      new_tokens: { type: "string", default: "32" },
       out: { type: "string", default: "bench-results.jsonl" },
       only: { type: "string" },
-      "low-memory": { type: "string", default: "auto" },
+      low_memory: { type: "string", default: "auto" },
       threads: { type: "string", default: "0" },
       profile: { type: "boolean", default: false },
       help: { type: "boolean", default: false },
@@ -638,12 +639,12 @@ if (import.meta.main) {
     seq: values.seq === undefined ? undefined : count("seq", values.seq),
     steps: Math.max(1, count("steps", values.steps)),
     warmup: count("warmup", values.warmup),
-    newTokens: count("new-tokens", values["new-tokens"]),
+    newTokens: count("new_tokens", values.new_tokens),
     only: values.only?.split(",").map((m) => {
       if (!(MEASUREMENTS as readonly string[]).includes(m)) throw new Error(`--only ${m}\n${USAGE}`);
       return m as Measurement;
     }),
-    lowMemory: values["low-memory"],
+    lowMemory: values.low_memory,
     threads: count("threads", values.threads),
     profile: values.profile,
   });

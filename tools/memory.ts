@@ -8,12 +8,12 @@
 // the backend's own high-water mark (the wasm heap, which never shrinks, or WebGPU's
 // buffer pool) and the process's peak RSS. Batch sizes double until one does not fit:
 // the wasm heap hits its 4 GiB cap, the GPU runs out of memory, a tensor exceeds one
-// WebGPU binding, or the peak passes --budget-mib. That batch's process fails alone, so
+// WebGPU binding, or the peak passes --budget_mib. That batch's process fails alone, so
 // the table ends cleanly with the reason.
 //
 //   deno task memory                                             # cpu-5m, batch 1, 2, 4, …, 512
 //   deno task memory --preset nanovlm-222m --backend webgpu      # the reference's table, on a GPU
-//   deno task memory --preset nanovlm-222m --low-memory off --mode fwd-bwd   # wasm, plain backprop
+//   deno task memory --preset nanovlm-222m --low_memory off --mode fwd-bwd   # wasm, plain backprop
 //   deno task memory --preset tiny --batches 1,2 --iterations 1  # smoke run
 
 import * as tf from "@tensorflow/tfjs";
@@ -31,6 +31,7 @@ import { VisionLanguageModel } from "../nanovlm.ts";
 import { type BackendName, initBackend } from "../backend/runtime.ts";
 import { AdamW, adamWOnHost, batchTensors, lowMemoryTraining, paramGroups, trainStep } from "../train.ts";
 import { useActivationCheckpointing } from "../backend/low_memory.ts";
+import { snakeCaseFlags } from "../lib/cli.ts";
 
 /** What each batch size runs: a training step, forward + backward only, or a forward pass with the loss. */
 export type MemoryMode = "train" | "fwd-bwd" | "forward";
@@ -151,23 +152,23 @@ export function formatMemoryTable(results: MemoryResult[], budgetMiB?: number): 
   return markdownTable(["batch", "peak tensors MiB", "heap/GPU MiB", "peak RSS MiB", "step ms", ""], rows);
 }
 
-const USAGE = `deno task memory [--preset NAME] [--backend webgpu|wasm|cpu] [--batches 1,2,4] [--max-batch 512]
-  [--seq T] [--iterations N] [--mode train|fwd-bwd|forward] [--low-memory auto|on|off] [--budget-mib N]
+const USAGE = `deno task memory [--preset NAME] [--backend webgpu|wasm|cpu] [--batches 1,2,4] [--max_batch 512]
+  [--seq T] [--iterations N] [--mode train|fwd-bwd|forward] [--low_memory auto|on|off] [--budget_mib N]
 presets: ${Object.keys(BENCH_CONFIGS).join(", ")}`;
 
 if (import.meta.main) {
   const { values } = parseArgs({
-    args: Deno.args,
+    args: snakeCaseFlags(Deno.args),
     options: {
       preset: { type: "string", default: "cpu-5m" },
       backend: { type: "string" },
       batches: { type: "string" },
-      "max-batch": { type: "string", default: "512" },
+      max_batch: { type: "string", default: "512" },
       seq: { type: "string" },
       iterations: { type: "string", default: "2" },
       mode: { type: "string", default: "train" },
-      "budget-mib": { type: "string" },
-      "low-memory": { type: "string", default: "auto" },
+      budget_mib: { type: "string" },
+      low_memory: { type: "string", default: "auto" },
       child: { type: "boolean", default: false },
       help: { type: "boolean", default: false },
     },
@@ -191,7 +192,7 @@ if (import.meta.main) {
       seq,
       iterations,
       mode,
-      lowMemory: values["low-memory"],
+      lowMemory: values.low_memory,
     });
     console.log(JSON.stringify(result));
     Deno.exit(0); // a WebGPU device can keep the event loop alive
@@ -200,20 +201,20 @@ if (import.meta.main) {
   const bench = BENCH_CONFIGS[values.preset!];
   if (!bench) throw new Error(`unknown preset "${values.preset}"\n${USAGE}`);
   const batches = values.batches?.split(",").map((b) => whole("batches", b)) ??
-    Array.from({ length: Math.floor(Math.log2(whole("max-batch", values["max-batch"]!))) + 1 }, (_, i) => 2 ** i);
-  const budget = values["budget-mib"] === undefined ? undefined : whole("budget-mib", values["budget-mib"]);
+    Array.from({ length: Math.floor(Math.log2(whole("max_batch", values.max_batch!))) + 1 }, (_, i) => 2 ** i);
+  const budget = values.budget_mib === undefined ? undefined : whole("budget_mib", values.budget_mib);
   const chosen = await initBackend(backend);
   console.log(`machine: ${machineDescription()} | Deno ${Deno.version.deno} | tfjs ${tf.version.tfjs}`);
   console.log(
     `config ${values.preset}: ${bench.about} | T ${seq ?? bench.seq} | ${mode}, ${iterations} iteration(s) per batch` +
-      ` size, each in its own process | --low-memory ${values["low-memory"]}` +
+      ` size, each in its own process | --low_memory ${values.low_memory}` +
       (budget ? ` | budget ${budget} MiB` : ""),
   );
   const childArgs = [
     ...["--preset", values.preset!, "--backend", chosen, "--iterations", String(iterations), "--mode", mode],
     ...(seq === undefined ? [] : ["--seq", String(seq)]),
-    "--low-memory",
-    values["low-memory"]!,
+    "--low_memory",
+    values.low_memory!,
   ];
   const results: MemoryResult[] = [];
   for (const batch of batches) {
