@@ -1,6 +1,6 @@
 // generate.ts — ask a trained model about an image: `deno task generate`.
 //
-// What this is: the reference's generate.py (§15): load a checkpoint, preprocess the
+// What this is: nanoVLM's generate.py: load a checkpoint, preprocess the
 // image(s), put mp_image_token_length `<|image|>` tokens per image in front of the
 // question, apply the chat template with the generation prompt, and decode with the KV
 // cache — streaming each token as it comes, then time to first token and tokens/s.
@@ -12,7 +12,7 @@ import { parseArgs } from "node:util";
 import { makeShapesExample, preprocessImage, toCHWFloat } from "./data.ts";
 import { type BackendName, initBackend } from "./backend/runtime.ts";
 import { answerQuestion, findLatestCheckpoint, loadForInference } from "./lib/inference.ts";
-import { snakeCaseFlags } from "./lib/cli.ts";
+import { runMain, snakeCaseFlags } from "./lib/cli.ts";
 
 // ---- main ------------------------------------------------------------------------------------
 
@@ -95,11 +95,4 @@ export async function main(args: string[]): Promise<string> {
   }
 }
 
-if (import.meta.main) {
-  try {
-    await main(Deno.args);
-  } catch (e) {
-    console.error(`error: ${(e as Error).message}`);
-    Deno.exit(1);
-  }
-}
+if (import.meta.main) await runMain(main);

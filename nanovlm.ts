@@ -499,12 +499,7 @@ export class VisionLanguageModel {
 
   /** Image embeddings for the image-token slots. images [N, 3, S, S] → [N, L, D] */
   embedImages(images: tf.Tensor): tf.Tensor3D {
-    const S = this.cfg.vit_img_size;
-    if (images.rank !== 4 || images.shape[1] !== 3 || images.shape[2] !== S || images.shape[3] !== S) {
-      throw new Error(
-        `images must be float32 [N, 3, ${S}, ${S}] (RGB, resized to vit_img_size); got [${images.shape}]`,
-      );
-    }
+    checkImages(this.cfg, images);
     const patches = visionEncoder(this.params, this.cfg, images); // [N, Np, Dv]
     return modalityProjector(this.params, this.cfg, patches);
   }
@@ -627,7 +622,7 @@ export class VisionLanguageModel {
   }
 
   /** A prompt plus the tokens to generate must fit the context (lm_max_length). */
-  private checkContext(promptLength: number, newTokens: number): void {
+  checkContext(promptLength: number, newTokens: number): void {
     const limit = this.cfg.lm_max_length;
     if (promptLength + newTokens > limit) {
       throw new Error(
@@ -644,8 +639,16 @@ export class VisionLanguageModel {
   }
 }
 
+/** Images must be [N, 3, S, S] at the model's image size; the error names the shape it got. */
+export function checkImages(cfg: VLMConfig, images: tf.Tensor): void {
+  const S = cfg.vit_img_size;
+  if (images.rank !== 4 || images.shape[1] !== 3 || images.shape[2] !== S || images.shape[3] !== S) {
+    throw new Error(`images must be float32 [N, 3, ${S}, ${S}] (RGB, resized to vit_img_size); got [${images.shape}]`);
+  }
+}
+
 /** Read int32 token ids (or targets: `name`) [B, T] on the host (they are small) to find the image slots. */
-function readIds(inputIds: tf.Tensor, name = "inputIds"): Int32Array {
+export function readIds(inputIds: tf.Tensor, name = "inputIds"): Int32Array {
   if (inputIds.dtype !== "int32" || inputIds.rank !== 2) {
     throw new Error(`${name} must be an int32 [B, T] tensor; got ${inputIds.dtype} [${inputIds.shape}]`);
   }

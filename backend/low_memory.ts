@@ -9,11 +9,13 @@
 import * as tf from "@tensorflow/tfjs";
 import {
   attentionBias,
+  checkImages,
   decoderBlock,
   layerNorm,
   modalityProjector,
   type Params,
   patchEmbedding,
+  readIds,
   replaceImageTokens,
   rmsNorm,
   rotaryEmbedding,
@@ -35,12 +37,13 @@ export function checkpointedHiddenStates(
   attentionMask?: tf.Tensor,
 ): tf.Tensor3D {
   const p = model.params as Params, cfg = model.cfg;
-  const [B, T] = inputIds.shape as [number, number];
-  if (T > cfg.lm_max_length) throw new Error(`the prompt has ${T} tokens, but lm_max_length is ${cfg.lm_max_length}`);
+  const ids = readIds(inputIds), [B, T] = inputIds.shape as [number, number];
+  model.checkContext(T, 0);
 
   // Vision encoder and projector: images [N, 3, S, S] → image embeddings [N, L, D].
   let imageEmbd: tf.Tensor | undefined;
   if (images && images.shape[0]! > 0) {
+    checkImages(cfg, images);
     let x: tf.Tensor = patchEmbedding(p, cfg, images);
     for (let i = 0; i < cfg.vit_n_blocks; i++) {
       x = checkpointed(p, `vision_encoder.blocks.${i}`, [x], (w, [x]) => vitBlock(w, cfg, i, x));
@@ -49,7 +52,7 @@ export function checkpointedHiddenStates(
     imageEmbd = modalityProjector(p, cfg, layerNorm(x, w("weight"), w("bias"), cfg.vit_ln_eps));
   }
   const tokenEmbd = tf.gather(p.get("decoder.token_embedding.weight")!, inputIds); // [B, T, D]
-  let x: tf.Tensor = replaceImageTokens(inputIds.dataSync(), tokenEmbd, imageEmbd, model.imageTokenId);
+  let x: tf.Tensor = replaceImageTokens(ids, tokenEmbd, imageEmbd, model.imageTokenId);
 
   // Decoder: a checkpointed block may read no tensor but its inputs, so RoPE and the mask go in too.
   const rope = rotaryEmbedding(cfg, Array.from({ length: T }, (_, t) => t));

@@ -1,20 +1,17 @@
 /**
- * runtime.ts: the plumbing under nanovlm.ts that is not the model.
+ * backend/runtime.ts: the backends under nanovlm.ts, and what makes them fast. The model never needs this file to be
+ * understood; it changes how fast the same maths runs, never what it computes.
  *
  * - Backend selection: WebGPU on a real GPU, otherwise single-threaded wasm, otherwise the pure-JS cpu backend.
- * - Kernel fixes for tfjs' wasm backend, without which training on wasm is 10× slower or impossible
+ * - Kernels registered with tfjs for its wasm backend, without which training on wasm is 10× slower or impossible
  *   (a transposed or batched `BatchMatMul` leaves XNNPACK's fast path; `UnsortedSegmentSum`, the gradient of
- *   `tf.gather`, is missing). The measurements are in shared/notes/tfjs-on-deno.md §2 and §9.
+ *   `tf.gather`, is missing; `Tanh` is five times slower than `Sigmoid`).
  * - Optionally, a native BLAS (OpenBLAS, Apple Accelerate) behind the wasm backend's matMul, through Deno's FFI: 4× the
  *   speed of wasm's own (BENCHMARKS.md). Without one installed, everything still runs, on wasm's XNNPACK.
- * - Activation checkpointing (`recomputeInBackward`): backprop through a block keeps only its inputs; `SimdAdamW`,
- *   AdamW's update as a WebAssembly SIMD kernel on the wasm heap, with the moments outside it; on WebGPU, AdamW's
- *   update and the gradient norm's sum of squares as WGSL programs (`webgpuAdamWStep`, `webgpuSumOfSquares`).
- * - Safetensors bytes: the checkpoint format of PyTorch/Hugging Face, read and written by hand (no maintained npm package).
- * - Atomic file writes, so a crash never leaves half a checkpoint behind.
+ * - `SimdAdamW`, AdamW's update as a WebAssembly SIMD kernel on the wasm heap, with the moments outside it; on WebGPU,
+ *   AdamW's update and the gradient norm's sum of squares as WGSL programs (`webgpuAdamWStep`, `webgpuSumOfSquares`).
  *
  * It is deliberately not a model, a data loader or a tokenizer, and it knows no weight names.
- * Safetensors format: https://huggingface.co/docs/safetensors (u64 header length, JSON header, raw little-endian data).
  */
 import * as tf from "@tensorflow/tfjs";
 import { type BackendWasm, getThreadsCount, setWasmPaths } from "@tensorflow/tfjs-backend-wasm";
@@ -28,7 +25,7 @@ import { dirname } from "node:path";
 export type BackendName = "webgpu" | "wasm" | "cpu";
 const BACKENDS: readonly BackendName[] = ["webgpu", "wasm", "cpu"];
 
-// Software rasterisers that expose WebGPU: correct but slower than wasm (notes §2), so automatic mode skips them.
+// Software rasterisers that expose WebGPU: correct but slower than wasm, so automatic mode skips them.
 const SOFTWARE_ADAPTER = /llvmpipe|lavapipe|softpipe|swiftshader/i;
 
 const NO_ADAPTER_HELP = "WebGPU was requested but navigator.gpu offers no adapter. Deno reaches the GPU through " +

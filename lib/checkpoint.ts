@@ -10,7 +10,7 @@ import * as tf from "@tensorflow/tfjs";
 import { DEFAULT_CONFIG, parameterSpecs, type ParamSpec, VisionLanguageModel, type VLMConfig } from "../nanovlm.ts";
 import { encodeSafetensors, type F32Tensor, readSafetensors, type SafetensorsFile } from "./safetensors.ts";
 import { HubNotFoundError, type HubOptions, hubSnapshot, isRepoId } from "./hub.ts";
-import { fileExists, writeFileAtomic } from "./files.ts";
+import { fileExists, isDirectory, writeFileAtomic } from "./files.ts";
 
 // ---- Layouts ------------------------------------------------------------------------------
 
@@ -150,8 +150,7 @@ export function loadWeights(
  */
 export async function fromPretrained(dirOrRepo: string, options: HubOptions = {}): Promise<VisionLanguageModel> {
   let dir = dirOrRepo;
-  const isFolder = await Deno.stat(dir).then((s) => s.isDirectory, () => false);
-  if (!isFolder && isRepoId(dirOrRepo)) {
+  if (!(await isDirectory(dir)) && isRepoId(dirOrRepo)) {
     try {
       dir = await hubSnapshot(dirOrRepo, ["config.json", "model.safetensors"], { ...options, repoType: "model" });
     } catch (e) {

@@ -7,3 +7,17 @@ export function snakeCaseFlags(args: string[]): string[] {
     arg.replace(/^--([a-z0-9]+(?:-[a-z0-9]+)+)(?==|$)/, (_, name) => `--${name.replaceAll("-", "_")}`)
   );
 }
+
+/**
+ * Run a script's `main` with this process's arguments: an Error becomes one `error: …` line and exit code 1, and a
+ * number that `main` returns is the exit code.
+ */
+export async function runMain(main: (args: string[]) => Promise<unknown>): Promise<void> {
+  try {
+    const result = await main(Deno.args);
+    if (typeof result === "number") Deno.exit(result);
+  } catch (e) {
+    console.error(`error: ${(e as Error).message}`);
+    Deno.exit(1);
+  }
+}

@@ -1,7 +1,7 @@
 // eval.ts — score a model on questions with known answers: `deno task eval`.
 //
 // What this is: batched greedy generation (prompts left-padded to the longest, as the
-// reference's lmms-eval wrapper does, §14) and two ways to score an answer:
+// reference's lmms-eval wrapper does) and two ways to score an answer:
 //   - exact match after normalising (lower case, trimmed, a trailing period ignored), for
 //     open questions such as "What color is the circle?" → "red";
 //   - MMStar's letter check (the reference's check_multiple_choice_with_regex) for
@@ -33,7 +33,7 @@ import {
 import { findLatestCheckpoint, loadForInference } from "./inference.ts";
 import type { VisionLanguageModel } from "../nanovlm.ts";
 import { type BackendName, initBackend } from "../backend/runtime.ts";
-import { snakeCaseFlags } from "./cli.ts";
+import { runMain, snakeCaseFlags } from "./cli.ts";
 
 // ---- Questions ---------------------------------------------------------------------------
 
@@ -300,11 +300,4 @@ export async function main(args: string[]): Promise<EvalResult> {
   }
 }
 
-if (import.meta.main) {
-  try {
-    await main(Deno.args);
-  } catch (e) {
-    console.error(`error: ${(e as Error).message}`);
-    Deno.exit(1);
-  }
-}
+if (import.meta.main) await runMain(main);

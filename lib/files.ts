@@ -10,6 +10,16 @@ export async function isDirectory(path: string): Promise<boolean> {
   return await Deno.stat(path).then((s) => s.isDirectory, () => false);
 }
 
+/** Whether `path` exists (a file or a folder), synchronously: for looking up paths, not in a loop. */
+export function pathExistsSync(path: string): boolean {
+  try {
+    Deno.statSync(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /**
  * Write `content` to `path` atomically: write `${path}.tmp-<random>` in the same folder, then rename it over the
  * target. A rename within one filesystem is atomic, so readers see the old file or the new one, never half of one.

@@ -1,5 +1,5 @@
-// hub.ts — the Hugging Face Hub: download into the Python client's cache, load nanoVLM
-// checkpoints, pretrained backbones and tokenizers by repo id, and push a trained model.
+// lib/hub.ts — the Hugging Face Hub: download into the Python client's cache, load tokenizers
+// by repo id, and push a trained model (lib/checkpoint.ts and lib/backbones.ts load models through it).
 //
 // What this is: the few Hub calls nanoVLM makes (`hf_hub_download`, `create_repo`,
 // `upload_folder`), written so that a reader can follow every request:
@@ -28,7 +28,7 @@ import { parseArgs } from "node:util";
 import { type ChatTokenizer, loadTokenizer } from "../data.ts";
 import type { VLMConfig } from "../nanovlm.ts";
 import { fileExists, isDirectory } from "./files.ts";
-import { snakeCaseFlags } from "./cli.ts";
+import { runMain, snakeCaseFlags } from "./cli.ts";
 
 // ---- 1. Settings from the environment ---------------------------------------------------
 
@@ -128,12 +128,12 @@ function settings(options: HubOptions): Settings {
 // and a download holds the lock `{cache}/.locks/models--owner--name/<etag>.lock`.
 
 const REPO_ID = /^([\w.-]+\/)?[\w.-]+$/;
-
-/** Whether `name` has the form of a Hub repo id ("owner/name"). */
-export function isRepoId(name: string): boolean {
-  return /^[\w.-]+\/[\w.-]+$/.test(name) && !name.includes("..");
-}
 const COMMIT_HASH = /^[0-9a-f]{40}$/;
+
+/** Whether `name` has the form of a Hub repo id with its owner ("owner/name"). */
+export function isRepoId(name: string): boolean {
+  return name.includes("/") && REPO_ID.test(name) && !name.includes("..");
+}
 
 function checkRepoId(repoId: string): void {
   if (!REPO_ID.test(repoId) || repoId.includes("..")) {
@@ -805,11 +805,4 @@ async function main(args: string[]): Promise<number> {
   return 0;
 }
 
-if (import.meta.main) {
-  try {
-    Deno.exit(await main(Deno.args));
-  } catch (e) {
-    console.error(`error: ${(e as Error).message}`);
-    Deno.exit(1);
-  }
-}
+if (import.meta.main) await runMain(main);

@@ -5,7 +5,7 @@ import * as tf from "@tensorflow/tfjs";
 import { type ChatTokenizer, checkTokenizerFitsConfig, encodePrompt, loadTokenizer } from "../data.ts";
 import type { GenerateOptions, VisionLanguageModel } from "../nanovlm.ts";
 import { fromPretrained } from "./checkpoint.ts";
-import { fileExists } from "./files.ts";
+import { fileExists, pathExistsSync } from "./files.ts";
 
 // ---- Finding a checkpoint and its tokenizer ---------------------------------------------
 
@@ -46,14 +46,7 @@ export function resolveTokenizerPath(name: string): string {
   if (name.startsWith("/")) return name;
   const beside = new URL(".", Deno.mainModule).pathname;
   const candidates = [name, `${PROJECT_DIR}/${name}`, `${beside}${name}`];
-  const exists = (path: string) => {
-    try {
-      return Deno.statSync(path) !== null;
-    } catch {
-      return false;
-    }
-  };
-  return candidates.find(exists) ?? candidates[1];
+  return candidates.find(pathExistsSync) ?? candidates[1];
 }
 
 /**
