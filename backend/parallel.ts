@@ -1,11 +1,11 @@
 // parallel.ts — data parallelism on one machine: helper threads that compute part of each training step's gradient.
 //
-// On the wasm backend a training step runs on one thread, except its matMuls (OpenBLAS may use a second one), so on
-// two cores the second core idles for about half of every step. A helper is a Deno Worker with its own tfjs, its own
-// WASM heap and its own copy of the model. Each step trainStep (train.ts) shares the micro-batches (or, with fewer
-// micro-batches than threads, their rows) between itself and its helpers, sends each helper the current weights and
-// its part, computes its own part meanwhile, then adds the helpers' gradients to its own. Each part's loss is weighted
-// by its share of the step's trained tokens, so the sum is the gradient of the whole batch: training is the same as
+// On the wasm backend a training step runs on one thread, except its matMuls (OpenBLAS may use a second one), so on two
+// cores the second core idles for about half of every step. A helper is a Deno Worker with its own tfjs, its own WASM
+// heap and its own copy of the model. Each step trainStep (lib/train_step.ts) shares the micro-batches (or, with fewer
+// micro-batches than threads, their rows) between itself and its helpers, sends each helper the current weights and its
+// part, computes its own part meanwhile, then adds the helpers' gradients to its own. Each part's loss is weighted by
+// its share of the step's trained tokens, so the sum is the gradient of the whole batch: training is the same as
 // without helpers (to float rounding), faster.
 //
 // The helper's side is parallel_worker.ts. Shapes as in nanovlm.ts: B batch, T tokens, S image side.
@@ -47,7 +47,7 @@ export function splitRows(batch: Batch, parts: number): Batch[] {
 export interface GradientWork {
   batch: Batch;
   share: number;
-  /** [B·T] loss weight of each position (train.ts's answerWeights), or undefined for the plain token mean. */
+  /** [B·T] loss weight of each position (lib/train_step.ts's answerWeights), or undefined for the plain token mean. */
   tokenWeights?: Float32Array;
 }
 

@@ -1,14 +1,14 @@
 // parallel_worker.ts — the helper thread of parallel.ts: a copy of the model that computes gradients on request.
 //
 // Messages in: {type: "init", cfg, names} builds the model (wasm backend); {type: "step", weights, work} sets every
-// trainable parameter to `weights` and answers {loss, grads} for `work`, computed by train.ts's gradientsOf, the same
-// code as the main thread's share of the step. Any error is answered as {error} instead.
+// trainable parameter to `weights` and answers {loss, grads} for `work`, computed by lib/train_step.ts's gradientsOf,
+// the same code as the main thread's share of the step. Any error is answered as {error} instead.
 
 /// <reference lib="deno.worker" />
 import * as tf from "@tensorflow/tfjs";
 import { VisionLanguageModel, type VLMConfig } from "../nanovlm.ts";
 import { initBackend } from "./runtime.ts";
-import { gradientsOf } from "../train.ts";
+import { gradientsOf } from "../lib/train_step.ts";
 import type { GradientWork } from "./parallel.ts";
 
 let model: VisionLanguageModel | undefined;

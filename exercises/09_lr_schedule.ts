@@ -23,7 +23,7 @@
 // JavaScript that helps: Math.cos, Math.PI.
 //
 // Check:        deno task exercise lr_schedule
-// Afterwards:   compare with `lrSchedule` in train.ts ("Learning-rate schedule").
+// Afterwards:   compare with `lrSchedule` in lib/optimizer.ts ("Learning-rate schedule").
 
 // deno-lint-ignore-file no-unused-vars -- the parameters stay unused until you write the body
 import { TodoError } from "./todo.ts";

@@ -34,13 +34,13 @@
 // await t.data(), tf.dispose(tensorsOrArrayOrMap.values()).
 //
 // Check:        deno task exercise training_step
-// Afterwards:   compare with `clipGradients` and `trainStep` in train.ts ("Gradient clipping",
-//               "One optimizer step").
+// Afterwards:   compare with `gradientNorm` and `clipCoefficient` in lib/optimizer.ts ("Gradient
+//               clipping") and `trainStep` in lib/train_step.ts ("One optimizer step").
 
 // deno-lint-ignore-file no-unused-vars require-await -- unused until you write the body
 import * as tf from "@tensorflow/tfjs";
 import type { VisionLanguageModel } from "../nanovlm.ts";
-import type { AdamW } from "../train.ts";
+import type { AdamW } from "../lib/optimizer.ts";
 import { TodoError } from "./todo.ts";
 
 /** The model's input tensors for one batch. */

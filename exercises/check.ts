@@ -8,7 +8,7 @@
 //
 // Every check builds fresh random inputs (a new seed each run, printed), prints their
 // shapes, runs the student's function and the project's own implementation (nanovlm.ts,
-// train.ts) on them, and compares element by element. PASS when everything agrees within
+// lib/optimizer.ts, lib/train_step.ts) on them, and compares element by element. PASS when everything agrees within
 // a small tolerance; otherwise FAIL with the first wrong element (index, got, expected),
 // a hint for the exercise, and — when the answer equals a classic mistake computed on
 // the same inputs — which mistake it is. The expected values always come from the
@@ -45,7 +45,8 @@ import {
   type VLMConfig,
 } from "../nanovlm.ts";
 import { initBackend } from "../backend/runtime.ts";
-import { AdamW, batchTensors, lrSchedule, paramGroups, trainStep } from "../train.ts";
+import { AdamW, lrSchedule, paramGroups } from "../lib/optimizer.ts";
+import { batchTensors, trainStep } from "../lib/train_step.ts";
 import type { Batch } from "../data.ts";
 import { TodoError } from "./todo.ts";
 
@@ -1012,7 +1013,7 @@ const lrScheduleExercise: Exercise = {
   name: "lr_schedule",
   title: "Learning-rate schedule: warmup + cosine",
   functions: ["lrSchedule"],
-  reference: "lrSchedule in train.ts",
+  reference: "lrSchedule in lib/optimizer.ts",
   minutes: 15,
   hint: "Check the phases at their edges: step 0 gets maxLr/warmup (not 0); the rate reaches maxLr as the warmup " +
     "ends; it is exactly 0.1·maxLr at step maxSteps and stays there. The warmup length 0.03·maxSteps is not rounded.",
@@ -1162,7 +1163,7 @@ const trainingStepExercise: Exercise = {
   name: "training_step",
   title: "One training step",
   functions: ["trainingStep"],
-  reference: "trainStep in train.ts",
+  reference: "trainStep in lib/train_step.ts",
   minutes: 40,
   hint: "tf.variableGrads(() => model.forward(…).loss!, optimizer.variables) gives grads keyed by variable.name; " +
     "optimizer.step wants them keyed by the nanoVLM names, optimizer.trainable[i] for optimizer.variables[i]. " +

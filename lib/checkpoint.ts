@@ -2,7 +2,7 @@
 //
 // A checkpoint written here loads in PyTorch nanoVLM's own `VisionLanguageModel.from_pretrained` with the same logits,
 // and one written there loads here (models/vision_language_model.py, save_pretrained / from_pretrained). Our
-// parameters use nanoVLM's names; two layouts differ (nanovlm.ts, "Parameters"), so every read and write goes through
+// parameters use nanoVLM's names; two layouts differ (config.ts, "Parameters"), so every read and write goes through
 // `toTorchLayout` / `fromTorchLayout`. Foreign files (pretrained SigLIP and SmolLM2) are read through a name map, one
 // table from their keys to ours (lib/backbones.ts); nanoVLM's own map is the identity but for the tied embedding.
 

@@ -12,7 +12,7 @@
 //   {"image": "b.png", "question": "Which shape?", "choices": ["circle", "square"], "answer": "B"}
 // Image paths are relative to the JSONL file; `"kind"` (optional) groups the report.
 //
-// Reusable pieces (train.ts evaluates with them): shapesQuestions, readQuestionsJsonl,
+// Reusable pieces (train.ts and lib/train_*.ts evaluate with them): shapesQuestions, readQuestionsJsonl,
 // normalizeAnswer, checkMultipleChoice, isCorrect, promptOf, evaluate, formatReport.
 
 import * as tf from "@tensorflow/tfjs";

@@ -1,14 +1,16 @@
 // notebooks/trained.ts — the trained tiny model that notebooks 3 and 8 look inside.
 //
-// Notebook 7 trains the `tiny` preset with RECIPE, step by step with a live loss plot,
-// and saves it to CHECKPOINT. `trainedTinyModel()` loads that checkpoint; when it is
-// missing (notebook 7 has not run yet) it trains the same recipe here, without the
-// pictures, and saves it, so every notebook runs on its own and they all see the same
-// model. The training itself is train.ts's: lrSchedule, paramGroups, AdamW, trainStep.
+// Notebook 7 trains the `tiny` preset with RECIPE, step by step with a live loss plot, and
+// saves it to CHECKPOINT. `trainedTinyModel()` loads that checkpoint; when it is missing
+// (notebook 7 has not run yet) it trains the same recipe here, without the pictures, and
+// saves it, so every notebook runs on its own and they all see the same model. The training
+// itself is `deno task train`'s: lrSchedule, paramGroups, AdamW (lib/optimizer.ts) and
+// trainStep (lib/train_step.ts).
 
 import { checkTokenizerFitsConfig, loadTokenizer, shapesBatches } from "../data.ts";
 import { PRESETS, VisionLanguageModel } from "../nanovlm.ts";
-import { AdamW, lrSchedule, paramGroups, trainStep } from "../train.ts";
+import { AdamW, lrSchedule, paramGroups } from "../lib/optimizer.ts";
+import { trainStep } from "../lib/train_step.ts";
 import { fromPretrained, savePretrained } from "../lib/checkpoint.ts";
 
 /** Where notebook 7 saves its model (nanoVLM's format: config.json + model.safetensors). */

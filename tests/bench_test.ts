@@ -111,7 +111,7 @@ testNeeding(webgpu, {
 Deno.test("deno task memory (smoke): peak memory by batch size, stopping at the first that does not fit", async () => {
   const args = ["run", "-A", "tools/memory.ts", "--preset", "tiny", "--backend", "wasm", "--iterations", "1"];
   const fits = await run(Deno.execPath(), [...args, "--batches", "1,2"]);
-  // The weights alone: on wasm AdamW's two moments live in JS memory (train.ts's adamWOnHost), not in tensors.
+  // The weights alone: on wasm AdamW's two moments live in JS memory (lib/optimizer.ts's adamWOnHost), not in tensors.
   assert.match(fits, /^after building the model: 3 MiB of tensors$/m);
   assert.match(fits, /^\| batch \| peak tensors MiB \| heap\/GPU MiB \| peak RSS MiB \| step ms \| \|$/m);
   for (const batch of [1, 2]) {

@@ -27,7 +27,7 @@ import {
   type VLMConfig,
 } from "../nanovlm.ts";
 import { initBackend } from "../backend/runtime.ts";
-import type { AdamW } from "../train.ts";
+import type { AdamW } from "../lib/optimizer.ts";
 import type { BatchTensors } from "../exercises/solutions/10_training_step.ts";
 // Static imports, so `deno test` type-checks every stub and solution.
 import * as stub01 from "../exercises/01_rms_norm.ts";
@@ -399,8 +399,8 @@ Deno.test("stubs and solutions use the project's public modules, never a private
     "./todo.ts",
     "../nanovlm.ts",
     "../../nanovlm.ts",
-    "../train.ts",
-    "../../train.ts",
+    "../lib/optimizer.ts",
+    "../../lib/optimizer.ts",
   ]);
   for (const ex of EXERCISES) {
     for (const path of [`exercises/${exerciseFile(ex)}`, `exercises/solutions/${exerciseFile(ex)}`]) {

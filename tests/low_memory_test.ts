@@ -12,7 +12,10 @@ import { PRESETS, VisionLanguageModel, type VLMConfig } from "../nanovlm.ts";
 import { initBackend, SimdAdamW } from "../backend/runtime.ts";
 import { readSafetensors } from "../lib/safetensors.ts";
 import { recomputeInBackward, useActivationCheckpointing } from "../backend/low_memory.ts";
-import { AdamW, lowMemoryTraining, paramGroups, train, type TrainConfig, trainStep } from "../train.ts";
+import { train } from "../train.ts";
+import type { TrainConfig } from "../lib/train_config.ts";
+import { AdamW, paramGroups } from "../lib/optimizer.ts";
+import { lowMemoryTraining, trainStep } from "../lib/train_step.ts";
 import { assertNoLeak, maxAbsDiff, MICRO_OVERRIDES, SMALL } from "./helpers.ts";
 
 await initBackend("wasm", { quiet: true });

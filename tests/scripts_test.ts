@@ -21,7 +21,10 @@ import { answerQuestion, findLatestCheckpoint, loadForInference } from "../lib/i
 import { main as generateMain } from "../generate.ts";
 import { VisionLanguageModel } from "../nanovlm.ts";
 import { initBackend } from "../backend/runtime.ts";
-import { AdamW, modelConfig, paramGroups, saveCheckpoint, trainStep } from "../train.ts";
+import { modelConfig } from "../lib/train_config.ts";
+import { AdamW, paramGroups } from "../lib/optimizer.ts";
+import { trainStep } from "../lib/train_step.ts";
+import { saveCheckpoint } from "../lib/train_state.ts";
 import { assert, assertEquals, assertRejects } from "./assert.ts";
 import { MICRO_OVERRIDES } from "./helpers.ts";
 import { savePretrained } from "../lib/checkpoint.ts";

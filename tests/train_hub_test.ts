@@ -6,7 +6,8 @@
  * Run: deno test -A tests/train_hub_test.ts
  */
 import { join } from "node:path";
-import { train, type TrainConfig } from "../train.ts";
+import { train } from "../train.ts";
+import type { TrainConfig } from "../lib/train_config.ts";
 import { CAULDRON_REPO } from "../lib/datasets.ts";
 import { readSafetensors } from "../lib/safetensors.ts";
 import { assert, assertEquals, assertMatch, assertRejects } from "./assert.ts";

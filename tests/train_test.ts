@@ -9,27 +9,18 @@ import { configFromJSON, fromPretrained } from "../lib/checkpoint.ts";
 import { PRESETS, VisionLanguageModel } from "../nanovlm.ts";
 import { initBackend } from "../backend/runtime.ts";
 import { readSafetensors } from "../lib/safetensors.ts";
+import { train } from "../train.ts";
+import { modelConfig, parseTrainArgs, type TrainConfig } from "../lib/train_config.ts";
+import { AdamW, clipCoefficient, gradientNorm, lrSchedule, paramGroups } from "../lib/optimizer.ts";
 import {
-  AdamW,
   answerWeights,
   batchTensors,
-  clipCoefficient,
-  clipGradients,
-  gradientNorm,
-  loadCheckpoint,
-  lossCurveSvg,
-  lrSchedule,
-  modelConfig,
   NonFiniteError,
-  paramGroups,
-  parseTrainArgs,
-  saveCheckpoint,
   shareSpacedWordEmbeddings,
-  train,
-  type TrainConfig,
   trainStep,
   trimPadding,
-} from "../train.ts";
+} from "../lib/train_step.ts";
+import { loadCheckpoint, lossCurveSvg, saveCheckpoint } from "../lib/train_state.ts";
 import { assert, assertEquals, assertMatch, assertRejects, assertThrows } from "./assert.ts";
 import { assertNoLeak, FIXTURE_DIR, loadFixture, maxAbsDiff, MICRO, MICRO_OVERRIDES } from "./helpers.ts";
 
@@ -187,14 +178,19 @@ Deno.test("two training steps match the reference: loss, gradient norm and param
 
 // ---- Pieces ----
 
-Deno.test("clipGradients: torch's clip_grad_norm_ (global norm, scale by max/(norm+1e-6), returns the norm)", async () => {
+Deno.test("gradientNorm + clipCoefficient: torch's clip_grad_norm_ (global norm, scale by max/(norm+1e-6))", async () => {
   const grads = new Map([["a", tf.tensor1d([3, 0])], ["b", tf.tensor1d([0, 4])]]);
-  assertEquals(await clipGradients(grads, 10), 5); // under the limit: untouched
-  assertEquals(Array.from(await grads.get("a")!.data()), [3, 0]);
-  assertEquals(await clipGradients(grads, 0), 5); // 0 = no clipping
+  const normTensor = gradientNorm(grads);
+  const norm = (await normTensor.data())[0];
+  normTensor.dispose();
+  assertEquals(norm, 5);
+  assertEquals(clipCoefficient(norm, 10), 1); // under the limit: untouched
+  assertEquals(clipCoefficient(norm, 0), 1); // 0 = no clipping
+  assertEquals(Array.from(await grads.get("a")!.data()), [3, 0]); // measuring the norm leaves the gradients alone
   assertEquals(Array.from(await grads.get("b")!.data()), [0, 4]);
-  assertEquals(await clipGradients(grads, 1), 5);
-  const scaled = [...await grads.get("a")!.data(), ...await grads.get("b")!.data()];
+  // Over the limit: AdamW.step multiplies each gradient by the coefficient as it reads it (its gradScale).
+  const coef = clipCoefficient(norm, 1);
+  const scaled = [...await grads.get("a")!.data(), ...await grads.get("b")!.data()].map((g) => g * coef);
   assert(maxAbsDiff(scaled, [0.6, 0, 0, 0.8]) < 1e-6, `${scaled}`);
   tf.dispose([...grads.values()]);
 });

@@ -7,7 +7,7 @@
 import * as tf from "@tensorflow/tfjs";
 import * as assert from "node:assert/strict";
 import { configFromJSON, fromPretrained } from "../lib/checkpoint.ts";
-import { AdamW, gradientNorm } from "../train.ts";
+import { AdamW, gradientNorm } from "../lib/optimizer.ts";
 import { initBackend, webgpuBindingLimit } from "../backend/runtime.ts";
 import { assertClose, FIXTURE_DIR, loadFixture, testNeeding, toTensor, WEBGPU_ADAPTER } from "./helpers.ts";
 

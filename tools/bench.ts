@@ -2,10 +2,10 @@
 //
 // One table per run. For a model config (a preset, or one of the comparison configs
 // below), a backend and some batch sizes, each row measures:
-//   - the training step: forward + backward + AdamW, train.ts's own `trainStep` (ms, samples/s),
-//     in train.ts's low-memory mode where it would use it (nanovlm-222m on wasm), and with as many
-//     threads as train.ts would use (--threads: helper threads of parallel.ts share the rows
-//     of a batch large enough to split),
+//   - the training step: forward + backward + AdamW, the trainer's own `trainStep` (lib/train_step.ts;
+//     ms, samples/s), in train.ts's low-memory mode where it would use it (nanovlm-222m on wasm),
+//     and with as many threads as train.ts would use (--threads: helper threads of parallel.ts
+//     share the rows of a batch large enough to split),
 //   - a forward pass with the loss, and forward + backward without the optimizer (ms),
 //   - generation with the KV cache: time to first token (prefill, ViT included) and decode tokens/s,
 //   - memory: the peak bytes of live tensors during a step (tf.profile), the backend's own
@@ -38,16 +38,8 @@ import {
   wasmMatMulEngine,
   webgpuBindingLimit,
 } from "../backend/runtime.ts";
-import {
-  AdamW,
-  adamWOnHost,
-  batchTensors,
-  lowMemoryTraining,
-  minRowsFor,
-  paramGroups,
-  trainingThreads,
-  trainStep,
-} from "../train.ts";
+import { AdamW, adamWOnHost, paramGroups } from "../lib/optimizer.ts";
+import { batchTensors, lowMemoryTraining, minRowsFor, trainingThreads, trainStep } from "../lib/train_step.ts";
 import { GradientHelper } from "../backend/parallel.ts";
 import { useActivationCheckpointing } from "../backend/low_memory.ts";
 import { snakeCaseFlags } from "../lib/cli.ts";
@@ -151,7 +143,7 @@ export interface BenchRow {
   kernel_us: number; // the kernel probe: µs per small kernel
   kernels: number; // kernels but reshapes in one training step (or fwd + bwd, or forward: the heaviest measured)
   load: number; // 1-minute load average when the row finished (other processes on the machine)
-  low_memory: boolean; // activation checkpointing (train.ts's lowMemoryTraining)
+  low_memory: boolean; // activation checkpointing (lib/train_step.ts's lowMemoryTraining)
   threads: number; // threads that computed the training step's gradient (1: no helper, or a batch too small to split)
   note: string;
 }

@@ -2,14 +2,14 @@
 // eval/measure_vram.py, reference §17).
 //
 // For a config and a backend, each batch size runs in a process of its own: build the
-// model, take `--iterations` training steps (train.ts's trainStep: forward + backward +
-// AdamW; in low-memory mode as train.ts decides it: blocks checkpointed, AdamW moments in
-// JS memory) on random batches of T tokens, and report the peak: live tensors (tf.profile),
-// the backend's own high-water mark (the wasm heap, which never shrinks, or WebGPU's
-// buffer pool) and the process's peak RSS. Batch sizes double until one does not fit:
-// the wasm heap hits its 4 GiB cap, the GPU runs out of memory, a tensor exceeds one
-// WebGPU binding, or the peak passes --budget_mib. That batch's process fails alone, so
-// the table ends cleanly with the reason.
+// model, take `--iterations` training steps (lib/train_step.ts's trainStep: forward +
+// backward + AdamW; in low-memory mode as train.ts decides it: blocks checkpointed, AdamW
+// moments in JS memory) on random batches of T tokens, and report the peak: live tensors
+// (tf.profile), the backend's own high-water mark (the wasm heap, which never shrinks, or
+// WebGPU's buffer pool) and the process's peak RSS. Batch sizes double until one does not
+// fit: the wasm heap hits its 4 GiB cap, the GPU runs out of memory, a tensor exceeds one
+// WebGPU binding, or the peak passes --budget_mib. That batch's process fails alone, so the
+// table ends cleanly with the reason.
 //
 //   deno task memory                                             # cpu-5m, batch 1, 2, 4, …, 512
 //   deno task memory --preset nanovlm-222m --backend webgpu      # the reference's table, on a GPU
@@ -29,7 +29,8 @@ import {
 } from "./bench.ts";
 import { VisionLanguageModel } from "../nanovlm.ts";
 import { type BackendName, initBackend } from "../backend/runtime.ts";
-import { AdamW, adamWOnHost, batchTensors, lowMemoryTraining, paramGroups, trainStep } from "../train.ts";
+import { AdamW, adamWOnHost, paramGroups } from "../lib/optimizer.ts";
+import { batchTensors, lowMemoryTraining, trainStep } from "../lib/train_step.ts";
 import { useActivationCheckpointing } from "../backend/low_memory.ts";
 import { snakeCaseFlags } from "../lib/cli.ts";
 

@@ -2,7 +2,7 @@
 // name, the global norm from every gradient's sum of squares, then AdamW.
 import * as tf from "@tensorflow/tfjs";
 import type { VisionLanguageModel } from "../../nanovlm.ts";
-import type { AdamW } from "../../train.ts";
+import type { AdamW } from "../../lib/optimizer.ts";
 
 /** The model's input tensors for one batch. */
 export interface BatchTensors {

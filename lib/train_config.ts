@@ -1,0 +1,180 @@
+// lib/train_config.ts — the training settings: one typed config with commented defaults, overridable from the
+// command line (`--key=value`, type-checked against the default), and the model config a run trains (a preset with
+// overrides). train.ts prints both at the start of a run and saves them beside its checkpoints.
+
+import { parseArgs } from "node:util";
+import { PRESETS, validateConfig, type VLMConfig } from "../config.ts";
+import { snakeCaseFlags } from "./cli.ts";
+import { fileExists } from "./files.ts";
+
+/**
+ * Everything about a run that is not the model's shape (the model is a `VLMConfig`).
+ * Names follow the reference's TrainConfig where it has the field.
+ */
+export interface TrainConfig {
+  preset: string; // the model preset (PRESETS) that model-config overrides apply to
+  lr_mp: number; // peak learning rate of the modality projector (MP.*)
+  lr_backbones: number; // peak learning rate of the ViT and the decoder; 0 freezes them
+  adam_beta2: number; // AdamW's β2: its squared-gradient average spans about 1/(1−β2) steps (reference: torch's 0.999)
+  batch_size: number; // samples per micro-batch (on average when sort_by_length cuts them: evenCuts in data.ts)
+  gradient_accumulation_steps: number; // micro-batches per optimizer step
+  max_training_steps: number; // optimizer steps; the schedule spans exactly these
+  max_grad_norm: number; // clip the global gradient norm to this (0 = no clipping)
+  eval_interval: number; // val loss, val accuracy and checkpoints every this many steps
+  val_samples: number; // val-split samples in the val loss (a fixed subset)
+  val_questions: number; // val-split questions answered for the val accuracy (a fixed subset)
+  test_examples: number; // after training, score the questions of this many test and test-novel scenes (0 = skip)
+  caption_weight: number; // shapes world: how often a caption question is drawn relative to each other kind
+  choice_weight: number; // shapes world: how often a multiple-choice question is drawn relative to each other kind
+  position_weight: number; // shapes world: how often a position question is drawn relative to each other kind (README)
+  sort_by_length: boolean; // shapes world: sort each step's samples by length into its micro-batches (less padding)
+  share_spaced_words: boolean; // a decoder from scratch: "red" and " red" start from one embedding row
+  choice_hints: number; // shapes world: share of multiple-choice questions that say their answer (a reading exercise)
+  sorted_choices: number; // shapes world: share of multiple-choice questions with options in alphabetical order
+  answer_floor: number; // a sample's answer weighs at least this many tokens in the loss (0: every token 1, the reference)
+  seed: number; // model init and data order
+  backend: string; // "webgpu" | "wasm" | "cpu", or "" for the best available
+  runs_dir: string; // runs go to runs_dir/run_name/
+  run_name: string; // "" = the preset and the date
+  resume: string; // a run folder to continue from its latest checkpoint
+  stop_at: number; // stop (with a checkpoint) after this step, to finish later with --resume; 0 = run to the end
+  data: string; // "shapes" (the built-in world), "cauldron:<subset>", a .jsonl file, or .parquet file(s) (datasets.ts)
+  shuffle_buffer: number; // conversations mixed at a time when streaming --data (0 = in file order)
+  push_to_hub: string; // "owner/repo": upload the best checkpoint with a model card when training ends ("" = don't)
+  low_memory: string; // "auto" | "on" | "off": activation checkpointing + AdamW moments in JS memory (lowMemoryTraining)
+  threads: number; // threads computing each step's gradient (parallel.ts): 0 = automatic (trainingThreads)
+}
+
+/** The defaults: `deno task train` with no arguments (chosen for the shapes world on a 2-core CPU: see README). */
+export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
+  preset: "tiny",
+  lr_mp: 1e-3,
+  lr_backbones: 1e-3,
+  adam_beta2: 0.95,
+  batch_size: 32,
+  gradient_accumulation_steps: 2,
+  max_training_steps: 5000,
+  max_grad_norm: 1.0,
+  eval_interval: 200,
+  val_samples: 128,
+  val_questions: 128,
+  test_examples: 300,
+  caption_weight: 2,
+  choice_weight: 1,
+  position_weight: 2,
+  sort_by_length: true,
+  share_spaced_words: true,
+  choice_hints: 0.5,
+  sorted_choices: 0.5,
+  answer_floor: 0,
+  seed: 0,
+  backend: "",
+  runs_dir: "runs",
+  run_name: "",
+  resume: "",
+  stop_at: 0,
+  data: "shapes",
+  shuffle_buffer: 1000,
+  push_to_hub: "",
+  low_memory: "auto",
+  threads: 0,
+});
+
+/** A VLMConfig key, a TrainConfig key, or neither. */
+type ConfigValue = string | number | boolean | Record<string, string>;
+
+/**
+ * Parse one `--key=value` against the type of its default: numbers must be finite
+ * (integers where the default is an integer train setting), booleans true/false,
+ * objects JSON. Throws an Error naming the key, the value and the expected type.
+ */
+function parseValue(key: string, raw: string, example: ConfigValue, integer: boolean): ConfigValue {
+  const bad = (what: string) => new Error(`--${key}=${raw}: expected ${what}`);
+  if (typeof example === "number") {
+    const value = Number(raw);
+    if (raw.trim() === "" || !Number.isFinite(value)) throw bad("a number");
+    if (integer && !Number.isInteger(value)) throw bad("an integer");
+    return value;
+  }
+  if (typeof example === "boolean") {
+    if (raw !== "true" && raw !== "false") throw bad("true or false");
+    return raw === "true";
+  }
+  if (typeof example === "object") {
+    try {
+      const value = JSON.parse(raw);
+      if (typeof value === "object" && value !== null && !Array.isArray(value)) return value;
+    } catch {
+      // reported below
+    }
+    throw bad("a JSON object");
+  }
+  return raw;
+}
+
+// Train settings that count things: they must be whole numbers.
+const INTEGER_TRAIN_KEYS = new Set([
+  "batch_size",
+  "gradient_accumulation_steps",
+  "max_training_steps",
+  "eval_interval",
+  "val_samples",
+  "val_questions",
+  "test_examples",
+  "seed",
+  "stop_at",
+  "shuffle_buffer",
+]);
+
+/**
+ * Read `--key=value` (or `--key value`) arguments: any TrainConfig key and any VLMConfig
+ * key, each type-checked against its default. Returns only what was given: train
+ * settings to apply to the defaults (or to a resumed run's settings) and model settings
+ * to apply to the preset. An unknown key is an Error that lists every valid key.
+ */
+export function parseTrainArgs(args: string[]): { train: Partial<TrainConfig>; model: Partial<VLMConfig> } {
+  const trainKeys = Object.keys(DEFAULT_TRAIN_CONFIG);
+  const modelKeys = Object.keys(PRESETS.tiny);
+  const options = Object.fromEntries([...trainKeys, ...modelKeys].map((k) => [k, { type: "string" as const }]));
+  let values: Record<string, string | undefined>;
+  try {
+    ({ values } = parseArgs({ args: snakeCaseFlags(args), options, strict: true, allowPositionals: false }));
+  } catch (e) {
+    throw new Error(
+      `${(e as Error).message}\n\nTraining options: ${trainKeys.map((k) => `--${k}`).join(" ")}\n` +
+        `Model options (override the preset): ${modelKeys.map((k) => `--${k}`).join(" ")}`,
+    );
+  }
+  const train: Record<string, ConfigValue> = {}, model: Record<string, ConfigValue> = {};
+  for (const [key, raw] of Object.entries(values)) {
+    if (raw === undefined) continue;
+    if (key in DEFAULT_TRAIN_CONFIG) {
+      const example = DEFAULT_TRAIN_CONFIG[key as keyof TrainConfig];
+      train[key] = parseValue(key, raw, example, INTEGER_TRAIN_KEYS.has(key));
+    } else {
+      model[key] = parseValue(key, raw, PRESETS.tiny[key as keyof VLMConfig], false);
+    }
+  }
+  return { train: train as Partial<TrainConfig>, model: model as Partial<VLMConfig> };
+}
+
+/** The preset with the overrides applied, validated (an unknown preset lists the known ones). */
+export function modelConfig(preset: string, overrides: Partial<VLMConfig> = {}): VLMConfig {
+  const base = PRESETS[preset];
+  if (!base) throw new Error(`unknown preset "${preset}": use one of ${Object.keys(PRESETS).join(", ")}`);
+  const cfg = { ...base, ...overrides };
+  validateConfig(cfg);
+  return cfg;
+}
+
+/**
+ * The settings of the run in `runDir`, to resume it: its saved train_config.json with `overrides` applied. stop_at is a
+ * one-off: a resumed run goes to the end unless told again. A setting added after the run was saved takes its default.
+ */
+export async function resumedTrainConfig(runDir: string, overrides: Partial<TrainConfig>): Promise<TrainConfig> {
+  if (!await fileExists(`${runDir}/train_config.json`)) {
+    throw new Error(`cannot resume ${runDir}: it has no train_config.json (is it a run folder?)`);
+  }
+  const saved = JSON.parse(await Deno.readTextFile(`${runDir}/train_config.json`)) as TrainConfig;
+  return { ...DEFAULT_TRAIN_CONFIG, ...saved, stop_at: 0, ...overrides, resume: runDir };
+}
