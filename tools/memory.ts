@@ -1,5 +1,5 @@
 // memory.ts — peak memory of training by batch size: `deno task memory` (nanoVLM's
-// eval/measure_vram.py, reference §17).
+// eval/measure_vram.py).
 //
 // For a config and a backend, each batch size runs in a process of its own: build the
 // model, take `--iterations` training steps (lib/train_step.ts's trainStep: forward +
