@@ -45,6 +45,9 @@ const defaults = {
   vlm_load_backbone_weights: true,
   vlm_checkpoint_path: "checkpoints",
   hf_repo_name: "nanoVLM",
+  // Ours, not the reference's: feed the ViT (x − 0.5) / 0.5 as SigLIP's processor does, instead of [0, 1]. Off for
+  // nanoVLM's checkpoints; config.json carries it only when on, so nanoVLM's loader reads the rest unchanged.
+  vit_img_normalize: false,
 };
 
 /** The model's configuration: every field of the reference's `VLMConfig`, same names. */
@@ -95,6 +98,7 @@ export const PRESETS: Readonly<Record<string, Readonly<VLMConfig>>> = Object.fre
     mp_image_token_length: 4,
     vlm_load_backbone_weights: false,
     hf_repo_name: "nanoVLM-tiny",
+    vit_img_normalize: true, // backgrounds of every colour: centred inputs (docs/training-the-shapes-world.md)
   }),
 });
 

@@ -23,6 +23,7 @@
 import { Tokenizer } from "@huggingface/tokenizers";
 import { Image } from "imagescript";
 import { CHATML_TEMPLATE, seededRandom } from "./nanovlm.ts";
+import { checkImageBytes } from "./lib/image_bytes.ts";
 
 export { CHATML_TEMPLATE };
 
@@ -79,10 +80,16 @@ class Rng {
 
 // ---- The shapes world: scenes ---------------------------------------------------------------
 //
-// A black image split into four quadrants; 1 to 4 shapes, each in its own quadrant with
-// some jitter, so shapes never overlap and "where" always has a one-phrase answer. Shapes
-// are drawn without antialiasing: every pixel is either the background colour or exactly
-// its shape's colour, which makes "the answer agrees with the pixels" a testable property.
+// A plain background split into four quadrants; 1 to 4 shapes, each in its own quadrant with
+// some jitter, so shapes never overlap and "where" always has a one-phrase answer.
+//
+// What an answer does not depend on varies from scene to scene, so that the model has to learn
+// shapes, colours, places and counts rather than one rasteriser's pixels: the background is any
+// plain colour (white and black included) that the shapes stay distinguishable from; half the
+// scenes have antialiased edges, the rest hard ones; sizes are jittered within their class
+// ("small" and "large" stay apart); each shape's colour is tinted slightly and every pixel
+// carries a little noise. A model trained on one renderer's pixels does not see other
+// programs' pictures (docs/training-the-shapes-world.md).
 
 /** The shapes, in the order they are listed everywhere. */
 export const SHAPES = ["circle", "square", "triangle"] as const;
@@ -94,7 +101,7 @@ export const COLORS = ["red", "green", "blue", "yellow"] as const;
 /** A colour's name. */
 export type Color = typeof COLORS[number];
 
-/** The RGB value each colour is drawn with. */
+/** The RGB value each colour is drawn with, before a scene's tint and noise. */
 export const COLOR_RGB: Readonly<Record<Color, readonly [number, number, number]>> = {
   red: [220, 40, 40],
   green: [40, 170, 60],
@@ -102,14 +109,15 @@ export const COLOR_RGB: Readonly<Record<Color, readonly [number, number, number]
   yellow: [230, 200, 30],
 };
 
-/**
- * The background's RGB value. Black, because the pixels reach the model un-normalised in
- * [0, 1], as the reference feeds them: a 0 pixel adds nothing to the patch embedding's
- * weight gradient, so only the shapes drive it. On the white background the issue first
- * asked for, every empty pixel fed the same large input, Adam's updates followed that
- * shared background and the tiny model stayed blind (see README "Train, ask and evaluate").
- */
-export const BACKGROUND_RGB: readonly [number, number, number] = [0, 0, 0];
+/** An RGB triple, 0–255 per channel. */
+export type Rgb = readonly [number, number, number];
+
+/** A background is at least this far (Euclidean, in RGB) from every shape colour, so the shapes stay visible. */
+export const MIN_BACKGROUND_DISTANCE = 120;
+/** Each channel of a shape's colour moves by at most this much from COLOR_RGB in a scene. */
+export const MAX_TINT = 16;
+/** Each channel of each pixel moves by at most this much. */
+export const MAX_PIXEL_NOISE = 6;
 
 /** The two sizes a shape comes in. */
 export const SIZES = ["small", "large"] as const;
@@ -146,58 +154,111 @@ export interface ShapeObject {
   radius: number;
 }
 
-// Radii leave every shape inside its quadrant with a margin, whatever the jitter.
-const RADIUS: Record<Size, number> = { small: 0.1, large: 0.17 };
+/** How a scene is drawn: everything the answers do not depend on. */
+export interface SceneStyle {
+  /** The plain background's colour. */
+  background: Rgb;
+  /** Edge pixels blend shape and background by coverage (else a pixel is the shape's when its centre is). */
+  antialias: boolean;
+  /** The colour each object is drawn with (its COLOR_RGB, tinted), in the order of the objects. */
+  colors: Rgb[];
+  /** Seeds the per-pixel noise, so the same style gives the same pixels at a given size. */
+  noiseSeed: number;
+}
+
+/** The plain style: black background, hard edges, exact colours, no noise (tests and figures use it). */
+export function plainStyle(objects: readonly ShapeObject[]): SceneStyle {
+  return { background: [0, 0, 0], antialias: false, colors: objects.map((o) => COLOR_RGB[o.color]), noiseSeed: -1 };
+}
+
+// Radii per size class: jittered within [min, max], and the classes stay apart (0.11 < 0.155). Every shape stays
+// inside its quadrant with a margin, whatever the jitter.
+const RADIUS: Record<Size, readonly [number, number]> = { small: [0.085, 0.11], large: [0.155, 0.18] };
 const MARGIN = 0.02;
 
+/** Whether the point (dx, dy) from an object's centre, in pixels, is inside a shape of radius r pixels. */
+function insideShape(shape: Shape, dx: number, dy: number, r: number): boolean {
+  if (shape === "circle") return dx * dx + dy * dy <= r * r;
+  if (shape === "square") return Math.abs(dx) <= 0.8 * r && Math.abs(dy) <= 0.8 * r;
+  // Triangles point up: apex r above the centre, base 0.8·r below, half-base 1.1·r.
+  const t = (dy + r) / (1.8 * r); // 0 at the apex, 1 at the base
+  return t >= 0 && t <= 1 && Math.abs(dx) <= 1.1 * r * t;
+}
+
 /**
- * Draw a scene into an RGB buffer (row-major, 3 bytes per pixel, `size`×`size`).
- * A pixel belongs to a shape when its centre does, so the pixel under each object's
- * centre (`floor(x·size)`, `floor(y·size)`) always has the object's colour (for
- * `size` ≥ 16). Pass `out` to reuse a buffer.
+ * Draw a scene into an RGB buffer (row-major, 3 bytes per pixel, `size`×`size`). Without
+ * antialiasing a pixel belongs to a shape when its centre does; with it, a pixel's colour
+ * mixes shape and background by the share of its 4×4 sub-samples inside the shape. Either
+ * way the pixel under each object's centre (`floor(x·size)`, `floor(y·size)`) has the
+ * object's colour, up to the pixel noise (for `size` ≥ 16). Pass `out` to reuse a buffer.
  */
 export function renderScene(
   objects: readonly ShapeObject[],
   size: number,
+  style: SceneStyle = plainStyle(objects),
   out: Uint8Array = new Uint8Array(size * size * 3),
 ): Uint8Array {
   if (out.length !== size * size * 3) {
     throw new Error(`renderScene: out has ${out.length} bytes, need ${size * size * 3}`);
   }
-  const [backRed, backGreen, backBlue] = BACKGROUND_RGB;
-  for (let i = 0; i < out.length; i += 3) {
-    out[i] = backRed;
-    out[i + 1] = backGreen;
-    out[i + 2] = backBlue;
-  }
-  for (const o of objects) {
-    const [red, green, blue] = COLOR_RGB[o.color];
+  const coverage = new Float32Array(size * size); // of the current object, per pixel
+  const color = new Float32Array(size * size * 3);
+  for (let i = 0; i < size * size; i++) color.set(style.background, i * 3);
+  const SUB = style.antialias ? 4 : 1; // sub-samples per pixel side
+  objects.forEach((o, k) => {
     const cx = o.x * size, cy = o.y * size, r = o.radius * size;
-    // Triangles point up: apex r above the centre, base 0.8·r below, half-base 1.1·r.
-    const apex = cy - r, base = cy + 0.8 * r, halfBase = 1.1 * r;
     const y0 = Math.max(0, Math.floor(cy - r)), y1 = Math.min(size - 1, Math.ceil(cy + r));
-    const x0 = Math.max(0, Math.floor(cx - halfBase)), x1 = Math.min(size - 1, Math.ceil(cx + halfBase));
+    const x0 = Math.max(0, Math.floor(cx - 1.1 * r)), x1 = Math.min(size - 1, Math.ceil(cx + 1.1 * r));
+    coverage.fill(0);
     for (let py = y0; py <= y1; py++) {
-      const dy = py + 0.5 - cy;
       for (let px = x0; px <= x1; px++) {
-        const dx = px + 0.5 - cx;
-        let inside: boolean;
-        if (o.shape === "circle") inside = dx * dx + dy * dy <= r * r;
-        else if (o.shape === "square") inside = Math.abs(dx) <= 0.8 * r && Math.abs(dy) <= 0.8 * r;
-        else {
-          const t = (py + 0.5 - apex) / (base - apex); // 0 at the apex, 1 at the base
-          inside = t >= 0 && t <= 1 && Math.abs(dx) <= halfBase * t;
+        let hits = 0;
+        for (let sy = 0; sy < SUB; sy++) {
+          for (let sx = 0; sx < SUB; sx++) {
+            if (insideShape(o.shape, px + (sx + 0.5) / SUB - cx, py + (sy + 0.5) / SUB - cy, r)) hits++;
+          }
         }
-        if (inside) {
-          const i = (py * size + px) * 3;
-          out[i] = red;
-          out[i + 1] = green;
-          out[i + 2] = blue;
-        }
+        coverage[py * size + px] = hits / (SUB * SUB);
       }
     }
+    const rgb = style.colors[k];
+    for (let i = 0; i < size * size; i++) {
+      const a = coverage[i];
+      if (a === 0) continue;
+      for (let c = 0; c < 3; c++) color[i * 3 + c] += a * (rgb[c] - color[i * 3 + c]);
+    }
+  });
+  const noise = style.noiseSeed >= 0 ? seededRandom(style.noiseSeed) : () => 0.5;
+  for (let i = 0; i < color.length; i++) {
+    const jitter = Math.round((2 * noise() - 1) * MAX_PIXEL_NOISE);
+    out[i] = Math.min(255, Math.max(0, Math.round(color[i]) + jitter));
   }
   return out;
+}
+
+/** Euclidean distance between two RGB colours. */
+export function colorDistance(a: Rgb, b: Rgb): number {
+  return Math.hypot(a[0] - b[0], a[1] - b[1], a[2] - b[2]);
+}
+
+/** A scene's style: a background (black or white a fifth of the time each, else any colour far enough from the shapes'). */
+function drawStyle(rng: Rng, objects: readonly ShapeObject[]): SceneStyle {
+  const kind = rng.next();
+  let background: Rgb;
+  if (kind < 0.2) background = [0, 0, 0];
+  else if (kind < 0.4) background = [255, 255, 255];
+  else {
+    do background = [rng.int(256), rng.int(256), rng.int(256)]; while (
+      COLORS.some((c) => colorDistance(background, COLOR_RGB[c]) < MIN_BACKGROUND_DISTANCE)
+    );
+  }
+  const tint = (v: number) => Math.min(255, Math.max(0, v + rng.int(2 * MAX_TINT + 1) - MAX_TINT));
+  return {
+    background,
+    antialias: rng.next() < 0.5,
+    colors: objects.map((o) => COLOR_RGB[o.color].map(tint) as unknown as Rgb),
+    noiseSeed: rng.int(2 ** 31),
+  };
 }
 
 /** Encode an RGB buffer (e.g. from renderScene) as PNG bytes, with imagescript. */
@@ -400,6 +461,8 @@ export interface ShapesExample {
   /** Image side in pixels. */
   size: number;
   objects: ShapeObject[];
+  /** How it is drawn: background, edges, tints, noise. */
+  style: SceneStyle;
   /** The rendered image: `size`×`size` RGB, row-major. */
   rgb: Uint8Array;
   questions: ShapesQuestion[];
@@ -424,7 +487,8 @@ function drawObjects(rng: Rng, split: Split): { objects: ShapeObject[]; focus?: 
       } while (NOVEL_PAIRS.includes(pairName(color, shape)));
     }
     const size = rng.pick(SIZES);
-    const radius = RADIUS[size];
+    const [smallest, largest] = RADIUS[size];
+    const radius = smallest + rng.next() * (largest - smallest);
     const jitter = 0.25 - 1.1 * radius - MARGIN; // the triangle's half-base is 1.1·radius
     const object: ShapeObject = {
       shape,
@@ -443,15 +507,23 @@ function drawObjects(rng: Rng, split: Split): { objects: ShapeObject[]; focus?: 
 
 /**
  * Example `index` of a split: the same (split, seed, index) always gives the same scene
- * and questions, and the same pixels at a given `size`.
+ * and questions, and the same pixels at a given `size`. `plain` draws the same scene in the
+ * plain style (black, hard edges, exact colours, no noise) instead of its own.
  */
-export function makeShapesExample(split: Split, seed: number, index: number, size: number): ShapesExample {
+export function makeShapesExample(
+  split: Split,
+  seed: number,
+  index: number,
+  size: number,
+  { plain = false }: { plain?: boolean } = {},
+): ShapesExample {
   if (!SPLITS.includes(split)) throw new Error(`unknown split "${split}"; use one of ${SPLITS.join(", ")}`);
   if (!(Number.isInteger(size) && size >= 16)) throw new Error(`image size must be an integer ≥ 16, got ${size}`);
   const rng = new Rng(hashString(`shapes/${split}/${seed}/${index}`));
   const { objects, focus } = drawObjects(rng, split);
   const questions = makeQuestions(rng, objects, focus);
-  return { split, seed, index, size, objects, rgb: renderScene(objects, size), questions };
+  const style = plain ? plainStyle(objects) : drawStyle(rng, objects);
+  return { split, seed, index, size, objects, style, rgb: renderScene(objects, size, style), questions };
 }
 
 /** Examples `start` … `start + count − 1` of a split. */
@@ -965,6 +1037,7 @@ export interface RgbImage {
  * grey expanded to three channels. `source` (a path or name) goes into the error message.
  */
 export async function decodeImage(bytes: Uint8Array, source: string): Promise<RgbImage> {
+  await checkImageBytes(bytes, source); // imagescript decodes some truncated files: see lib/image_bytes.ts
   let image: Image;
   try {
     const decoded = await Image.decode(bytes);
@@ -1163,6 +1236,8 @@ export interface ShapesBatchOptions {
    * where the letter is written, the first half of the look-up; the shuffled rest still needs the whole of it.
    */
   sortedChoices?: number;
+  /** Draw every scene in the plain style (black, hard edges, exact colours), as the world was before it varied. */
+  plainScenes?: boolean;
   /** First example index (default 0): resume a run at `step · batchSize`. */
   start?: number;
   /** Stop after this many examples (default: never, the world is endless); the last batch may be short. */
@@ -1238,7 +1313,7 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
   const S = config.vit_img_size;
   const weightOf = (k: QuestionKind) => (k in weights ? weights[k as keyof typeof weights] : 1);
   const sampleAt = (index: number): EncodedSample | undefined => {
-    const example = makeShapesExample(split, seed, index, S);
+    const example = makeShapesExample(split, seed, index, S, { plain: options.plainScenes });
     const pool = example.questions.filter((q) => kinds.includes(q.kind));
     if (pool.length === 0) return undefined; // e.g. only "shape" asked and no colour occurs once
     const rng = new Rng(hashString(`pick/${split}/${seed}/${index}`));

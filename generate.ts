@@ -11,7 +11,7 @@
 import { parseArgs } from "node:util";
 import { makeShapesExample, preprocessImage, toCHWFloat } from "./data.ts";
 import { type BackendName, initBackend } from "./backend/runtime.ts";
-import { answerQuestion, findLatestCheckpoint, loadForInference } from "./lib/inference.ts";
+import { answerQuestion, defaultCheckpoint, loadForInference } from "./lib/inference.ts";
 import { runMain, snakeCaseFlags } from "./lib/cli.ts";
 
 // ---- main ------------------------------------------------------------------------------------
@@ -53,7 +53,9 @@ export async function main(args: string[]): Promise<string> {
   const note = (line: string) => quiet || console.error(line);
 
   await initBackend(values.backend as BackendName | undefined, { quiet: true });
-  const dir = values.checkpoint ?? await findLatestCheckpoint();
+  const fallback = values.checkpoint === undefined ? await defaultCheckpoint() : undefined;
+  if (fallback) note(fallback.note);
+  const dir = values.checkpoint ?? fallback!.dir;
   const { model, tokenizer } = await loadForInference(dir);
   try {
     const S = model.cfg.vit_img_size;

@@ -87,7 +87,9 @@ export function patchify(images: tf.Tensor, P: number): tf.Tensor3D {
 /** The reference's Conv2d(3, Dv, P, stride P) as patchify + matMul, plus position embedding. → [N, Np, Dv] */
 export function patchEmbedding(p: Params, cfg: VLMConfig, images: tf.Tensor): tf.Tensor3D {
   const w = (k: string) => p.get(`vision_encoder.patch_embedding.${k}`)!;
-  const patches = patchify(images, cfg.vit_patch_size); // [N, Np, 3·P·P]
+  // SigLIP's normalisation, (x − 0.5) / 0.5, when the config asks for it; nanoVLM feeds ToTensor's [0, 1] as is.
+  const pixels = cfg.vit_img_normalize ? images.mul(2).sub(1) : images;
+  const patches = patchify(pixels, cfg.vit_patch_size); // [N, Np, 3·P·P]
   return linear(patches, w("conv.weight"), w("conv.bias")).add(w("position_embedding")) as tf.Tensor3D;
 }
 

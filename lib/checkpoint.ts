@@ -66,7 +66,9 @@ export async function savePretrained(model: VisionLanguageModel, dir: string): P
   await Deno.mkdir(dir, { recursive: true });
   const { tensors, metadata } = await stateDict(model);
   await writeFileAtomic(`${dir}/model.safetensors`, encodeSafetensors(tensors, metadata));
-  await writeFileAtomic(`${dir}/config.json`, JSON.stringify(model.cfg, null, 4));
+  const { vit_img_normalize, ...referenceFields } = model.cfg; // nanoVLM's VLMConfig rejects a field it lacks
+  const config = vit_img_normalize ? model.cfg : referenceFields;
+  await writeFileAtomic(`${dir}/config.json`, JSON.stringify(config, null, 4));
 }
 
 // ---- Reading --------------------------------------------------------------------------------

@@ -12,6 +12,10 @@
 //   {"image": "b.png", "question": "Which shape?", "choices": ["circle", "square"], "answer": "B"}
 // Image paths are relative to the JSONL file; `"kind"` (optional) groups the report.
 //
+// The shapes world's scenes can also be drawn by another program (--renderer=independent, lib/independent_render.ts)
+// on plain backgrounds, one report per background: a model that learned shapes rather than data.ts's pixels scores
+// about the same on them.
+//
 // Reusable pieces (train.ts and lib/train_*.ts evaluate with them): shapesQuestions, readQuestionsJsonl,
 // normalizeAnswer, checkMultipleChoice, isCorrect, promptOf, evaluate, formatReport.
 
@@ -25,15 +29,18 @@ import {
   loadImage,
   makeShapesExample,
   resizeBilinearPIL,
+  type Rgb,
   type RgbImage,
+  type ShapesExample,
   type Split,
   SPLITS,
   toCHWFloat,
 } from "../data.ts";
-import { findLatestCheckpoint, loadForInference } from "./inference.ts";
+import { defaultCheckpoint, loadForInference } from "./inference.ts";
 import type { VisionLanguageModel } from "../nanovlm.ts";
 import { type BackendName, initBackend } from "../backend/runtime.ts";
 import { runMain, snakeCaseFlags } from "./cli.ts";
+import { INDEPENDENT_BACKGROUNDS, renderIndependent } from "./independent_render.ts";
 
 // ---- Questions ---------------------------------------------------------------------------
 
@@ -50,16 +57,66 @@ export interface EvalItem {
   kind?: string;
 }
 
+/** Draw the shapes world's scenes in the plain style (black, hard edges, exact colours): the first world. */
+export interface PlainScenes {
+  renderer: "plain";
+}
+
+/** Draw the shapes world's scenes with lib/independent_render.ts instead of data.ts's renderer. */
+export interface IndependentScenes {
+  renderer: "independent";
+  /** The plain background, e.g. `INDEPENDENT_BACKGROUNDS.white`. */
+  background: Rgb;
+  /** Draw at this many times the model's image size, then shrink as a user's picture is shrunk (default 4). */
+  oversample?: number;
+}
+
 /**
  * Every question of the first `examples` scenes of a shapes-world split (seed 0, so
- * the same questions in every run), images rendered at `size`.
+ * the same questions in every run), images rendered at `size`. With `drawing`, the same
+ * scenes and questions, drawn by the independent renderer (asynchronous: it loads
+ * WebAssembly).
  */
-export function shapesQuestions(split: Split, examples: number, size: number): EvalItem[] {
-  return Array.from({ length: examples }, (_, index) => {
-    const example = makeShapesExample(split, 0, index, size);
-    const image: RgbImage = { rgb: example.rgb, width: size, height: size };
-    return example.questions.map((q) => ({ images: [image], question: q.question, answer: q.answer, kind: q.kind }));
-  }).flat();
+export function shapesQuestions(split: Split, examples: number, size: number, drawing?: PlainScenes): EvalItem[];
+export function shapesQuestions(
+  split: Split,
+  examples: number,
+  size: number,
+  drawing: IndependentScenes,
+): Promise<EvalItem[]>;
+export function shapesQuestions(
+  split: Split,
+  examples: number,
+  size: number,
+  drawing?: IndependentScenes | PlainScenes,
+): EvalItem[] | Promise<EvalItem[]> {
+  const plain = drawing?.renderer === "plain";
+  const scenes = Array.from({ length: examples }, (_, index) => makeShapesExample(split, 0, index, size, { plain }));
+  if (drawing?.renderer === "independent") return independentQuestions(scenes, size, drawing);
+  return scenes.flatMap((example) => questionsAbout(example, { rgb: example.rgb, width: size, height: size }));
+}
+
+/** The questions of one scene, asked about `image`. */
+function questionsAbout(example: ShapesExample, image: RgbImage): EvalItem[] {
+  return example.questions.map((q) => ({ images: [image], question: q.question, answer: q.answer, kind: q.kind }));
+}
+
+/** The scenes' questions, each scene drawn by lib/independent_render.ts at `oversample`·`size` and shrunk to `size`. */
+async function independentQuestions(
+  scenes: readonly ShapesExample[],
+  size: number,
+  { background, oversample = 4 }: IndependentScenes,
+): Promise<EvalItem[]> {
+  const drawnSize = size * oversample;
+  const items: EvalItem[] = [];
+  for (const example of scenes) {
+    const rgb = await renderIndependent(example.objects, drawnSize, background);
+    // A picture larger than the model's input goes through the reference's processor, Pillow's bilinear resize, as
+    // pixelsOf does for a user's PNG. Resizing here rather than there keeps only S×S images in memory.
+    const image = { rgb: resizeBilinearPIL(rgb, drawnSize, drawnSize, size), width: size, height: size };
+    items.push(...questionsAbout(example, image));
+  }
+  return items;
 }
 
 /** Questions from a JSONL file (see the top of this file); a bad line is an Error naming the file and line. */
@@ -211,13 +268,17 @@ export async function evaluate(
     onProgress?.(Math.min(start + batchSize, items.length), items.length);
   }
 
-  const predictions = items.map((item, i) => ({
+  return tally(items.map((item, i) => ({
     question: promptOf(item),
     answer: item.answer,
     prediction: texts[i],
     correct: isCorrect(item, texts[i]),
     kind: item.kind ?? "all",
-  }));
+  })));
+}
+
+/** Accuracy overall and per kind of scored predictions. */
+function tally(predictions: Prediction[]): EvalResult {
   const perKind: EvalResult["perKind"] = {};
   for (const p of predictions) {
     const k = perKind[p.kind] ??= { accuracy: 0, correct: 0, total: 0 };
@@ -225,8 +286,8 @@ export async function evaluate(
     if (p.correct) k.correct++;
   }
   for (const k of Object.values(perKind)) k.accuracy = k.correct / k.total;
-  const correct = predictions.filter((p) => p.correct).length;
-  return { accuracy: correct / Math.max(1, items.length), correct, total: items.length, perKind, predictions };
+  const correct = predictions.filter((p) => p.correct).length, total = predictions.length;
+  return { accuracy: correct / Math.max(1, total), correct, total, perKind, predictions };
 }
 
 /** A small table: accuracy overall, then per kind. */
@@ -241,10 +302,17 @@ export function formatReport(result: EvalResult, title: string): string {
 
 // ---- main ------------------------------------------------------------------------------------
 
-const USAGE = `usage: deno task eval [--checkpoint DIR] [--split test|test-novel|val | --data FILE.jsonl]
-  [--examples N] [--batch_size N] [--out FILE.jsonl] [--backend NAME]`;
+const RENDERERS = ["training", "plain", "independent"] as const;
+const BACKGROUND_NAMES = Object.keys(INDEPENDENT_BACKGROUNDS);
 
-/** The command line; returns the result (for tests). */
+const USAGE = `usage: deno task eval [--checkpoint DIR] [--split test|test-novel|val | --data FILE.jsonl]
+  [--examples N] [--batch_size N] [--out FILE.jsonl] [--backend NAME]
+  [--renderer training|plain|independent] [--background ${BACKGROUND_NAMES.join("|")}]
+--renderer=plain draws the split's scenes as the first world did: black, hard edges, exact colours.
+--renderer=independent draws them with another program (lib/independent_render.ts) on a plain background: one
+report per --background (default: every one), then all of them together.`;
+
+/** The command line; returns the result (for tests), with several backgrounds that of all of them together. */
 export async function main(args: string[]): Promise<EvalResult> {
   const { values } = parseArgs({
     args: snakeCaseFlags(args),
@@ -256,6 +324,8 @@ export async function main(args: string[]): Promise<EvalResult> {
       batch_size: { type: "string", default: "64" },
       out: { type: "string" },
       backend: { type: "string" },
+      renderer: { type: "string", default: "training" },
+      background: { type: "string" },
       help: { type: "boolean" },
     },
   });
@@ -273,25 +343,62 @@ export async function main(args: string[]): Promise<EvalResult> {
   if (split !== undefined && !(SPLITS as readonly string[]).includes(split)) {
     throw new Error(`unknown split "${split}": use one of ${SPLITS.join(", ")}`);
   }
+  // Flags are checked before the checkpoint loads, so a typo costs nothing.
+  if (!(RENDERERS as readonly string[]).includes(values.renderer)) {
+    throw new Error(`unknown renderer "${values.renderer}": use one of ${RENDERERS.join(", ")}`);
+  }
+  const independent = values.renderer === "independent";
+  if (values.renderer !== "training" && split === undefined) {
+    throw new Error(`--renderer=${values.renderer} draws a --split's scenes, not --data`);
+  }
+  if (values.background !== undefined && !independent) throw new Error("--background needs --renderer=independent");
+  if (values.background !== undefined && !BACKGROUND_NAMES.includes(values.background)) {
+    throw new Error(`unknown background "${values.background}": use one of ${BACKGROUND_NAMES.join(", ")}`);
+  }
+  // One report per background with the independent renderer; one report otherwise (no background).
+  const backgrounds = independent ? (values.background ? [values.background] : BACKGROUND_NAMES) : [undefined];
 
   await initBackend(values.backend as BackendName | undefined, { quiet: true });
-  const dir = values.checkpoint ?? await findLatestCheckpoint();
+  const fallback = values.checkpoint === undefined ? await defaultCheckpoint() : undefined;
+  if (fallback) console.error(fallback.note);
+  const dir = values.checkpoint ?? fallback!.dir;
   const { model, tokenizer } = await loadForInference(dir);
   try {
-    const items = split
-      ? shapesQuestions(split as Split, count("examples"), model.cfg.vit_img_size)
-      : await readQuestionsJsonl(values.data!);
-    const source = split ? `${split} (${count("examples")} scenes)` : values.data!;
-    console.error(`checkpoint ${dir} | ${items.length} questions from ${source}`);
-    const started = performance.now();
-    const result = await evaluate(model, tokenizer, items, {
-      batchSize: count("batch_size"),
-      onProgress: (done, total) => console.error(`  ${done}/${total}`),
-    });
-    console.log(formatReport(result, source));
-    console.error(`${((performance.now() - started) / 1000).toFixed(1)} s`);
+    const S = model.cfg.vit_img_size, scenes = `${split} (${count("examples")} scenes`;
+    // One report's questions and title.
+    const questionsOn = async (background: string | undefined): Promise<[EvalItem[], string]> => {
+      if (split === undefined) return [await readQuestionsJsonl(values.data!), values.data!];
+      if (values.renderer === "plain") {
+        return [shapesQuestions(split as Split, count("examples"), S, { renderer: "plain" }), `${scenes}, plain)`];
+      }
+      if (background === undefined) return [shapesQuestions(split as Split, count("examples"), S), `${scenes})`];
+      const drawing = { renderer: "independent", background: INDEPENDENT_BACKGROUNDS[background] } as const;
+      return [
+        await shapesQuestions(split as Split, count("examples"), S, drawing),
+        `${scenes}, independent renderer, ${background} background)`,
+      ];
+    };
+    const reports: { background?: string; result: EvalResult }[] = [];
+    for (const background of backgrounds) {
+      const [items, source] = await questionsOn(background);
+      console.error(`checkpoint ${dir} | ${items.length} questions from ${source}`);
+      const started = performance.now();
+      const result = await evaluate(model, tokenizer, items, {
+        batchSize: count("batch_size"),
+        onProgress: (done, total) => console.error(`  ${done}/${total}`),
+      });
+      console.log(formatReport(result, source));
+      console.error(`${((performance.now() - started) / 1000).toFixed(1)} s`);
+      reports.push({ background, result });
+    }
+    const result = reports.length === 1 ? reports[0].result : tally(reports.flatMap((r) => r.result.predictions));
+    if (reports.length > 1) console.log(formatReport(result, `${scenes}, independent renderer, every background)`));
     if (values.out) {
-      await Deno.writeTextFile(values.out, result.predictions.map((p) => JSON.stringify(p) + "\n").join(""));
+      // With the independent renderer each line names the background its image was drawn on.
+      const lines = reports.flatMap(({ background, result }) =>
+        result.predictions.map((p) => JSON.stringify(background === undefined ? p : { background, ...p }) + "\n")
+      );
+      await Deno.writeTextFile(values.out, lines.join(""));
       console.error(`predictions written to ${values.out}`);
     }
     return result;

@@ -37,6 +37,26 @@ export async function findLatestCheckpoint(runsDir = "runs"): Promise<string> {
   return newest.dir;
 }
 
+/** The trained checkpoint that comes with the project (its model card is the folder's README.md). */
+export const COMMITTED_CHECKPOINT = `${PROJECT_DIR}/checkpoints/shapes-tiny`;
+
+/**
+ * The checkpoint to ask when the user names none: their latest run's, or else the committed one, with a line saying
+ * which (generate and eval print it).
+ */
+export async function defaultCheckpoint(runsDir = "runs"): Promise<{ dir: string; note: string }> {
+  try {
+    const dir = await findLatestCheckpoint(runsDir);
+    return { dir, note: `checkpoint: ${dir} (the latest run under ${runsDir}/)` };
+  } catch {
+    return {
+      dir: COMMITTED_CHECKPOINT,
+      note: `checkpoint: checkpoints/shapes-tiny, the trained model that comes with the project ` +
+        `(no run of your own under ${runsDir}/ yet: \`deno task train\` makes one)`,
+    };
+  }
+}
+
 /**
  * Where a config's `lm_tokenizer` lives: an absolute path as is, else relative to the current folder if it exists
  * there, else relative to this project (so "tokenizers/shapes" works from anywhere), else beside the running script

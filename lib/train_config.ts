@@ -31,6 +31,7 @@ export interface TrainConfig {
   share_spaced_words: boolean; // a decoder from scratch: "red" and " red" start from one embedding row
   choice_hints: number; // shapes world: share of multiple-choice questions that say their answer (a reading exercise)
   sorted_choices: number; // shapes world: share of multiple-choice questions with options in alphabetical order
+  plain_scenes: boolean; // shapes world: train on black, hard-edged, exact-colour scenes only (the world before it varied)
   answer_floor: number; // a sample's answer weighs at least this many tokens in the loss (0: every token 1, the reference)
   seed: number; // model init and data order
   backend: string; // "webgpu" | "wasm" | "cpu", or "" for the best available
@@ -53,7 +54,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   adam_beta2: 0.95,
   batch_size: 32,
   gradient_accumulation_steps: 2,
-  max_training_steps: 5000,
+  max_training_steps: 3000,
   max_grad_norm: 1.0,
   eval_interval: 200,
   val_samples: 128,
@@ -66,6 +67,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   share_spaced_words: true,
   choice_hints: 0.5,
   sorted_choices: 0.5,
+  plain_scenes: false,
   answer_floor: 0,
   seed: 0,
   backend: "",

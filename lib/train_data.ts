@@ -53,6 +53,7 @@ export async function trainingData(
       lengthBuckets: config.sort_by_length ? config.gradient_accumulation_steps : 1,
       choiceHints: config.choice_hints,
       sortedChoices: config.sorted_choices,
+      plainScenes: config.plain_scenes,
       start: examplesSeen,
     });
   // Fixed val subsets, the same at every eval and in every run (seed 0).

@@ -10,13 +10,13 @@ import { Image } from "imagescript";
 import {
   applyChatTemplate,
   assistantPrefixLength,
-  BACKGROUND_RGB,
   type Batch,
   CHATML_TEMPLATE,
   CHOICE_INSTRUCTION,
   collate,
   collatePrompts,
   COLOR_RGB,
+  colorDistance,
   COLORS,
   decodeImage,
   encodeConversation,
@@ -27,6 +27,9 @@ import {
   loadImage,
   loadTokenizer,
   makeShapesExample,
+  MAX_PIXEL_NOISE,
+  MAX_TINT,
+  MIN_BACKGROUND_DISTANCE,
   NOVEL_PAIRS,
   preprocessImage,
   QUADRANTS,
@@ -35,6 +38,7 @@ import {
   shapesBatches,
   type ShapesBatchOptions,
   shapesDataset,
+  type ShapesExample,
   type ShapesQuestion,
   shapesTokenizerFiles,
   SPLITS,
@@ -42,6 +46,7 @@ import {
 } from "../data.ts";
 import { readSafetensors } from "../lib/safetensors.ts";
 import { seededRandom } from "../nanovlm.ts";
+import { pngChunk } from "./helpers.ts";
 
 const FIXTURE = new URL("./fixtures/nanovlm-tiny-a/", import.meta.url);
 const fixturePath = (name: string) => new URL(name, FIXTURE).pathname;
@@ -81,24 +86,49 @@ function oracle(question: string, objects: readonly ShapeObject[]): string {
   throw new Error(`no oracle for "${question}"`);
 }
 
-/** Every pixel is the background or the colour of the object in its quadrant, and each object's centre has its colour. */
-function checkPixels(rgb: Uint8Array, size: number, objects: readonly ShapeObject[]) {
+/**
+ * The pixels agree with the scene: the background is far from every shape colour; each
+ * pixel that is not the background (up to the pixel noise) lies in the quadrant of an
+ * object and is that object's colour, or with antialiasing a blend of it and the
+ * background; each object's drawn colour is its COLOR_RGB up to the tint, nearer to it
+ * than to any other colour; and the pixel at each object's centre has that colour.
+ */
+function checkPixels(ex: ShapesExample) {
+  const { rgb, size, objects, style } = ex;
+  const near = (px: number[], target: readonly number[], slack: number) =>
+    px.every((v, c) => Math.abs(v - target[c]) <= slack);
+  for (const color of COLORS) assert.ok(colorDistance(style.background, COLOR_RGB[color]) >= MIN_BACKGROUND_DISTANCE);
   const half = size / 2;
   for (let y = 0; y < size; y++) {
     for (let x = 0; x < size; x++) {
       const i = (y * size + x) * 3;
       const px = [rgb[i], rgb[i + 1], rgb[i + 2]];
-      if (px.every((v, c) => v === BACKGROUND_RGB[c])) continue;
+      if (near(px, style.background, MAX_PIXEL_NOISE)) continue;
       const quadrant = QUADRANTS[(y < half ? 0 : 2) + (x < half ? 0 : 1)];
-      const owner = objects.find((o) => o.quadrant === quadrant);
-      assert.ok(owner, `pixel (${x}, ${y}) is coloured but no object is in the ${quadrant}`);
-      assert.deepEqual(px, [...COLOR_RGB[owner.color]]);
+      const k = objects.findIndex((o) => o.quadrant === quadrant);
+      assert.ok(k >= 0, `pixel (${x}, ${y}) is coloured but no object is in the ${quadrant}`);
+      const [bg, fg] = [style.background, style.colors[k]];
+      if (!style.antialias) assert.ok(near(px, fg, MAX_PIXEL_NOISE), `pixel (${x}, ${y}) ${px} is not ${fg}`);
+      else {
+        // Some coverage a ∈ [0, 1] (in 1/16 steps: 4×4 sub-samples) explains the pixel as bg + a·(fg − bg) + noise.
+        const blends = Array.from({ length: 17 }, (_, n) => [0, 1, 2].map((c) => bg[c] + (n / 16) * (fg[c] - bg[c])));
+        assert.ok(blends.some((blend) => near(px, blend, MAX_PIXEL_NOISE + 0.5)), `pixel (${x}, ${y}) ${px}`);
+      }
     }
   }
-  for (const o of objects) {
+  objects.forEach((o, k) => {
+    const drawn = style.colors[k];
+    assert.ok(near([...drawn], COLOR_RGB[o.color], MAX_TINT));
+    const nearest = COLORS.reduce((a, b) =>
+      colorDistance(drawn, COLOR_RGB[a]) <= colorDistance(drawn, COLOR_RGB[b]) ? a : b
+    );
+    assert.equal(nearest, o.color);
     const x = Math.floor(o.x * size), y = Math.floor(o.y * size), i = (y * size + x) * 3;
-    assert.deepEqual([rgb[i], rgb[i + 1], rgb[i + 2]], [...COLOR_RGB[o.color]], `centre of the ${o.color} ${o.shape}`);
-  }
+    assert.ok(near([rgb[i], rgb[i + 1], rgb[i + 2]], drawn, MAX_PIXEL_NOISE), `centre of the ${o.color} ${o.shape}`);
+    const [quadrantX, quadrantY] = [o.x < 0.5 ? 0 : 1, o.y < 0.5 ? 0 : 1];
+    assert.equal(QUADRANTS[quadrantY * 2 + quadrantX], o.quadrant);
+    assert.ok(o.size === "small" ? o.radius <= 0.11 : o.radius >= 0.155, `${o.size} radius ${o.radius}`);
+  });
   assert.equal(new Set(objects.map((o) => o.quadrant)).size, objects.length, "one object per quadrant");
 }
 
@@ -145,7 +175,7 @@ Deno.test("shapes: every answer agrees with the objects, and the objects with th
     for (const split of SPLITS) {
       for (const ex of shapesDataset({ split, seed: 3, count: 150, size })) {
         assert.ok(ex.objects.length >= 1 && ex.objects.length <= 4);
-        checkPixels(ex.rgb, size, ex.objects);
+        checkPixels(ex);
         for (const q of ex.questions) {
           kinds.set(q.kind, (kinds.get(q.kind) ?? 0) + 1);
           if (q.kind === "choice") {
@@ -164,6 +194,28 @@ Deno.test("shapes: every answer agrees with the objects, and the objects with th
   for (const kind of ["caption", "color", "shape", "count", "exists", "position", "choice"]) {
     assert.ok((kinds.get(kind) ?? 0) > 50, `kind ${kind} asked ${kinds.get(kind)} times`);
   }
+});
+
+Deno.test("shapes: what the answers do not depend on varies: background, edges, sizes within their class, tints", () => {
+  const scenes = shapesDataset({ split: "train", seed: 5, count: 300, size: 32 });
+  const backgrounds = scenes.map((ex) => ex.style.background.join(","));
+  const share = (keep: (ex: ShapesExample) => boolean) => scenes.filter(keep).length / scenes.length;
+  assert.ok(share((ex) => ex.style.background.every((v) => v === 0)) > 0.1, "black backgrounds");
+  assert.ok(share((ex) => ex.style.background.every((v) => v === 255)) > 0.1, "white backgrounds");
+  assert.ok(new Set(backgrounds).size > 100, `${new Set(backgrounds).size} distinct backgrounds`);
+  const antialiased = share((ex) => ex.style.antialias);
+  assert.ok(antialiased > 0.35 && antialiased < 0.65, `antialiased share ${antialiased}`);
+  const objects = scenes.flatMap((ex) => ex.objects.map((o, k) => ({ o, drawn: ex.style.colors[k] })));
+  for (const size of ["small", "large"]) {
+    const radii = objects.filter(({ o }) => o.size === size).map(({ o }) => o.radius);
+    assert.ok(Math.max(...radii) - Math.min(...radii) > 0.015, `${size} radii vary`);
+  }
+  assert.ok(
+    objects.filter(({ o, drawn }) => drawn.some((v, c) => v !== COLOR_RGB[o.color][c])).length > 0.8 * objects.length,
+  );
+  // Pixel noise: a plain background is not one value.
+  const ex = scenes[0], values = new Set(Array.from({ length: 32 }, (_, x) => ex.rgb[x * 3]));
+  assert.ok(values.size > 3, "pixel noise");
 });
 
 Deno.test("shapes: yellow triangle and green circle occur only in test-novel, and every test-novel question is about one", () => {
@@ -544,25 +596,6 @@ Deno.test("collator: too-long samples are dropped and counted; a too-long prompt
 
 /** A minimal PNG encoder for colour types imagescript does not write (grey, grey + alpha). */
 function pngBytes(width: number, height: number, colorType: number, channels: number, pixels: number[]): Uint8Array {
-  const crcTable = Array.from({ length: 256 }, (_, n) => {
-    let c = n;
-    for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1;
-    return c >>> 0;
-  });
-  const crc = (bytes: Uint8Array) => {
-    let c = 0xffffffff;
-    for (const b of bytes) c = crcTable[(c ^ b) & 0xff] ^ (c >>> 8);
-    return (c ^ 0xffffffff) >>> 0;
-  };
-  const chunk = (type: string, data: Uint8Array) => {
-    const out = new Uint8Array(12 + data.length);
-    const view = new DataView(out.buffer);
-    view.setUint32(0, data.length);
-    out.set(new TextEncoder().encode(type), 4);
-    out.set(data, 8);
-    view.setUint32(8 + data.length, crc(out.subarray(4, 8 + data.length)));
-    return out;
-  };
   const header = new Uint8Array(13);
   new DataView(header.buffer).setUint32(0, width);
   new DataView(header.buffer).setUint32(4, height);
@@ -573,9 +606,9 @@ function pngBytes(width: number, height: number, colorType: number, channels: nu
   }
   const parts = [
     new Uint8Array([137, 80, 78, 71, 13, 10, 26, 10]),
-    chunk("IHDR", header),
-    chunk("IDAT", deflateSync(raw)),
-    chunk("IEND", new Uint8Array()),
+    pngChunk("IHDR", header),
+    pngChunk("IDAT", deflateSync(raw)),
+    pngChunk("IEND", new Uint8Array()),
   ];
   const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
   parts.reduce((offset, p) => (out.set(p, offset), offset + p.length), 0);

@@ -168,12 +168,15 @@ Deno.test("conversationBatches: a corrupt image skips its row with a warning and
   assertEquals(imageTokens, 2 * config.mp_image_token_length);
   assert(Array.from(batches[1].labels).some((l) => l >= 0));
 
-  // JSONL: a missing image file is skipped the same way.
+  // JSONL: a missing image file is skipped the same way, and so is a PNG cut off before its last chunk (IEND),
+  // which imagescript alone would decode (lib/image_bytes.ts).
   const dir = await Deno.makeTempDir();
   try {
-    await Deno.writeFile(join(dir, "ok.png"), data[0].images[0]);
-    const lines = [["ok.png"], ["missing.png"], ["ok.png"]].map((images, i) =>
-      JSON.stringify({ images, conversation: [QA[i]] })
+    const png = data[0].images[0];
+    await Deno.writeFile(join(dir, "ok.png"), png);
+    await Deno.writeFile(join(dir, "cut.png"), png.subarray(0, png.length - 12));
+    const lines = [["ok.png"], ["missing.png"], ["ok.png"], ["cut.png"]].map((images, i) =>
+      JSON.stringify({ images, conversation: [QA[i % QA.length]] })
     );
     await Deno.writeTextFile(join(dir, "d.jsonl"), lines.join("\n"));
     const jsonlStats = newDataStats();
@@ -188,8 +191,9 @@ Deno.test("conversationBatches: a corrupt image skips its row with a warning and
       )
     );
     assertEquals(result.map((b) => b.batchSize), [2]);
-    assertEquals(jsonlStats.corruptImages, 1);
+    assertEquals([jsonlStats.skippedRows, jsonlStats.corruptImages], [2, 2]);
     assertMatch(w[0], /d\.jsonl:2: cannot read image .*missing\.png: no such file/);
+    assertMatch(w[1], /d\.jsonl:4: cannot decode image .*cut\.png: PNG ends before its IEND chunk \(file truncated\)/);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

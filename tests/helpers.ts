@@ -5,6 +5,7 @@
 import * as tf from "@tensorflow/tfjs";
 import { PRESETS, type VLMConfig } from "../nanovlm.ts";
 import { readSafetensors, type SafetensorsTensor } from "../lib/safetensors.ts";
+import { crc32 } from "../lib/image_bytes.ts";
 
 /** The PyTorch reference fixture folder (a copy of ../shared/fixtures/nanovlm-tiny-a). */
 export const FIXTURE_DIR = new URL("./fixtures/nanovlm-tiny-a", import.meta.url).pathname;
@@ -180,4 +181,15 @@ export async function captureWarnings<T>(fn: () => Promise<T>): Promise<{ result
   } finally {
     console.warn = original;
   }
+}
+
+/** A PNG chunk: length, type, data, CRC-32 of type + data (tests build PNG files by hand with it). */
+export function pngChunk(type: string, data: Uint8Array): Uint8Array {
+  const out = new Uint8Array(12 + data.length);
+  const view = new DataView(out.buffer);
+  view.setUint32(0, data.length);
+  out.set(new TextEncoder().encode(type), 4);
+  out.set(data, 8);
+  view.setUint32(8 + data.length, crc32(out.subarray(4, 8 + data.length)));
+  return out;
 }

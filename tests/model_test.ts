@@ -100,7 +100,9 @@ Deno.test("save → load gives exactly the same logits, in nanoVLM's file layout
   assertEquals(file.tensors.get("MP.proj.weight")!.shape, [48, 4 * 32]); // PyTorch [out, in]
   assertEquals(file.tensors.get("vision_encoder.patch_embedding.conv.weight")!.shape, [32, 3, 4, 4]);
   const config = JSON.parse(await Deno.readTextFile(`${dir}/config.json`));
-  assertEquals(Object.keys(config), Object.keys(PRESETS.tiny)); // every reference field, in order
+  // Every field of nanoVLM's VLMConfig, in order; our vit_img_normalize only when it is on (nanoVLM's loader rejects it).
+  const referenceFields = Object.keys(PRESETS.tiny).filter((key) => key !== "vit_img_normalize");
+  assertEquals(Object.keys(config), SMALL.vit_img_normalize ? Object.keys(PRESETS.tiny) : referenceFields);
   const loaded = await fromPretrained(dir);
   const { inputIds, mask, images } = batch();
   const a = model.forward(inputIds, images, mask).logits, b = loaded.forward(inputIds, images, mask).logits;
@@ -233,6 +235,24 @@ Deno.test("bad input gets an error that names the problem", async () => {
     "lm_max_length) is 32",
   );
   model.dispose();
+});
+
+Deno.test("vit_img_normalize feeds the ViT (x − 0.5) / 0.5, and a checkpoint keeps the setting", async () => {
+  const plain = new VisionLanguageModel({ ...SMALL, vit_img_normalize: false }, { seed: 5 });
+  const normalizing = new VisionLanguageModel({ ...SMALL, vit_img_normalize: true }, { seed: 5 });
+  const { inputIds, mask, images } = batch();
+  const shifted = images.mul(2).sub(1);
+  const a = plain.forward(inputIds, shifted, mask).logits, b = normalizing.forward(inputIds, images, mask).logits;
+  const c = plain.forward(inputIds, images, mask).logits;
+  assert(maxAbsDiff(await a.data(), await b.data()) < 1e-6, "normalizing x is feeding 2x − 1");
+  assert(maxAbsDiff(await b.data(), await c.data()) > 1e-3, "and it changes what the model sees");
+  const dir = await Deno.makeTempDir();
+  await savePretrained(normalizing, dir);
+  assertEquals(JSON.parse(await Deno.readTextFile(`${dir}/config.json`)).vit_img_normalize, true);
+  const loaded = await fromPretrained(dir);
+  assertEquals(loaded.cfg.vit_img_normalize, true);
+  tf.dispose([inputIds, mask, images, shifted, a, b, c]);
+  [plain, normalizing, loaded].forEach((m) => m.dispose());
 });
 
 Deno.test("the fixture checkpoint saves back to the same config.json and tensors", async () => {
