@@ -54,7 +54,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   adam_beta2: 0.95,
   batch_size: 32,
   gradient_accumulation_steps: 2,
-  max_training_steps: 3000,
+  max_training_steps: 2700,
   max_grad_norm: 1.0,
   eval_interval: 200,
   val_samples: 128,

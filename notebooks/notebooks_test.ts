@@ -136,12 +136,12 @@ Deno.test("every notebook picks its backend and says which, and imports only pro
 });
 
 Deno.test("the tiny preset still has the numbers the notebooks' text walks through", () => {
-  // The markdown explains the tiny model with concrete numbers (a 32×32 image, 8×8 patches, a 4×4 grid, 4 image
+  // The markdown explains the tiny model with concrete numbers (a 64×64 image, 16×16 patches, a 4×4 grid, 4 image
   // tokens, head size 24 and 32, …). If the preset changes, update the notebooks' text and these numbers together.
   const t = PRESETS.tiny;
   assertEquals(
     [t.vit_img_size, t.vit_patch_size, t.vit_hidden_dim, t.vit_n_heads, t.vit_n_blocks, t.mp_pixel_shuffle_factor],
-    [32, 8, 96, 4, 2, 2],
+    [64, 16, 96, 4, 2, 2],
   );
   assertEquals(
     [t.mp_image_token_length, t.lm_hidden_dim, t.lm_n_heads, t.lm_n_kv_heads, t.lm_vocab_size, t.lm_max_length],

@@ -30,6 +30,7 @@ export const MICRO_OVERRIDES: Readonly<Partial<VLMConfig>> = Object.freeze({
   vit_n_heads: 2,
   vit_n_blocks: 1,
   vit_img_size: 16,
+  vit_patch_size: 8,
   mp_image_token_length: 1,
   lm_hidden_dim: 32,
   lm_inter_dim: 64,

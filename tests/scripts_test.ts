@@ -17,7 +17,13 @@ import {
   normalizeAnswer,
   readQuestionsJsonl,
 } from "../lib/eval.ts";
-import { answerQuestion, findLatestCheckpoint, loadForInference } from "../lib/inference.ts";
+import {
+  answerQuestion,
+  COMMITTED_CHECKPOINT,
+  defaultCheckpoint,
+  findLatestCheckpoint,
+  loadForInference,
+} from "../lib/inference.ts";
 import { main as generateMain } from "../generate.ts";
 import { VisionLanguageModel } from "../nanovlm.ts";
 import { initBackend } from "../backend/runtime.ts";
@@ -25,7 +31,7 @@ import { modelConfig } from "../lib/train_config.ts";
 import { AdamW, paramGroups } from "../lib/optimizer.ts";
 import { trainStep } from "../lib/train_step.ts";
 import { saveCheckpoint } from "../lib/train_state.ts";
-import { assert, assertEquals, assertRejects } from "./assert.ts";
+import { assert, assertEquals, assertMatch, assertRejects } from "./assert.ts";
 import { MICRO_OVERRIDES } from "./helpers.ts";
 import { savePretrained } from "../lib/checkpoint.ts";
 
@@ -68,10 +74,14 @@ async function writeScene(path: string, index: number): Promise<void> {
   await Deno.writeFile(path, await encodePng(scene.rgb, 24));
 }
 
-async function run(script: string, args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+async function run(
+  script: string,
+  args: string[],
+  cwd = ROOT,
+): Promise<{ code: number; stdout: string; stderr: string }> {
   const out = await new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", `${ROOT}${script}`, ...args],
-    cwd: ROOT,
+    cwd,
     env: { NANOVLM_BACKEND: "wasm" },
   }).output();
   const text = new TextDecoder();
@@ -144,6 +154,20 @@ Deno.test("findLatestCheckpoint picks the newest run's best/ (else latest/)", as
     assertEquals(await findLatestCheckpoint(`${dir}/runs`), `${dir}/runs/new/latest`);
     await saveStub(`${dir}/runs/new/best`);
     assertEquals(await findLatestCheckpoint(`${dir}/runs`), `${dir}/runs/new/best`);
+  });
+});
+
+Deno.test("with no run of the user's own, generate and eval ask the committed checkpoint and say so", async () => {
+  await withTempDir(async (dir) => {
+    assertEquals((await defaultCheckpoint(`${dir}/runs`)).dir, COMMITTED_CHECKPOINT);
+    // From a folder without runs/, as on a fresh clone before any training.
+    const cli = await run("generate.ts", ["--greedy", "--prompt=How many shapes are there?"], dir);
+    assertEquals(cli.code, 0, cli.stderr);
+    assert(cli.stderr.includes("checkpoints/shapes-tiny, the trained model that comes with the project"), cli.stderr);
+    assertMatch(cli.stdout, /^(one|two|three|four)\n$/);
+    // Once the user has a run, it is theirs that is asked.
+    await saveStub(`${dir}/runs/mine/best`);
+    assertEquals((await defaultCheckpoint(`${dir}/runs`)).dir, `${dir}/runs/mine/best`);
   });
 });
 

@@ -1,15 +1,18 @@
 """The PyTorch side of BENCHMARKS.md's CPU comparison: the same model shapes as bench.ts,
 timed the same way, so both can run side by side on one machine.
 
-A compact re-statement of nanoVLM's architecture (8374ce1; shared/reference §3-§6): ViT
+A compact re-statement of nanoVLM's architecture (8374ce1: models/vision_transformer.py,
+modality_projector.py, language_model.py, vision_language_model.py): ViT
 (conv patch embedding, pre-LayerNorm blocks, fused qkv, tanh-GELU), pixel-shuffle
 projector, Llama decoder (RMSNorm, RoPE, grouped-query attention by repeat_interleave,
 SwiGLU, tied head), cross-entropy with -100, AdamW. PyTorch 1.13 (Debian's python3-torch)
 has no scaled_dot_product_attention, so attention is written out as nanoVLM's fallback does.
 Random weights and tokens: speed does not depend on values.
 
-    /usr/bin/python3 scripts/bench_torch.py --preset cpu-5m --batch 8,32 --threads 2
-    /usr/bin/python3 scripts/bench_torch.py --preset nanovlm-222m --batch 1 --threads 2
+    LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu/openblas-openmp \
+        /usr/bin/python3 tools/bench_torch.py --preset cpu-5m --batch 8,32 --threads 2
+    LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu/openblas-openmp \
+        /usr/bin/python3 tools/bench_torch.py --preset nanovlm-222m --batch 1 --threads 2
 """
 
 import argparse

@@ -1,0 +1,31 @@
+// The trained checkpoint that comes with the project (checkpoints/shapes-tiny): it loads in nanoVLM's format with its
+// tokenizer, and it still sees. A change to the model or the data pipeline that breaks what the checkpoint learned
+// (a reordered parameter, another image processor, a tokenizer change) fails here.
+//
+// Run: deno test -A tests/checkpoint_shapes_test.ts
+
+import assert from "node:assert/strict";
+import { initBackend } from "../backend/runtime.ts";
+import { evaluate, shapesQuestions } from "../lib/eval.ts";
+import { COMMITTED_CHECKPOINT, loadForInference } from "../lib/inference.ts";
+
+// The checkpoint answers 152 of these 200 questions (76%). The floor, 140, leaves room for float rounding on another
+// machine or backend and still catches a model that no longer sees: fed its pixels un-centred (vit_img_normalize off) it
+// answers 104, given grey pictures 48. The project's target for the checkpoint, 95%, is not reached yet.
+const FLOOR = 140;
+
+Deno.test("the committed checkpoint answers at least 140 of 200 test questions, and is at most 8 MB", async () => {
+  await initBackend("wasm", { quiet: true });
+  const bytes = (await Deno.stat(`${COMMITTED_CHECKPOINT}/model.safetensors`)).size;
+  assert.ok(bytes <= 8 * 2 ** 20, `model.safetensors is ${bytes} bytes`);
+  const { model, tokenizer } = await loadForInference(COMMITTED_CHECKPOINT);
+  try {
+    const items = shapesQuestions("test", 40, model.cfg.vit_img_size).slice(0, 200);
+    assert.equal(items.length, 200);
+    const result = await evaluate(model, tokenizer, items);
+    const perKind = Object.entries(result.perKind).map(([kind, r]) => `${kind} ${r.correct}/${r.total}`).join(", ");
+    assert.ok(result.correct >= FLOOR, `${result.correct}/200 right (${perKind})`);
+  } finally {
+    model.dispose();
+  }
+});
