@@ -14,7 +14,7 @@
 //
 // The shapes world's scenes can also be drawn by another program (--renderer=independent, lib/independent_render.ts)
 // on plain backgrounds, one report per background: a model that learned shapes rather than data.ts's pixels scores
-// about the same on them.
+// about the same on them. --renderer=plain draws them as the first world did: black, hard edges, exact colours.
 //
 // Reusable pieces (train.ts and lib/train_*.ts evaluate with them): shapesQuestions, readQuestionsJsonl,
 // normalizeAnswer, checkMultipleChoice, isCorrect, promptOf, evaluate, formatReport.
