@@ -201,15 +201,13 @@ export function renderScene(
   if (out.length !== size * size * 3) {
     throw new Error(`renderScene: out has ${out.length} bytes, need ${size * size * 3}`);
   }
-  const coverage = new Float32Array(size * size); // of the current object, per pixel
   const color = new Float32Array(size * size * 3);
   for (let i = 0; i < size * size; i++) color.set(style.background, i * 3);
   const SUB = style.antialias ? 4 : 1; // sub-samples per pixel side
   objects.forEach((o, k) => {
-    const cx = o.x * size, cy = o.y * size, r = o.radius * size;
+    const cx = o.x * size, cy = o.y * size, r = o.radius * size, rgb = style.colors[k];
     const y0 = Math.max(0, Math.floor(cy - r)), y1 = Math.min(size - 1, Math.ceil(cy + r));
     const x0 = Math.max(0, Math.floor(cx - 1.1 * r)), x1 = Math.min(size - 1, Math.ceil(cx + 1.1 * r));
-    coverage.fill(0);
     for (let py = y0; py <= y1; py++) {
       for (let px = x0; px <= x1; px++) {
         let hits = 0;
@@ -218,14 +216,9 @@ export function renderScene(
             if (insideShape(o.shape, px + (sx + 0.5) / SUB - cx, py + (sy + 0.5) / SUB - cy, r)) hits++;
           }
         }
-        coverage[py * size + px] = hits / (SUB * SUB);
+        const coverage = hits / (SUB * SUB), i = (py * size + px) * 3;
+        for (let c = 0; c < 3; c++) color[i + c] += coverage * (rgb[c] - color[i + c]);
       }
-    }
-    const rgb = style.colors[k];
-    for (let i = 0; i < size * size; i++) {
-      const a = coverage[i];
-      if (a === 0) continue;
-      for (let c = 0; c < 3; c++) color[i * 3 + c] += a * (rgb[c] - color[i * 3 + c]);
     }
   });
   const noise = style.noiseSeed >= 0 ? seededRandom(style.noiseSeed) : () => 0.5;
