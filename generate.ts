@@ -11,7 +11,7 @@
 import { parseArgs } from "node:util";
 import { makeShapesExample, preprocessImage, toCHWFloat } from "./data.ts";
 import { type BackendName, initBackend } from "./backend/runtime.ts";
-import { answerQuestion, defaultCheckpoint, loadForInference } from "./lib/inference.ts";
+import { answerQuestion, checkpointToAsk, loadForInference } from "./lib/inference.ts";
 import { runMain, snakeCaseFlags } from "./lib/cli.ts";
 
 // ---- main ------------------------------------------------------------------------------------
@@ -53,9 +53,8 @@ export async function main(args: string[]): Promise<string> {
   const note = (line: string) => quiet || console.error(line);
 
   await initBackend(values.backend as BackendName | undefined, { quiet: true });
-  const fallback = values.checkpoint === undefined ? await defaultCheckpoint() : undefined;
-  if (fallback) note(fallback.note);
-  const dir = values.checkpoint ?? fallback!.dir;
+  const { dir, note: which } = await checkpointToAsk(values.checkpoint);
+  if (which) note(which);
   const { model, tokenizer } = await loadForInference(dir);
   try {
     const S = model.cfg.vit_img_size;

@@ -36,7 +36,7 @@ import {
   SPLITS,
   toCHWFloat,
 } from "../data.ts";
-import { defaultCheckpoint, loadForInference } from "./inference.ts";
+import { checkpointToAsk, loadForInference } from "./inference.ts";
 import type { VisionLanguageModel } from "../nanovlm.ts";
 import { type BackendName, initBackend } from "../backend/runtime.ts";
 import { runMain, snakeCaseFlags } from "./cli.ts";
@@ -359,9 +359,8 @@ export async function main(args: string[]): Promise<EvalResult> {
   const backgrounds = independent ? (values.background ? [values.background] : BACKGROUND_NAMES) : [undefined];
 
   await initBackend(values.backend as BackendName | undefined, { quiet: true });
-  const fallback = values.checkpoint === undefined ? await defaultCheckpoint() : undefined;
-  if (fallback) console.error(fallback.note);
-  const dir = values.checkpoint ?? fallback!.dir;
+  const { dir, note: which } = await checkpointToAsk(values.checkpoint);
+  if (which) console.error(which);
   const { model, tokenizer } = await loadForInference(dir);
   try {
     const S = model.cfg.vit_img_size, scenes = `${split} (${count("examples")} scenes`;

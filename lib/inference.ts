@@ -41,10 +41,11 @@ export async function findLatestCheckpoint(runsDir = "runs"): Promise<string> {
 export const COMMITTED_CHECKPOINT = `${PROJECT_DIR}/checkpoints/shapes-tiny`;
 
 /**
- * The checkpoint to ask when the user names none: their latest run's, or else the committed one, with a line saying
- * which (generate and eval print it).
+ * The checkpoint to ask: the one the user named, else their latest run's, else the committed one. Without a name it
+ * comes with a line saying which (generate and eval print it).
  */
-export async function defaultCheckpoint(runsDir = "runs"): Promise<{ dir: string; note: string }> {
+export async function checkpointToAsk(named?: string, runsDir = "runs"): Promise<{ dir: string; note?: string }> {
+  if (named !== undefined) return { dir: named };
   try {
     const dir = await findLatestCheckpoint(runsDir);
     return { dir, note: `checkpoint: ${dir} (the latest run under ${runsDir}/)` };

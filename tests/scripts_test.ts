@@ -19,8 +19,8 @@ import {
 } from "../lib/eval.ts";
 import {
   answerQuestion,
+  checkpointToAsk,
   COMMITTED_CHECKPOINT,
-  defaultCheckpoint,
   findLatestCheckpoint,
   loadForInference,
 } from "../lib/inference.ts";
@@ -159,7 +159,8 @@ Deno.test("findLatestCheckpoint picks the newest run's best/ (else latest/)", as
 
 Deno.test("with no run of the user's own, generate and eval ask the committed checkpoint and say so", async () => {
   await withTempDir(async (dir) => {
-    assertEquals((await defaultCheckpoint(`${dir}/runs`)).dir, COMMITTED_CHECKPOINT);
+    assertEquals(await checkpointToAsk(`${dir}/mine`, `${dir}/runs`), { dir: `${dir}/mine` }); // named: as is
+    assertEquals((await checkpointToAsk(undefined, `${dir}/runs`)).dir, COMMITTED_CHECKPOINT);
     // From a folder without runs/, as on a fresh clone before any training.
     const cli = await run("generate.ts", ["--greedy", "--prompt=How many shapes are there?"], dir);
     assertEquals(cli.code, 0, cli.stderr);
@@ -167,7 +168,7 @@ Deno.test("with no run of the user's own, generate and eval ask the committed ch
     assertMatch(cli.stdout, /^(one|two|three|four)\n$/);
     // Once the user has a run, it is theirs that is asked.
     await saveStub(`${dir}/runs/mine/best`);
-    assertEquals((await defaultCheckpoint(`${dir}/runs`)).dir, `${dir}/runs/mine/best`);
+    assertEquals((await checkpointToAsk(undefined, `${dir}/runs`)).dir, `${dir}/runs/mine/best`);
   });
 });
 
