@@ -42,7 +42,7 @@ import { AdamW, adamWOnHost, paramGroups } from "../lib/optimizer.ts";
 import { batchTensors, lowMemoryTraining, minRowsFor, trainingThreads, trainStep } from "../lib/train_step.ts";
 import { GradientHelper } from "../backend/parallel.ts";
 import { useActivationCheckpointing } from "../backend/low_memory.ts";
-import { snakeCaseFlags } from "../lib/cli.ts";
+import { snakeCaseFlags, wholeNumber } from "../lib/cli.ts";
 
 // ---- What to measure ------------------------------------------------------------------
 
@@ -591,6 +591,15 @@ export function formatTable(rows: BenchRow[]): string {
 
 // ---- Command line ----------------------------------------------------------------------
 
+/** The flags `deno task bench` and `deno task memory` share. */
+export const BENCH_OPTIONS = {
+  preset: { type: "string", default: "cpu-5m" },
+  backend: { type: "string" },
+  seq: { type: "string" },
+  low_memory: { type: "string", default: "auto" },
+  help: { type: "boolean", default: false },
+} as const;
+
 const USAGE = `deno task bench [--preset NAME] [--backend webgpu|wasm|cpu] [--batch 1,8,32] [--seq T]
   [--steps N] [--warmup N] [--new_tokens N] [--only train,fwd-bwd,forward,generate] [--out FILE]
   [--low_memory auto|on|off] [--threads N] [--profile]
@@ -600,30 +609,22 @@ if (import.meta.main) {
   const { values } = parseArgs({
     args: snakeCaseFlags(Deno.args),
     options: {
-      preset: { type: "string", default: "cpu-5m" },
-      backend: { type: "string" },
+      ...BENCH_OPTIONS,
       batch: { type: "string" },
-      seq: { type: "string" },
       steps: { type: "string", default: "5" },
       warmup: { type: "string", default: "2" },
       new_tokens: { type: "string", default: "32" },
       out: { type: "string", default: "bench-results.jsonl" },
       only: { type: "string" },
-      low_memory: { type: "string", default: "auto" },
       threads: { type: "string", default: "0" },
       profile: { type: "boolean", default: false },
-      help: { type: "boolean", default: false },
     },
   });
   if (values.help) {
     console.log(USAGE);
     Deno.exit(0);
   }
-  const count = (name: string, raw: string | undefined) => {
-    const n = Number(raw);
-    if (!Number.isInteger(n) || n < 0) throw new Error(`--${name} ${raw}: expected a whole number\n${USAGE}`);
-    return n;
-  };
+  const count = (name: string, raw: string | undefined) => wholeNumber(name, raw, 0, USAGE);
   const rows = await benchmark({
     config: values.preset!,
     backend: values.backend as BackendName | undefined,

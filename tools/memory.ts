@@ -21,6 +21,7 @@ import { parseArgs } from "node:util";
 import {
   backendMiB,
   BENCH_CONFIGS,
+  BENCH_OPTIONS,
   formatNumber,
   machineDescription,
   markdownTable,
@@ -32,7 +33,7 @@ import { type BackendName, initBackend } from "../backend/runtime.ts";
 import { AdamW, adamWOnHost, paramGroups } from "../lib/optimizer.ts";
 import { batchTensors, lowMemoryTraining, trainStep } from "../lib/train_step.ts";
 import { useActivationCheckpointing } from "../backend/low_memory.ts";
-import { snakeCaseFlags } from "../lib/cli.ts";
+import { snakeCaseFlags, wholeNumber } from "../lib/cli.ts";
 
 /** What each batch size runs: a training step, forward + backward only, or a forward pass with the loss. */
 export type MemoryMode = "train" | "fwd-bwd" | "forward";
@@ -161,28 +162,20 @@ if (import.meta.main) {
   const { values } = parseArgs({
     args: snakeCaseFlags(Deno.args),
     options: {
-      preset: { type: "string", default: "cpu-5m" },
-      backend: { type: "string" },
+      ...BENCH_OPTIONS,
       batches: { type: "string" },
       max_batch: { type: "string", default: "512" },
-      seq: { type: "string" },
       iterations: { type: "string", default: "2" },
       mode: { type: "string", default: "train" },
       budget_mib: { type: "string" },
-      low_memory: { type: "string", default: "auto" },
       child: { type: "boolean", default: false },
-      help: { type: "boolean", default: false },
     },
   });
   if (values.help) {
     console.log(USAGE);
     Deno.exit(0);
   }
-  const whole = (name: string, raw: string) => {
-    const x = Number(raw);
-    if (!Number.isInteger(x) || x < 1) throw new Error(`--${name} ${raw}: expected a positive whole number\n${USAGE}`);
-    return x;
-  };
+  const whole = (name: string, raw: string) => wholeNumber(name, raw, 1, USAGE);
   if (!["train", "fwd-bwd", "forward"].includes(values.mode!)) throw new Error(`--mode ${values.mode}\n${USAGE}`);
   const mode = values.mode as MemoryMode, iterations = whole("iterations", values.iterations!);
   const seq = values.seq === undefined ? undefined : whole("seq", values.seq);
