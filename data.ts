@@ -18,7 +18,7 @@
 // (ConstantLengthDataset), or anything that touches tensors: every output is a plain typed
 // array that the model file (nanovlm.ts) turns into tfjs tensors.
 //
-// Run `deno run -A data.ts` to rewrite tokenizers/shapes/ from buildShapesTokenizerJson().
+// Run `deno run -A tools/shapes_tokenizer.ts` to rewrite tokenizers/shapes/ from buildShapesTokenizerJson().
 
 import { Tokenizer } from "@huggingface/tokenizers";
 import { Image } from "imagescript";
@@ -1353,17 +1353,4 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
       yield collate(batch, { maxLength: config.lm_max_length, padTokenId: tokenizer.padTokenId });
     }
   }
-}
-
-// ---- main: write the shapes tokenizer -------------------------------------------------------
-
-if (import.meta.main) {
-  const dir = new URL("./tokenizers/shapes/", import.meta.url);
-  await Deno.mkdir(dir, { recursive: true });
-  for (const [name, text] of Object.entries(shapesTokenizerFiles())) {
-    await Deno.writeTextFile(new URL(name, dir), text);
-    console.log(`wrote tokenizers/shapes/${name}`);
-  }
-  const tokenizer = tokenizerFromJson(buildShapesTokenizerJson(), buildShapesTokenizerConfig());
-  console.log(`vocabulary: ${tokenizer.baseVocabSize} tokens + ${IMAGE_TOKEN} = ${tokenizer.vocabSize}`);
 }

@@ -93,32 +93,47 @@ export function patchEmbedding(p: Params, cfg: VLMConfig, images: tf.Tensor): tf
   return linear(patches, w("conv.weight"), w("conv.bias")).add(w("position_embedding")) as tf.Tensor3D;
 }
 
+/**
+ * What a caller may watch: each ViT block's attention weights [N, H, Np, Np] (row = the patch that looks, column = the
+ * patch it looks at), valid only during the call (read them there, e.g. with arraySync). The browser page draws them.
+ */
+export type AttentionProbe = (block: number, weights: tf.Tensor4D) => void;
+
 /** Bidirectional multi-head self-attention with one fused q|k|v projection. x [N, Np, Dv] → [N, Np, Dv] */
-function vitAttention(p: Params, prefix: string, cfg: VLMConfig, x: tf.Tensor): tf.Tensor {
+function vitAttention(
+  p: Params,
+  prefix: string,
+  cfg: VLMConfig,
+  x: tf.Tensor,
+  probe?: (weights: tf.Tensor4D) => void,
+): tf.Tensor {
   const w = (k: string) => p.get(`${prefix}.${k}`)!;
   const H = cfg.vit_n_heads, hd = cfg.vit_hidden_dim / H;
   const qkv = linear(x, w("qkv_proj.weight"), w("qkv_proj.bias")); // [N, Np, 3·Dv]
   const [q, k, v] = tf.split(qkv, 3, -1).map((t) => splitHeads(t, H)); // each [N, H, Np, hd]
   const scores = tf.matMul(q, k, false, true).mul(1 / Math.sqrt(hd)); // [N, H, Np, Np]
-  const out = tf.matMul(tf.softmax(scores), v); // [N, H, Np, hd]
+  const weights = tf.softmax(scores) as tf.Tensor4D; // [N, H, Np, Np]
+  probe?.(weights);
+  const out = tf.matMul(weights, v); // [N, H, Np, hd]
   return linear(mergeHeads(out), w("out_proj.weight"), w("out_proj.bias"));
 }
 
 /** One pre-LayerNorm transformer block: x + attn(ln1(x)), then + mlp(ln2(x)). x [N, Np, Dv] */
-export function vitBlock(p: Params, cfg: VLMConfig, i: number, x: tf.Tensor): tf.Tensor3D {
+export function vitBlock(p: Params, cfg: VLMConfig, i: number, x: tf.Tensor, probe?: AttentionProbe): tf.Tensor3D {
   const b = `vision_encoder.blocks.${i}`;
   const w = (k: string) => p.get(`${b}.${k}`)!;
   const eps = cfg.vit_ln_eps;
-  x = x.add(vitAttention(p, `${b}.attn`, cfg, layerNorm(x, w("ln1.weight"), w("ln1.bias"), eps)));
+  const watch = probe && ((weights: tf.Tensor4D) => probe(i, weights));
+  x = x.add(vitAttention(p, `${b}.attn`, cfg, layerNorm(x, w("ln1.weight"), w("ln1.bias"), eps), watch));
   const h = layerNorm(x, w("ln2.weight"), w("ln2.bias"), eps);
   const hidden = geluTanh(linear(h, w("mlp.fc1.weight"), w("mlp.fc1.bias"))); // [N, Np, vit_inter_dim]
   return x.add(linear(hidden, w("mlp.fc2.weight"), w("mlp.fc2.bias"))) as tf.Tensor3D;
 }
 
 /** The whole ViT: every patch token after the final LayerNorm (no CLS, no pooling). images [N,3,S,S] → [N, Np, Dv] */
-export function visionEncoder(p: Params, cfg: VLMConfig, images: tf.Tensor): tf.Tensor3D {
+export function visionEncoder(p: Params, cfg: VLMConfig, images: tf.Tensor, probe?: AttentionProbe): tf.Tensor3D {
   let x = patchEmbedding(p, cfg, images);
-  for (let i = 0; i < cfg.vit_n_blocks; i++) x = vitBlock(p, cfg, i, x);
+  for (let i = 0; i < cfg.vit_n_blocks; i++) x = vitBlock(p, cfg, i, x, probe);
   const w = (k: string) => p.get(`vision_encoder.layer_norm.${k}`)!;
   return layerNorm(x, w("weight"), w("bias"), cfg.vit_ln_eps) as tf.Tensor3D;
 }

@@ -30,7 +30,7 @@ import { type Batch, type ChatTokenizer, checkTokenizerFitsConfig } from "./data
 import { type DataSource, openDataset } from "./lib/datasets.ts";
 import { trainingData } from "./lib/train_data.ts";
 import { VisionLanguageModel, type VLMConfig } from "./nanovlm.ts";
-import { configFromJSON } from "./lib/checkpoint.ts";
+import { configFromJSON } from "./lib/state_dict.ts";
 import { loadBackbones, modelFromBackbones } from "./lib/backbones.ts";
 import { hubToken, hubTokenizer, pushToHub } from "./lib/hub.ts";
 import { resolveTokenizerPath } from "./lib/inference.ts";
@@ -56,11 +56,12 @@ import {
   testAccuracy,
   type TrainerState,
 } from "./lib/train_state.ts";
-import { evaluate } from "./lib/eval.ts";
+import { evaluate } from "./lib/scoring.ts";
 import { fileExists, isDirectory, writeFileAtomic } from "./lib/files.ts";
 import { runMain } from "./lib/cli.ts";
 import { GradientHelper } from "./backend/parallel.ts";
-import { type BackendName, initBackend, shareBlasThreads, wasmMatMulEngine } from "./backend/runtime.ts";
+import { type BackendName, initBackend } from "./backend/runtime.ts";
+import { shareBlasThreads, wasmMatMulEngine } from "./backend/kernels.ts";
 import { useActivationCheckpointing } from "./backend/low_memory.ts";
 
 /** What a finished (or stopped) run reports. */

@@ -16,7 +16,7 @@ import { checkCached, type HubOptions, hubSnapshot } from "./hub.ts";
 import { readSafetensors } from "./safetensors.ts";
 import { VisionLanguageModel, type VLMConfig } from "../nanovlm.ts";
 import type { SafetensorsFile } from "./safetensors.ts";
-import { loadWeights, type NameMapping } from "./checkpoint.ts";
+import { loadWeights, type NameMapping } from "./state_dict.ts";
 
 /** A pretrained backbone: its Hugging Face config.json (parsed) and its weights. */
 export interface Backbone {

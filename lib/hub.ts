@@ -225,7 +225,7 @@ interface FileMetadata {
   location: string; // where the bytes are: the storage URL a LFS file redirects to, or the resolve URL
 }
 
-const USER_AGENT = `nanovlm.ts; deno/${Deno.version.deno}`;
+const userAgent = () => `nanovlm.ts; deno/${Deno.version.deno}`;
 
 /**
  * fetch, following redirects by hand so that the token goes to the Hub only: LFS files
@@ -241,7 +241,7 @@ async function hubFetch(
 ): Promise<Response> {
   const origin = new URL(endpoint).origin;
   for (let hop = 0; hop < 10; hop++) {
-    const headers: Record<string, string> = { "User-Agent": USER_AGENT, ...init.headers };
+    const headers: Record<string, string> = { "User-Agent": userAgent(), ...init.headers };
     if (token && new URL(url).origin === origin) headers.Authorization = `Bearer ${token}`;
     const res = await fetch(url, { method: init.method ?? "GET", headers, redirect: "manual" });
     const location = res.headers.get("Location");

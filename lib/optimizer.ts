@@ -3,7 +3,7 @@
 
 import * as tf from "@tensorflow/tfjs";
 import type { VisionLanguageModel } from "../nanovlm.ts";
-import { SimdAdamW, webgpuAdamWStep, webgpuSumOfSquares } from "../backend/runtime.ts";
+import { SimdAdamW, webgpuAdamWStep, webgpuSumOfSquares } from "../backend/kernels.ts";
 import type { SafetensorsTensor } from "./safetensors.ts";
 
 // ---- Learning-rate schedule ---------------------------------------------------------------------
@@ -63,7 +63,7 @@ export interface AdamWOptions {
   weightDecay?: number;
   /**
    * Keep m and v outside the tensors, in a WebAssembly memory of their own, and update one parameter at a time
-   * with runtime.ts's SIMD kernel (`SimdAdamW`), instead of as tensors beside the weights: for the wasm backend, whose
+   * with backend/kernels.ts's SIMD kernel (`SimdAdamW`), instead of as tensors beside the weights: for the wasm backend, whose
    * heap holds at most 4 GiB (the 222M preset's moments alone are 1.8 GB; README, "Full size on a CPU"). Same results
    * to float32 rounding; wasm and cpu only (it reads the weights synchronously).
    */
@@ -148,7 +148,7 @@ export class AdamW {
           continue;
         }
         const [m, v] = [this.expAvg.get(name)!, this.expAvgSq.get(name)!];
-        // On WebGPU three fused passes (runtime.ts: ops would be about fifteen dispatches); elsewhere tfjs ops, which
+        // On WebGPU three fused passes (backend/kernels.ts: ops would be about fifteen dispatches); elsewhere tfjs ops, which
         // round as torch.optim.AdamW does.
         const next = tf.getBackend() === "webgpu" ? webgpuAdamWStep(p, g, m, v, constants) : tf.tidy(() => {
           const scaled = gradScale === 1 ? g : g.mul(gradScale);
@@ -244,7 +244,7 @@ export function gradientNorm(grads: Map<string, tf.Tensor>): tf.Scalar {
   // On wasm and cpu each sum of squares is the dot product g·g, a [1, n]·[n, 1] matMul: it reads g once (with BLAS on
   // every core, in SIMD partial sums), where square().sum() writes g² first and then adds it up in one float32 (for
   // the 222M's 47M-float embedding 0.5% off, and 5× slower). WebGPU's matMul is not made for a single output: there
-  // one WGSL program reads g once and adds in a tree (runtime.ts).
+  // one WGSL program reads g once and adds in a tree (backend/kernels.ts).
   const sumOfSquares = tf.getBackend() === "webgpu" ? webgpuSumOfSquares : (g: tf.Tensor) => {
     const row = g.reshape([1, -1]); // [1, n]
     return row.matMul(row, false, true).reshape([]); // [1, n]·[n, 1] → []

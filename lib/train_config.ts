@@ -2,7 +2,6 @@
 // command line (`--key=value`, type-checked against the default), and the model config a run trains (a preset with
 // overrides). train.ts prints both at the start of a run and saves them beside its checkpoints.
 
-import { parseArgs } from "node:util";
 import { PRESETS, validateConfig, type VLMConfig } from "../config.ts";
 import { snakeCaseFlags } from "./cli.ts";
 import { fileExists } from "./files.ts";
@@ -137,10 +136,9 @@ const INTEGER_TRAIN_KEYS = new Set([
 export function parseTrainArgs(args: string[]): { train: Partial<TrainConfig>; model: Partial<VLMConfig> } {
   const trainKeys = Object.keys(DEFAULT_TRAIN_CONFIG);
   const modelKeys = Object.keys(PRESETS.tiny);
-  const options = Object.fromEntries([...trainKeys, ...modelKeys].map((k) => [k, { type: "string" as const }]));
-  let values: Record<string, string | undefined>;
+  let values: Record<string, string>;
   try {
-    ({ values } = parseArgs({ args: snakeCaseFlags(args), options, strict: true, allowPositionals: false }));
+    values = keyValueArgs(snakeCaseFlags(args), [...trainKeys, ...modelKeys]);
   } catch (e) {
     throw new Error(
       `${(e as Error).message}\n\nTraining options: ${trainKeys.map((k) => `--${k}`).join(" ")}\n` +
@@ -149,7 +147,6 @@ export function parseTrainArgs(args: string[]): { train: Partial<TrainConfig>; m
   }
   const train: Record<string, ConfigValue> = {}, model: Record<string, ConfigValue> = {};
   for (const [key, raw] of Object.entries(values)) {
-    if (raw === undefined) continue;
     if (key in DEFAULT_TRAIN_CONFIG) {
       const example = DEFAULT_TRAIN_CONFIG[key as keyof TrainConfig];
       train[key] = parseValue(key, raw, example, INTEGER_TRAIN_KEYS.has(key));
@@ -158,6 +155,24 @@ export function parseTrainArgs(args: string[]): { train: Partial<TrainConfig>; m
     }
   }
   return { train: train as Partial<TrainConfig>, model: model as Partial<VLMConfig> };
+}
+
+/**
+ * `--key=value` and `--key value` pairs, each key one of `keys`; anything else is an Error saying what it is. (Written
+ * out rather than node:util's parseArgs: the browser page imports this file for DEFAULT_TRAIN_CONFIG.)
+ */
+function keyValueArgs(args: string[], keys: readonly string[]): Record<string, string> {
+  const values: Record<string, string> = {};
+  for (let i = 0; i < args.length; i++) {
+    const match = /^--([^=]+)(?:=(.*))?$/s.exec(args[i]);
+    if (!match) throw new Error(`unexpected argument "${args[i]}": give settings as --key=value`);
+    const [, key, inline] = match;
+    if (!keys.includes(key)) throw new Error(`unknown option --${key}`);
+    const value = inline ?? args[++i];
+    if (value === undefined) throw new Error(`--${key} needs a value`);
+    values[key] = value;
+  }
+  return values;
 }
 
 /** The preset with the overrides applied, validated (an unknown preset lists the known ones). */

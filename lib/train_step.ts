@@ -9,7 +9,7 @@ import * as tf from "@tensorflow/tfjs";
 import { type Batch, type ChatTokenizer, IGNORE_INDEX } from "../data.ts";
 import { parameterSpecs, type VisionLanguageModel, type VLMConfig } from "../nanovlm.ts";
 import { type GradientHelper, type GradientWork, splitRows } from "../backend/parallel.ts";
-import { shareBlasThreads } from "../backend/runtime.ts";
+import { shareBlasThreads } from "../backend/kernels.ts";
 import { type AdamW, clipCoefficient, gradientNorm } from "./optimizer.ts";
 
 // ---- One optimizer step -------------------------------------------------------------------------

@@ -7,7 +7,8 @@
 
 import * as tf from "@tensorflow/tfjs";
 import * as assert from "node:assert/strict";
-import { initBackend, SMALL_GEMV_ELEMENTS, wasmMatMulEngine } from "../backend/runtime.ts";
+import { initBackend, SMALL_GEMV_ELEMENTS } from "../backend/runtime.ts";
+import { wasmMatMulEngine } from "../backend/kernels.ts";
 import { seededRandom } from "../nanovlm.ts";
 import { OPENBLAS, testNeeding } from "./helpers.ts";
 

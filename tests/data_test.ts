@@ -273,7 +273,11 @@ const SHAPES_DIR = new URL("../tokenizers/shapes/", import.meta.url).pathname;
 
 Deno.test("tokenizer: the committed tokenizers/shapes files are what buildShapesTokenizerJson() builds", async () => {
   for (const [name, text] of Object.entries(shapesTokenizerFiles())) {
-    assert.equal(await Deno.readTextFile(SHAPES_DIR + name), text, `${name} is stale: run deno run -A data.ts`);
+    assert.equal(
+      await Deno.readTextFile(SHAPES_DIR + name),
+      text,
+      `${name} is stale: run deno run -A tools/shapes_tokenizer.ts`,
+    );
   }
 });
 

@@ -4,7 +4,8 @@
 
 import * as tf from "@tensorflow/tfjs";
 import { assert, assertEquals, assertMatch, assertRejects, assertThrows } from "./assert.ts";
-import { configFromJSON, fromPretrained, savePretrained } from "../lib/checkpoint.ts";
+import { fromPretrained, savePretrained } from "../lib/checkpoint.ts";
+import { checkpointFiles, configFromJSON, modelFromCheckpointFiles } from "../lib/state_dict.ts";
 import {
   crossEntropy,
   decoder,
@@ -12,6 +13,7 @@ import {
   parameterSpecs,
   PRESETS,
   trainedPositions,
+  visionEncoder,
   VisionLanguageModel,
   type VLMConfig,
 } from "../nanovlm.ts";
@@ -314,4 +316,48 @@ Deno.test("checkpoint problems are named: missing files, truncation, wrong shape
   }
   assertMatch(warnings.join("\n"), /unknown key "lm_eos_token_id"/);
   assertThrows(() => configFromJSON({ lm_hidden_dim: "wide" }), Error, '"lm_hidden_dim" should be a number');
+});
+
+Deno.test("the two checkpoint files as text and bytes (the browser's download) load back to the same logits", async () => {
+  const model = new VisionLanguageModel(SMALL, { seed: 5 });
+  const { config, safetensors } = await checkpointFiles(model);
+  const loaded = modelFromCheckpointFiles(config, safetensors, "download");
+  const { inputIds, mask, images, targets } = batch();
+  const a = model.forward(inputIds, images, mask).logits, b = loaded.forward(inputIds, images, mask).logits;
+  assertEquals(maxAbsDiff(await a.data(), await b.data()), 0);
+  tf.dispose([a, b, inputIds, mask, images, targets]);
+  loaded.dispose();
+  // What a user may pick by mistake: each named.
+  assertThrows(
+    () => modelFromCheckpointFiles("{ nope", safetensors, "upload"),
+    Error,
+    "upload: config.json is not valid JSON",
+  );
+  assertThrows(() => modelFromCheckpointFiles("[1]", safetensors, "upload"), Error, "should hold an object");
+  assertThrows(() => modelFromCheckpointFiles(config, new Uint8Array(20), "upload"), Error, "upload/model.safetensors");
+  const wider = JSON.stringify({ ...JSON.parse(config), lm_hidden_dim: 2 * SMALL.lm_hidden_dim });
+  assertThrows(() => modelFromCheckpointFiles(wider, safetensors, "upload"), Error, "does not fit this model's config");
+  model.dispose();
+});
+
+Deno.test("the ViT's attention probe sees each block's softmax weights and changes nothing", () => {
+  const model = new VisionLanguageModel(SMALL, { seed: 2 });
+  const { images, ...unused } = batch();
+  tf.dispose(Object.values(unused));
+  const seen: { block: number; shape: number[]; rowSums: number[] }[] = [];
+  const [plain, probed] = tf.tidy(() => [
+    visionEncoder(model.params, SMALL, images),
+    visionEncoder(model.params, SMALL, images, (block, weights) => {
+      seen.push({ block, shape: weights.shape, rowSums: Array.from(weights.sum(-1).dataSync()) });
+    }),
+  ]);
+  const Np = (SMALL.vit_img_size / SMALL.vit_patch_size) ** 2;
+  assertEquals(seen.map((s) => s.block), Array.from({ length: SMALL.vit_n_blocks }, (_, i) => i));
+  for (const { shape, rowSums } of seen) {
+    assertEquals(shape, [images.shape[0], SMALL.vit_n_heads, Np, Np]); // [N, H, Np, Np]
+    assert(rowSums.every((sum) => Math.abs(sum - 1) < 1e-5), "each patch's weights sum to 1");
+  }
+  assertEquals(maxAbsDiff(plain.dataSync(), probed.dataSync()), 0);
+  tf.dispose([plain, probed, images]);
+  model.dispose();
 });

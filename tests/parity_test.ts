@@ -22,7 +22,8 @@ import {
   vitBlock,
   type VLMConfig,
 } from "../nanovlm.ts";
-import { configFromJSON, fromPretrained, stateDict } from "../lib/checkpoint.ts";
+import { fromPretrained } from "../lib/checkpoint.ts";
+import { configFromJSON, stateDict } from "../lib/state_dict.ts";
 import { initBackend } from "../backend/runtime.ts";
 import { readSafetensors } from "../lib/safetensors.ts";
 import { modelFromBackbones, smolLM2NameMap } from "../lib/backbones.ts";

@@ -6,14 +6,8 @@
 import * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
 import wabtInit from "wabt";
-import {
-  ADAMW_WASM,
-  ADAMW_WAT,
-  initBackend,
-  registerWasmKernelFixes,
-  requestWebGPUAdapter,
-  wasmHeapBytes,
-} from "../backend/runtime.ts";
+import { initBackend, requestWebGPUAdapter, wasmHeapBytes } from "../backend/runtime.ts";
+import { ADAMW_WASM, ADAMW_WAT, registerWasmKernelFixes } from "../backend/kernels.ts";
 import { decodeSafetensors, encodeSafetensors, readSafetensors, type SafetensorsTensor } from "../lib/safetensors.ts";
 import { writeFileAtomic } from "../lib/files.ts";
 import { testNeeding, WEBGPU_ADAPTER } from "./helpers.ts";

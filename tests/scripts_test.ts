@@ -9,14 +9,8 @@
 
 import * as tf from "@tensorflow/tfjs";
 import { encodePng, loadTokenizer, makeShapesExample, preprocessImage, shapesBatches } from "../data.ts";
-import {
-  checkMultipleChoice,
-  type EvalItem,
-  isCorrect,
-  main as evalMain,
-  normalizeAnswer,
-  readQuestionsJsonl,
-} from "../lib/eval.ts";
+import { main as evalMain, readQuestionsJsonl } from "../lib/eval.ts";
+import { checkMultipleChoice, type EvalItem, isCorrect, normalizeAnswer } from "../lib/scoring.ts";
 import {
   answerQuestion,
   checkpointToAsk,
@@ -286,6 +280,6 @@ Deno.test("bad input is named: missing or corrupt image, too-long prompt, checkp
 Deno.test("train's command line: an unknown option exits 1 listing the valid ones", async () => {
   const cli = await run("train.ts", ["--learning_rate=1"]);
   assertEquals(cli.code, 1);
-  assert(cli.stderr.includes("error: Unknown option '--learning_rate'"), cli.stderr);
+  assert(cli.stderr.includes("error: unknown option --learning_rate"), cli.stderr);
   assert(cli.stderr.includes("--lr_mp") && cli.stderr.includes("--lm_hidden_dim"), cli.stderr);
 });

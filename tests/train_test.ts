@@ -5,7 +5,8 @@
 
 import * as tf from "@tensorflow/tfjs";
 import { type Batch, IGNORE_INDEX, loadTokenizer, shapesBatches } from "../data.ts";
-import { configFromJSON, fromPretrained } from "../lib/checkpoint.ts";
+import { fromPretrained } from "../lib/checkpoint.ts";
+import { configFromJSON } from "../lib/state_dict.ts";
 import { PRESETS, VisionLanguageModel } from "../nanovlm.ts";
 import { initBackend } from "../backend/runtime.ts";
 import { readSafetensors } from "../lib/safetensors.ts";

@@ -6,9 +6,11 @@
 
 import * as tf from "@tensorflow/tfjs";
 import * as assert from "node:assert/strict";
-import { configFromJSON, fromPretrained } from "../lib/checkpoint.ts";
+import { fromPretrained } from "../lib/checkpoint.ts";
+import { configFromJSON } from "../lib/state_dict.ts";
 import { AdamW, gradientNorm } from "../lib/optimizer.ts";
-import { initBackend, webgpuBindingLimit } from "../backend/runtime.ts";
+import { initBackend } from "../backend/runtime.ts";
+import { webgpuBindingLimit } from "../backend/kernels.ts";
 import { assertClose, FIXTURE_DIR, loadFixture, testNeeding, toTensor, WEBGPU_ADAPTER } from "./helpers.ts";
 
 const REPO_ROOT = new URL("..", import.meta.url).pathname;

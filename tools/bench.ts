@@ -30,14 +30,8 @@ import * as tf from "@tensorflow/tfjs";
 import { parseArgs } from "node:util";
 import type { Batch } from "../data.ts";
 import { parameterSpecs, PRESETS, seededRandom, VisionLanguageModel, type VLMConfig } from "../nanovlm.ts";
-import {
-  type BackendName,
-  initBackend,
-  shareBlasThreads,
-  wasmHeapBytes,
-  wasmMatMulEngine,
-  webgpuBindingLimit,
-} from "../backend/runtime.ts";
+import { type BackendName, initBackend, wasmHeapBytes } from "../backend/runtime.ts";
+import { shareBlasThreads, wasmMatMulEngine, webgpuBindingLimit } from "../backend/kernels.ts";
 import { AdamW, adamWOnHost, paramGroups } from "../lib/optimizer.ts";
 import { batchTensors, lowMemoryTraining, minRowsFor, trainingThreads, trainStep } from "../lib/train_step.ts";
 import { GradientHelper } from "../backend/parallel.ts";
@@ -308,7 +302,7 @@ function commitId(): string {
 
 /**
  * For WebGPU: the parameters and the largest activations of a config that would not fit
- * one storage binding (`limit` bytes). tfjs-webgpu binds each tensor whole, and runtime.ts
+ * one storage binding (`limit` bytes). tfjs-webgpu binds each tensor whole, and kernels.ts
  * turns an oversized one into an error when it is allocated; this says so before a run.
  */
 export function tensorsOverBindingLimit(cfg: VLMConfig, batch: number, seq: number, limit: number): string[] {
