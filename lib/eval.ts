@@ -9,20 +9,19 @@
 // on plain backgrounds, one report per background: a model that learned shapes rather than data.ts's pixels scores
 // about the same on them. --renderer=plain draws them as the first world did: black, hard edges, exact colours.
 //
-// Reusable pieces (train.ts and lib/train_*.ts evaluate with them): shapesQuestions, readQuestionsJsonl.
+// Reusable pieces: readQuestionsJsonl, independentQuestions.
 
 import { parseArgs } from "node:util";
+import { loadImage, makeShapesExample, resizeBilinearPIL, type Rgb, type Split, SPLITS } from "../data.ts";
 import {
-  loadImage,
-  makeShapesExample,
-  resizeBilinearPIL,
-  type Rgb,
-  type RgbImage,
-  type ShapesExample,
-  type Split,
-  SPLITS,
-} from "../data.ts";
-import { type EvalItem, type EvalResult, evaluate, formatReport, tally } from "./scoring.ts";
+  type EvalItem,
+  type EvalResult,
+  evaluate,
+  formatReport,
+  questionsAbout,
+  shapesQuestions,
+  tally,
+} from "./scoring.ts";
 import { checkpointToAsk, loadForInference } from "./inference.ts";
 import { type BackendName, initBackend } from "../backend/runtime.ts";
 import { runMain, snakeCaseFlags } from "./cli.ts";
@@ -30,14 +29,8 @@ import { INDEPENDENT_BACKGROUNDS, renderIndependent } from "./independent_render
 
 // ---- Questions ---------------------------------------------------------------------------
 
-/** Draw the shapes world's scenes in the plain style (black, hard edges, exact colours): the first world. */
-export interface PlainScenes {
-  renderer: "plain";
-}
-
 /** Draw the shapes world's scenes with lib/independent_render.ts instead of data.ts's renderer. */
 export interface IndependentScenes {
-  renderer: "independent";
   /** The plain background, e.g. `INDEPENDENT_BACKGROUNDS.white`. */
   background: Rgb;
   /** Draw at this many times the model's image size, then shrink as a user's picture is shrunk (default 4). */
@@ -45,47 +38,22 @@ export interface IndependentScenes {
 }
 
 /**
- * Every question of the first `examples` scenes of a shapes-world split (seed 0, so
- * the same questions in every run), images rendered at `size`. With `drawing`, the same
- * scenes and questions, drawn by the independent renderer (asynchronous: it loads
- * WebAssembly).
+ * The questions of scoring.ts's `shapesQuestions` (the same scenes), each scene drawn by lib/independent_render.ts at
+ * `oversample`·`size` and shrunk to `size`. Asynchronous: the renderer loads WebAssembly.
  */
-export function shapesQuestions(split: Split, examples: number, size: number, drawing?: PlainScenes): EvalItem[];
-export function shapesQuestions(
+export async function independentQuestions(
   split: Split,
   examples: number,
-  size: number,
-  drawing: IndependentScenes,
-): Promise<EvalItem[]>;
-export function shapesQuestions(
-  split: Split,
-  examples: number,
-  size: number,
-  drawing?: IndependentScenes | PlainScenes,
-): EvalItem[] | Promise<EvalItem[]> {
-  const plain = drawing?.renderer === "plain";
-  const scenes = Array.from({ length: examples }, (_, index) => makeShapesExample(split, 0, index, size, { plain }));
-  if (drawing?.renderer === "independent") return independentQuestions(scenes, size, drawing);
-  return scenes.flatMap((example) => questionsAbout(example, { rgb: example.rgb, width: size, height: size }));
-}
-
-/** The questions of one scene, asked about `image`. */
-function questionsAbout(example: ShapesExample, image: RgbImage): EvalItem[] {
-  return example.questions.map((q) => ({ images: [image], question: q.question, answer: q.answer, kind: q.kind }));
-}
-
-/** The scenes' questions, each scene drawn by lib/independent_render.ts at `oversample`·`size` and shrunk to `size`. */
-async function independentQuestions(
-  scenes: readonly ShapesExample[],
   size: number,
   { background, oversample = 4 }: IndependentScenes,
 ): Promise<EvalItem[]> {
   const drawnSize = size * oversample;
   const items: EvalItem[] = [];
-  for (const example of scenes) {
+  for (let index = 0; index < examples; index++) {
+    const example = makeShapesExample(split, 0, index, size);
     const rgb = await renderIndependent(example.objects, drawnSize, background);
     // A picture larger than the model's input goes through the reference's processor, Pillow's bilinear resize, as
-    // pixelsOf does for a user's PNG. Resizing here rather than there keeps only S×S images in memory.
+    // evaluate does for a user's PNG. Resizing here rather than there keeps only S×S images in memory.
     const image = { rgb: resizeBilinearPIL(rgb, drawnSize, drawnSize, size), width: size, height: size };
     items.push(...questionsAbout(example, image));
   }
@@ -197,12 +165,12 @@ export async function main(args: string[]): Promise<EvalResult> {
     const questionsOn = async (background: string | undefined): Promise<[EvalItem[], string]> => {
       if (split === undefined) return [await readQuestionsJsonl(values.data!), values.data!];
       if (values.renderer === "plain") {
-        return [shapesQuestions(split as Split, count("examples"), S, { renderer: "plain" }), `${scenes}, plain)`];
+        return [shapesQuestions(split as Split, count("examples"), S, { plain: true }), `${scenes}, plain)`];
       }
       if (background === undefined) return [shapesQuestions(split as Split, count("examples"), S), `${scenes})`];
-      const drawing = { renderer: "independent", background: INDEPENDENT_BACKGROUNDS[background] } as const;
+      const drawing = { background: INDEPENDENT_BACKGROUNDS[background] };
       return [
-        await shapesQuestions(split as Split, count("examples"), S, drawing),
+        await independentQuestions(split as Split, count("examples"), S, drawing),
         `${scenes}, independent renderer, ${background} background)`,
       ];
     };

@@ -15,8 +15,11 @@ import {
   choicePrompt,
   collatePrompts,
   encodePrompt,
+  makeShapesExample,
   resizeBilinearPIL,
   type RgbImage,
+  type ShapesExample,
+  type Split,
   toCHWFloat,
 } from "../data.ts";
 import type { VisionLanguageModel } from "../nanovlm.ts";
@@ -32,6 +35,26 @@ export interface EvalItem {
   choices?: string[];
   /** Groups the report ("color", "count", ...); "all" if absent. */
   kind?: string;
+}
+
+/**
+ * Every question of the first `examples` scenes of a shapes-world split (seed 0, so the same questions in every run),
+ * images rendered at `size`; with `plain`, the same scenes drawn in the plain style (black, hard edges, exact colours:
+ * the first world). lib/eval.ts draws them with another program too (`independentQuestions`).
+ */
+export function shapesQuestions(
+  split: Split,
+  examples: number,
+  size: number,
+  { plain = false }: { plain?: boolean } = {},
+): EvalItem[] {
+  const scenes = Array.from({ length: examples }, (_, index) => makeShapesExample(split, 0, index, size, { plain }));
+  return scenes.flatMap((example) => questionsAbout(example, { rgb: example.rgb, width: size, height: size }));
+}
+
+/** The questions of one scene, asked about `image`. */
+export function questionsAbout(example: ShapesExample, image: RgbImage): EvalItem[] {
+  return example.questions.map((q) => ({ images: [image], question: q.question, answer: q.answer, kind: q.kind }));
 }
 
 // ---- Scoring -------------------------------------------------------------------------------

@@ -5,8 +5,7 @@
 import { type Batch, type ChatTokenizer, shapesBatches } from "../data.ts";
 import type { VLMConfig } from "../config.ts";
 import { type DataSource, type DataStats, heldOutBatches, newDataStats, trainingBatches } from "./datasets.ts";
-import { shapesQuestions } from "./eval.ts";
-import type { EvalItem } from "./scoring.ts";
+import { type EvalItem, shapesQuestions } from "./scoring.ts";
 import type { TrainConfig } from "./train_config.ts";
 
 /** A run's data: the endless training stream, the val batches (val loss) and the val questions (val accuracy). */

@@ -6,8 +6,7 @@
 
 import assert from "node:assert/strict";
 import { initBackend } from "../backend/runtime.ts";
-import { shapesQuestions } from "../lib/eval.ts";
-import { evaluate } from "../lib/scoring.ts";
+import { evaluate, shapesQuestions } from "../lib/scoring.ts";
 import { COMMITTED_CHECKPOINT, loadForInference } from "../lib/inference.ts";
 
 // The checkpoint answers 152 of these 200 questions (76%). The floor, 140, leaves room for float rounding on another

@@ -18,7 +18,8 @@ import {
   SPLITS,
 } from "../data.ts";
 import { INDEPENDENT_BACKGROUNDS, renderIndependent } from "../lib/independent_render.ts";
-import { main as evalMain, shapesQuestions } from "../lib/eval.ts";
+import { independentQuestions, main as evalMain } from "../lib/eval.ts";
+import { shapesQuestions } from "../lib/scoring.ts";
 import { savePretrained } from "../lib/checkpoint.ts";
 import { VisionLanguageModel } from "../nanovlm.ts";
 import { initBackend } from "../backend/runtime.ts";
@@ -148,7 +149,7 @@ Deno.test("eval questions drawn by the independent renderer are the normal quest
   const size = 32, drawnSize = 4 * size, background = INDEPENDENT_BACKGROUNDS.beige;
   for (const split of ["test", "test-novel"] as const) {
     const normal = shapesQuestions(split, 5, size);
-    const drawn = await shapesQuestions(split, 5, size, { renderer: "independent", background });
+    const drawn = await independentQuestions(split, 5, size, { background });
     const text = (items: typeof normal) =>
       items.map(({ question, answer, choices, kind }) => ({ question, answer, choices, kind }));
     assertEquals(text(drawn), text(normal));
@@ -164,7 +165,7 @@ Deno.test("eval questions drawn by the independent renderer are the normal quest
 });
 
 Deno.test("eval questions in the plain style are the same questions about the first world's pictures", () => {
-  const normal = shapesQuestions("test", 5, 32), plain = shapesQuestions("test", 5, 32, { renderer: "plain" });
+  const normal = shapesQuestions("test", 5, 32), plain = shapesQuestions("test", 5, 32, { plain: true });
   assertEquals(plain.map((item) => item.question), normal.map((item) => item.question));
   const scene = makeShapesExample("test", 0, 0, 32);
   const image = plain[0].images[0];
