@@ -94,11 +94,9 @@ async function browserImportMap(): Promise<{ imports: Record<string, string> }> 
 /** `deno bundle` one entry point for the browser, with a linked source map. */
 async function bundle(entry: string, out: string, importMap: string): Promise<void> {
   const args = ["bundle", "--platform=browser", "--sourcemap=linked", `--import-map=${importMap}`, "-o", out, entry];
-  const { code, stderr } = await new Deno.Command(Deno.execPath(), { args, stdout: "null", stderr: "piped" }).output();
-  if (code !== 0) {
-    const text = new TextDecoder().decode(stderr).replace(/\x1b\[[0-9;]*m/g, "");
-    throw new Error(`deno bundle ${entry} failed:\n${text}`);
-  }
+  const command = new Deno.Command(Deno.execPath(), { args, env: { NO_COLOR: "1" }, stdout: "null", stderr: "piped" });
+  const { code, stderr } = await command.output();
+  if (code !== 0) throw new Error(`deno bundle ${entry} failed:\n${new TextDecoder().decode(stderr)}`);
 }
 
 // ---- Serving -----------------------------------------------------------------------------------
