@@ -48,6 +48,12 @@ export async function buildSite(
   } = {},
 ): Promise<Map<string, Uint8Array>> {
   const files = new Map<string, Uint8Array>();
+  // The checkpoint first: a wrong folder fails before the bundling.
+  for (const name of ["config.json", "model.safetensors"]) {
+    const path = join(checkpoint, name);
+    if (!await fileExists(path)) throw new Error(`${checkpoint} is not a checkpoint: ${name} is missing`);
+    files.set(`checkpoint/${name}`, await Deno.readFile(path));
+  }
   for (const name of PAGE_FILES) files.set(name, await Deno.readFile(join(WEB_DIR, name)));
 
   const work = await Deno.makeTempDir({ prefix: "nanovlm-web-" });
@@ -77,11 +83,6 @@ export async function buildSite(
   const wasmDir = dirname(createRequire(import.meta.url).resolve("@tensorflow/tfjs-backend-wasm"));
   for (const name of WASM_BINARIES) files.set(`wasm/${name}`, await Deno.readFile(join(wasmDir, name)));
 
-  for (const name of ["config.json", "model.safetensors"]) {
-    const path = join(checkpoint, name);
-    if (!await fileExists(path)) throw new Error(`${checkpoint} is not a checkpoint: ${name} is missing`);
-    files.set(`checkpoint/${name}`, await Deno.readFile(path));
-  }
   return files;
 }
 
