@@ -27,8 +27,8 @@ import {
   type TrainConfig,
 } from "./lib/train_config.ts";
 import { type Batch, type ChatTokenizer, checkTokenizerFitsConfig } from "./data.ts";
-import { type DataSource, openDataset } from "./lib/datasets.ts";
-import { trainingData } from "./lib/train_data.ts";
+import { datasetTrainingData, type DataSource, openDataset } from "./lib/datasets.ts";
+import { shapesTrainingData } from "./lib/train_data.ts";
 import { VisionLanguageModel, type VLMConfig } from "./nanovlm.ts";
 import { configFromJSON } from "./lib/state_dict.ts";
 import { loadBackbones, modelFromBackbones } from "./lib/backbones.ts";
@@ -232,7 +232,9 @@ async function trainLoop(
   const samplesPerStep = config.batch_size * config.gradient_accumulation_steps;
   const lastStep = config.stop_at > 0 ? Math.min(config.stop_at, maxSteps) : maxSteps;
   // Data: the training stream from where the run stands, and the fixed val sets.
-  const data = await trainingData(config, model.cfg, tokenizer, state.examples_seen, source);
+  const data = source
+    ? await datasetTrainingData(source, config, model.cfg, tokenizer, state.examples_seen)
+    : shapesTrainingData(config, model.cfg, tokenizer, state.examples_seen);
   const { valBatches, valQuestions, stats } = data;
   const record = (r: MetricsRecord) => appendMetrics(`${runDir}/metrics.jsonl`, metrics, r);
 

@@ -41,7 +41,9 @@ import {
   listRepoFiles,
   repoCacheDir,
 } from "./hub.ts";
-import { seededRandom } from "../nanovlm.ts";
+import { seededRandom, type VLMConfig } from "../nanovlm.ts";
+import { type DataStats, newDataStats, type TrainingData } from "./train_data.ts";
+import type { TrainConfig } from "./train_config.ts";
 
 // ---- 1. Samples ---------------------------------------------------------------------------
 
@@ -261,25 +263,6 @@ export async function* shuffleBuffer<T>(items: AsyncIterable<T>, size: number, s
   while (buffer.length) yield buffer.splice(Math.floor(random() * buffer.length), 1)[0];
 }
 
-/** What happened to the rows of a stream; `conversationBatches` updates it as it goes. */
-export interface DataStats {
-  /** Rows read. */
-  rows: number;
-  /** Rows that went into batches. */
-  samples: number;
-  /** Rows skipped: an image did not decode, or the row had no text. */
-  skippedRows: number;
-  /** Images that did not decode (missing file, corrupt or empty bytes, unknown format). */
-  corruptImages: number;
-  /** Samples longer than lm_max_length, dropped by the collator. */
-  tooLong: number;
-}
-
-/** A zeroed DataStats. */
-export function newDataStats(): DataStats {
-  return { rows: 0, samples: 0, skippedRows: 0, corruptImages: 0, tooLong: 0 };
-}
-
 /** Options of conversationBatches. */
 export interface ConversationBatchOptions {
   tokenizer: ChatTokenizer;
@@ -461,4 +444,28 @@ export async function openDataset(spec: string, options: HubOptions = {}): Promi
     `--data ${spec}: expected cauldron:<subset> (e.g. cauldron:vqav2), a .jsonl file, ` +
       `a .parquet file or a folder of them${info ? "" : ` (${target} does not exist)`}`,
   );
+}
+
+/**
+ * A run's data from a dataset (train.ts --data): its first val_samples conversations are the val set (val loss) and the
+ * rest streams, shuffled, resumed after `examplesSeen` conversations. No val questions: val accuracy asks shapes-world
+ * questions. The shapes world's data is lib/train_data.ts's `shapesTrainingData`.
+ */
+export async function datasetTrainingData(
+  source: DataSource,
+  config: TrainConfig,
+  cfg: VLMConfig,
+  tokenizer: ChatTokenizer,
+  examplesSeen: number,
+): Promise<TrainingData> {
+  const stats = newDataStats(), streamOptions = { tokenizer, config: cfg, batchSize: config.batch_size, stats };
+  const batches = trainingBatches(source, {
+    ...streamOptions,
+    holdout: config.val_samples,
+    shuffle: config.shuffle_buffer,
+    seed: config.seed,
+    skip: examplesSeen,
+  });
+  const valBatches = await heldOutBatches(source, config.val_samples, { ...streamOptions, stats: undefined });
+  return { batches, valBatches, valQuestions: [], stats };
 }

@@ -1,10 +1,10 @@
-// lib/train_data.ts — the batches and questions a run of train.ts learns from and is measured on, from its settings:
-// the built-in shapes world (data.ts) or a real dataset (--data, datasets.ts). The val sets are fixed subsets, the
-// same at every eval and in every run.
+// lib/train_data.ts — the batches and questions a run of train.ts learns from and is measured on, from its settings.
+// The built-in shapes world's are here (data.ts draws them); a real dataset's (--data) are lib/datasets.ts's
+// `datasetTrainingData`. The val sets are fixed subsets, the same at every eval and in every run. Nothing here touches
+// files, so the browser page's training worker (web/train_worker.ts) uses it as it is.
 
 import { type Batch, type ChatTokenizer, shapesBatches } from "../data.ts";
 import type { VLMConfig } from "../config.ts";
-import { type DataSource, type DataStats, heldOutBatches, newDataStats, trainingBatches } from "./datasets.ts";
 import { type EvalItem, shapesQuestions } from "./scoring.ts";
 import type { TrainConfig } from "./train_config.ts";
 
@@ -20,58 +20,62 @@ export interface TrainingData {
   stats: DataStats;
 }
 
+/** What happened to the rows of a stream; lib/datasets.ts's `conversationBatches` updates it as it goes. */
+export interface DataStats {
+  /** Rows read. */
+  rows: number;
+  /** Rows that went into batches. */
+  samples: number;
+  /** Rows skipped: an image did not decode, or the row had no text. */
+  skippedRows: number;
+  /** Images that did not decode (missing file, corrupt or empty bytes, unknown format). */
+  corruptImages: number;
+  /** Samples longer than lm_max_length, dropped by the collator. */
+  tooLong: number;
+}
+
+/** A zeroed DataStats. */
+export function newDataStats(): DataStats {
+  return { rows: 0, samples: 0, skippedRows: 0, corruptImages: 0, tooLong: 0 };
+}
+
 /**
- * The data of a run with `config` for a model with `cfg`, resumed after `examplesSeen` examples: with a `source`
- * (--data) its first val_samples conversations are the val set and the rest streams, shuffled; else the shapes world's
+ * The shapes world's data for a run with `config` and a model with `cfg`, resumed after `examplesSeen` examples: the
  * train split with the run's question mix, and its val split.
  */
-export async function trainingData(
+export function shapesTrainingData(
   config: TrainConfig,
   cfg: VLMConfig,
   tokenizer: ChatTokenizer,
   examplesSeen: number,
-  source?: DataSource,
-): Promise<TrainingData> {
-  const stats = newDataStats(), streamOptions = { tokenizer, config: cfg, batchSize: config.batch_size, stats };
-  const batches = source
-    ? trainingBatches(source, {
-      ...streamOptions,
-      holdout: config.val_samples,
-      shuffle: config.shuffle_buffer,
-      seed: config.seed,
-      skip: examplesSeen,
-    })
-    : shapesBatches({
-      split: "train",
-      seed: config.seed,
+): TrainingData {
+  const batches = shapesBatches({
+    split: "train",
+    seed: config.seed,
+    batchSize: config.batch_size,
+    tokenizer,
+    config: cfg,
+    captionWeight: config.caption_weight,
+    choiceWeight: config.choice_weight,
+    positionWeight: config.position_weight,
+    lengthBuckets: config.sort_by_length ? config.gradient_accumulation_steps : 1,
+    choiceHints: config.choice_hints,
+    sortedChoices: config.sorted_choices,
+    plainScenes: config.plain_scenes,
+    start: examplesSeen,
+  });
+  // Fixed val subsets, the same at every eval and in every run (seed 0).
+  const valBatches = [
+    ...shapesBatches({
+      split: "val",
+      seed: 0,
       batchSize: config.batch_size,
       tokenizer,
       config: cfg,
-      captionWeight: config.caption_weight,
-      choiceWeight: config.choice_weight,
-      positionWeight: config.position_weight,
-      lengthBuckets: config.sort_by_length ? config.gradient_accumulation_steps : 1,
-      choiceHints: config.choice_hints,
-      sortedChoices: config.sorted_choices,
-      plainScenes: config.plain_scenes,
-      start: examplesSeen,
-    });
-  // Fixed val subsets, the same at every eval and in every run (seed 0).
-  const valBatches = source
-    ? await heldOutBatches(source, config.val_samples, { ...streamOptions, stats: undefined })
-    : [
-      ...shapesBatches({
-        split: "val",
-        seed: 0,
-        batchSize: config.batch_size,
-        tokenizer,
-        config: cfg,
-        count: config.val_samples,
-      }),
-    ];
-  // Val accuracy asks shapes-world questions: only for the shapes world.
-  const valQuestions = source
-    ? []
-    : shapesQuestions("val", Math.ceil(config.val_questions / 4), cfg.vit_img_size).slice(0, config.val_questions);
-  return { batches, valBatches, valQuestions, stats };
+      count: config.val_samples,
+    }),
+  ];
+  const valQuestions = shapesQuestions("val", Math.ceil(config.val_questions / 4), cfg.vit_img_size)
+    .slice(0, config.val_questions);
+  return { batches, valBatches, valQuestions, stats: newDataStats() };
 }

@@ -13,13 +13,13 @@ import {
   CAULDRON_REPO,
   conversationBatches,
   type ConversationSample,
-  newDataStats,
   openDataset,
   readCauldronParquet,
   readJsonlConversations,
   shuffleBuffer,
 } from "../lib/datasets.ts";
 import { hubDownload } from "../lib/hub.ts";
+import { newDataStats } from "../lib/train_data.ts";
 import { PRESETS } from "../nanovlm.ts";
 import { assert, assertEquals, assertMatch, assertRejects } from "./assert.ts";
 import { cauldronParquet, FakeHub, noisePng, tempCache } from "./fake_hub.ts";
