@@ -7,7 +7,7 @@ import * as tf from "@tensorflow/tfjs";
 import assert from "node:assert/strict";
 import wabtInit from "wabt";
 import { initBackend, requestWebGPUAdapter, wasmHeapBytes } from "../backend/runtime.ts";
-import { ADAMW_WASM, ADAMW_WAT, registerWasmKernelFixes } from "../backend/kernels.ts";
+import { ADAMW_WASM, ADAMW_WAT, COPY_ROWS_WASM, COPY_ROWS_WAT, registerWasmKernelFixes } from "../backend/kernels.ts";
 import { decodeSafetensors, encodeSafetensors, readSafetensors, type SafetensorsTensor } from "../lib/safetensors.ts";
 import { writeFileAtomic } from "../lib/files.ts";
 import { testNeeding, WEBGPU_ADAPTER } from "./helpers.ts";
@@ -508,6 +508,13 @@ Deno.test("ADAMW_WASM is ADAMW_WAT assembled (wat2wasm from npm:wabt, SIMD and m
   const features = { simd: true, multi_memory: true }; // multi_memory is missing from wabt's typings, not from wabt
   const bytes = wabt.parseWat("adamw.wat", ADAMW_WAT, features as { simd: boolean }).toBinary({}).buffer;
   const base64 = btoa(String.fromCharCode(...bytes));
-  assert.equal(ADAMW_WASM, base64, `ADAMW_WAT changed: set runtime.ts's ADAMW_WASM to\n${base64}`);
+  assert.equal(ADAMW_WASM, base64, `ADAMW_WAT changed: set kernels.ts's ADAMW_WASM to\n${base64}`);
   assert(WebAssembly.validate(new Uint8Array(bytes)), "the kernel validates");
+});
+
+Deno.test("COPY_ROWS_WASM is COPY_ROWS_WAT assembled (bulk memory)", async () => {
+  const wabt = await wabtInit();
+  const bytes = wabt.parseWat("rows.wat", COPY_ROWS_WAT).toBinary({}).buffer;
+  const base64 = btoa(String.fromCharCode(...bytes));
+  assert.equal(COPY_ROWS_WASM, base64, `COPY_ROWS_WAT changed: set kernels.ts's COPY_ROWS_WASM to\n${base64}`);
 });
