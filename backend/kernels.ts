@@ -31,6 +31,17 @@ export function registerKernelFixes(name: string, nativeBlas?: NativeBlas): void
   if (name === "wasm") registerWasmKernelFixes(nativeBlas);
 }
 
+// Software rasterisers that expose WebGPU (Mesa's llvmpipe under Deno, SwiftShader in Chromium): correct but slower
+// than wasm, so an automatic choice skips them.
+const SOFTWARE_ADAPTER = /llvmpipe|lavapipe|softpipe|swiftshader/i;
+
+/** Whether a WebGPU adapter is a software one (see SOFTWARE_ADAPTER). */
+export function isSoftwareAdapter(adapter: GPUAdapter): boolean {
+  const { info } = adapter;
+  const names = `${info.description} ${info.device} ${info.vendor} ${info.architecture}`;
+  return info.isFallbackAdapter || SOFTWARE_ADAPTER.test(names);
+}
+
 /** What the WebGPU backend needs once it has started (tf.setBackend("webgpu") resolved). Idempotent. */
 export function fixStartedWebGPUBackend(): void {
   registerWebGPUKernelFixes();
@@ -458,12 +469,20 @@ type RowCopy = (src: number, dst: number, rows: number, bytes: number, srcStride
 let rowCopy: { memory: WebAssembly.Memory; copy: RowCopy } | undefined;
 
 /**
- * The row copier over this backend's heap, or null where it cannot be had: a heap shared between threads (a browser's
- * threaded build: the module declares an unshared memory), or a tfjs build that does not expose its memory.
+ * The wasm backend's heap as a memory our own modules (COPY_ROWS_WAT, ADAMW_WAT) can import, or null: tfjs' threaded
+ * build (a browser page that is cross-origin isolated) neither exports its memory nor could give it to them, since it
+ * is shared between threads and they declare an unshared one.
  */
-function rowCopier(backend: unknown): RowCopy | null {
-  const memory = (backend as BackendWasm & { wasm: { asm?: { memory?: WebAssembly.Memory } } }).wasm.asm?.memory;
+export function wasmHeap(backend: unknown): WebAssembly.Memory | null {
+  const memory = (backend as { wasm: { asm?: { memory?: WebAssembly.Memory } } }).wasm.asm?.memory;
   if (!memory || (typeof SharedArrayBuffer !== "undefined" && memory.buffer instanceof SharedArrayBuffer)) return null;
+  return memory;
+}
+
+/** The row copier over this backend's heap, or null where there is none to import (see {@link wasmHeap}). */
+function rowCopier(backend: unknown): RowCopy | null {
+  const memory = wasmHeap(backend);
+  if (!memory) return null;
   if (rowCopy?.memory !== memory) {
     const module = new WebAssembly.Module(Uint8Array.from(atob(COPY_ROWS_WASM), (ch) => ch.charCodeAt(0)));
     const copy = new WebAssembly.Instance(module, { rows: { tensors: memory } }).exports.copy as RowCopy;
@@ -757,7 +776,8 @@ let adamWModule: WebAssembly.Module | undefined;
 /**
  * AdamW's moments for a set of parameters, in one WebAssembly memory sized once (so views of it stay valid), and the
  * SIMD kernel that updates a parameter with them (ADAMW_WAT). On wasm the kernel reads the weight and the gradient
- * on tfjs' heap and writes the new weight there, with no copies; on the cpu backend (tests) through a staging memory.
+ * on tfjs' heap and writes the new weight there, with no copies; on the cpu backend (tests), and where the heap cannot
+ * be imported (a browser's threaded build: {@link wasmHeap}), through a staging memory.
  * m and v of a parameter start at 16-byte boundaries, zero.
  */
 export class SimdAdamW {
@@ -798,14 +818,22 @@ export class SimdAdamW {
     }
     const { gradScale, beta1, beta2, decay, stepSize, invBc2Sqrt, eps } = c; // in ADAMW_WAT's parameter order:
     const constants = [gradScale, beta1, 1 - beta1, beta2, 1 - beta2, decay, stepSize, invBc2Sqrt, eps];
-    if (tf.getBackend() === "wasm") {
+    const tensors = tf.getBackend() === "wasm" ? wasmHeap(tf.backend()) : null;
+    if (tensors) {
       const backend = tf.backend() as BackendWasm, out = backend.makeOutput(p.shape, "float32");
-      const tensors = (backend.wasm as unknown as { asm: { memory: WebAssembly.Memory } }).asm.memory;
-      const at = (t: TensorInfo) => backend.dataIdMap.get(t.dataId)!.memoryOffset;
-      this.kernelFor(tensors)(at(out), at(p), at(g), m, v, n, ...constants);
+      this.kernelFor(tensors)(
+        heapOffset(backend, out),
+        heapOffset(backend, p),
+        heapOffset(backend, g),
+        m,
+        v,
+        n,
+        ...constants,
+      );
       return tf.engine().makeTensorFromTensorInfo(out);
     }
-    // Other backends: weight at 0, gradient at 4n, new weight at 8n bytes of the staging memory.
+    // Other backends, and a heap that cannot be imported: weight at 0, gradient at 4n, new weight at 8n bytes of the
+    // staging memory.
     const pages = Math.ceil((12 * n) / 65536);
     if (!this.staging) this.staging = new WebAssembly.Memory({ initial: pages });
     else if (this.staging.buffer.byteLength < 12 * n) this.staging.grow(pages - this.staging.buffer.byteLength / 65536);

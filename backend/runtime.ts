@@ -17,6 +17,7 @@ import { dirname } from "node:path";
 import {
   fixStartedWebGPUBackend,
   type Gemm,
+  isSoftwareAdapter,
   type NativeBlas,
   registerKernelFixes,
   wasmMatMulEngine,
@@ -29,8 +30,6 @@ export type BackendName = "webgpu" | "wasm" | "cpu";
 const BACKENDS: readonly BackendName[] = ["webgpu", "wasm", "cpu"];
 
 // Software rasterisers that expose WebGPU: correct but slower than wasm, so automatic mode skips them.
-const SOFTWARE_ADAPTER = /llvmpipe|lavapipe|softpipe|swiftshader/i;
-
 const NO_ADAPTER_HELP = "WebGPU was requested but navigator.gpu offers no adapter. Deno reaches the GPU through " +
   "Vulkan (or GL): for a real NVIDIA GPU install the NVIDIA driver and libvulkan1; for a software adapter " +
   "(slow, for testing) run `apt-get install mesa-vulkan-drivers` on Debian/Ubuntu. Or choose another backend: " +
@@ -158,11 +157,6 @@ async function quietVulkanLoader(): Promise<void> {
   } catch {
     // Keep the noise.
   }
-}
-
-function isSoftwareAdapter(adapter: GPUAdapter): boolean {
-  const { info } = adapter;
-  return info.isFallbackAdapter || SOFTWARE_ADAPTER.test(`${info.description} ${info.device} ${info.vendor}`);
 }
 
 function adapterName({ info }: GPUAdapter): string {

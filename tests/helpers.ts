@@ -148,6 +148,9 @@ export const WEBGPU_ADAPTER = { missing: "no WebGPU adapter", install: "apt-get 
 /** OpenBLAS behind the wasm backend's matMul (runtime.ts), as CI installs it. */
 export const OPENBLAS = { missing: "no OpenBLAS", install: "apt-get install libopenblas0-pthread" };
 
+/** Debian's Chromium, which tests/web_test.ts drives through npm:playwright-core, as CI installs it. */
+export const CHROMIUM = { missing: "no /usr/bin/chromium", install: "apt-get install chromium" };
+
 /** Whether this run is CI's (`CI=true`), where .ci/run has installed every dependency of the tests. */
 export function underCI(): boolean {
   return /^(true|1)$/i.test(Deno.env.get("CI") ?? "");
