@@ -202,7 +202,8 @@ export function renderScene(
     throw new Error(`renderScene: out has ${out.length} bytes, need ${size * size * 3}`);
   }
   const color = new Float32Array(size * size * 3);
-  for (let i = 0; i < size * size; i++) color.set(style.background, i * 3);
+  const [red, green, blue] = style.background;
+  for (let i = 0; i < color.length; i += 3) [color[i], color[i + 1], color[i + 2]] = [red, green, blue];
   const SUB = style.antialias ? 4 : 1; // sub-samples per pixel side
   objects.forEach((o, k) => {
     const cx = o.x * size, cy = o.y * size, r = o.radius * size, rgb = style.colors[k];
@@ -221,9 +222,10 @@ export function renderScene(
       }
     }
   });
-  const noise = style.noiseSeed >= 0 ? seededRandom(style.noiseSeed) : () => 0.5;
+  // Each channel rounded, plus its noise in [−MAX_PIXEL_NOISE, MAX_PIXEL_NOISE] (none in the plain style), clamped.
+  const noise = style.noiseSeed >= 0 ? seededRandom(style.noiseSeed) : undefined;
   for (let i = 0; i < color.length; i++) {
-    const jitter = Math.round((2 * noise() - 1) * MAX_PIXEL_NOISE);
+    const jitter = noise ? Math.round((2 * noise() - 1) * MAX_PIXEL_NOISE) : 0;
     out[i] = Math.min(255, Math.max(0, Math.round(color[i]) + jitter));
   }
   return out;
