@@ -7,16 +7,16 @@
 // WEB_SCREENSHOTS=<folder> saves web-ask.png and web-train.png there.
 
 import { Buffer } from "node:buffer";
-import { chromium, type Page } from "playwright-core";
+import type { Page } from "playwright-core";
 import { assert, assertEquals } from "./assert.ts";
 import { CHROMIUM, testNeeding } from "./helpers.ts";
 import { buildSite, serveSite } from "../web/serve.ts";
+import { CHROMIUM_PATH, launchChromium } from "../tools/chromium.ts";
 import { initBackend } from "../backend/runtime.ts";
 import { COMMITTED_CHECKPOINT, loadForInference } from "../lib/inference.ts";
 import { type EvalItem, evaluate, isCorrect, shapesQuestions } from "../lib/scoring.ts";
 import { encodePng, makeShapesExample } from "../data.ts";
 
-const CHROMIUM_PATH = "/usr/bin/chromium";
 const QUESTIONS = 10;
 const TRAINING_STEPS = 30;
 
@@ -72,18 +72,7 @@ testNeeding({ ...CHROMIUM, available: chromiumInstalled }, {
     model.dispose();
 
     const server = serveSite(await buildSite(), { hostname: "127.0.0.1", port: 0 });
-    const browser = await chromium.launch({
-      executablePath: CHROMIUM_PATH,
-      headless: true,
-      args: [
-        "--no-sandbox",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        "--enable-unsafe-webgpu",
-      ],
-    });
+    const browser = await launchChromium();
     const downloads = await Deno.makeTempDir();
     try {
       const page = await browser.newPage({ viewport: { width: 1200, height: 1000 }, acceptDownloads: true });
