@@ -132,10 +132,23 @@ testNeeding({ ...CHROMIUM, available: chromiumInstalled }, {
       assert((await errorShown(page)).includes("does not fit this model's config"), "the wrong shape is named");
       await page.check("input[name=image-source][value=test]");
 
-      // Train: 30 steps of the tiny preset lower the loss; the log shows train.ts's step lines.
+      // Train: 30 steps of the tiny preset lower the loss, with a pause in the middle; the log shows train.ts's step
+      // lines.
       await page.click(".tab[data-tab=train]");
       await page.fill("#train-steps", String(TRAINING_STEPS));
       await page.click("#train-start");
+      // Pause after a few steps: no step comes while paused, and training goes on after Resume.
+      const stepLines = async () => ((await page.textContent("#train-log"))!.match(/^step \d+/gm) ?? []).length;
+      await page.waitForSelector(`#train-log:has-text("step 3/${TRAINING_STEPS}")`);
+      await page.click("#train-pause");
+      await page.waitForSelector("#train-status[data-state=paused]");
+      const atPause = await stepLines(); // the step under way when Pause was clicked may still finish
+      await page.waitForTimeout(1_500);
+      const whilePaused = await stepLines();
+      assert(whilePaused <= atPause + 1, `${whilePaused - atPause} steps came while paused`);
+      await page.waitForTimeout(1_500);
+      assertEquals(await stepLines(), whilePaused, "no step while paused");
+      await page.click("#train-pause"); // now "Resume"
       await page.waitForSelector("#train-status[data-state=done], #train-status[data-state=failed]", {
         timeout: 150_000,
       });
