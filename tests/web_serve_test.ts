@@ -1,6 +1,6 @@
 // The browser page's build and server (web/serve.ts): what the bundles may contain, what is served and what is not.
 // The page itself, in a real browser, is tests/web_test.ts.
-import { assert, assertEquals, assertRejects } from "./assert.ts";
+import { assert, assertEquals, assertRejects, assertThrows } from "./assert.ts";
 import { buildSite, serveSite, siteResponse, writeSite } from "../web/serve.ts";
 
 const files = await buildSite();
@@ -62,12 +62,13 @@ Deno.test("the server answers with the built files only, cross-origin isolated, 
   assertEquals(Number(head.headers.get("content-length")), files.get("checkpoint/model.safetensors")!.length);
 });
 
-Deno.test("serveSite listens on 127.0.0.1 unless told otherwise", async () => {
+Deno.test("serveSite listens on 127.0.0.1 unless told otherwise; a port in use is named", async () => {
   const server = serveSite(files, { port: 0 });
   try {
     assertEquals(server.addr.hostname, "127.0.0.1");
     const response = await fetch(`http://127.0.0.1:${server.addr.port}/checkpoint/config.json`);
     assertEquals(JSON.parse(await response.text()).vit_img_size, 64);
+    assertThrows(() => serveSite(files, { port: server.addr.port }), Error, `:${server.addr.port} is already in use`);
   } finally {
     await server.shutdown();
   }

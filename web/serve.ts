@@ -141,7 +141,12 @@ export function serveSite(
     onListen?: (address: Deno.NetAddr) => void;
   } = {},
 ): Deno.HttpServer<Deno.NetAddr> {
-  return Deno.serve({ hostname, port, onListen: onListen ?? (() => {}) }, (request) => siteResponse(files, request));
+  try {
+    return Deno.serve({ hostname, port, onListen: onListen ?? (() => {}) }, (request) => siteResponse(files, request));
+  } catch (e) {
+    if (!(e instanceof Deno.errors.AddrInUse)) throw e;
+    throw new Error(`${hostname}:${port} is already in use (another server?): pick another port with --port`);
+  }
 }
 
 /** Write the built files under `dir`, with a `_headers` file that static hosts such as Netlify read. */
