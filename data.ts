@@ -171,9 +171,14 @@ export function plainStyle(objects: readonly ShapeObject[]): SceneStyle {
   return { background: [0, 0, 0], antialias: false, colors: objects.map((o) => COLOR_RGB[o.color]), noiseSeed: -1 };
 }
 
-// Radii per size class: jittered within [min, max], and the classes stay apart (0.11 < 0.155). Every shape stays
-// inside its quadrant with a margin, whatever the jitter.
-const RADIUS: Record<Size, readonly [number, number]> = { small: [0.085, 0.11], large: [0.155, 0.18] };
+/**
+ * Radii per size class, as fractions of the image side: jittered within [min, max], and the classes stay apart
+ * (0.11 < 0.155). Every shape stays inside its quadrant with a margin, whatever the jitter.
+ */
+export const RADIUS: Readonly<Record<Size, readonly [number, number]>> = {
+  small: [0.085, 0.11],
+  large: [0.155, 0.18],
+};
 const MARGIN = 0.02;
 
 /** Whether the point (dx, dy) from an object's centre, in pixels, is inside a shape of radius r pixels. */

@@ -11,7 +11,8 @@
 import { parseArgs } from "node:util";
 import { makeShapesExample, preprocessImage, toCHWFloat } from "./data.ts";
 import { type BackendName, initBackend } from "./backend/runtime.ts";
-import { answerQuestion, checkpointToAsk, loadForInference } from "./lib/inference.ts";
+import { checkpointToAsk, loadForInference } from "./lib/inference.ts";
+import { answerQuestion } from "./lib/scoring.ts";
 import { runMain, snakeCaseFlags } from "./lib/cli.ts";
 
 // ---- main ------------------------------------------------------------------------------------
@@ -87,7 +88,7 @@ export async function main(args: string[]): Promise<string> {
       console.log();
       note(
         `time to first token ${answer.timeToFirstTokenMs.toFixed(0)} ms | ${answer.ids.length} tokens | ` +
-          `${answer.tokensPerSecond.toFixed(1)} tokens/s | prompt ${answer.promptTokens} tokens`,
+          `${answer.tokensPerSecond.toFixed(1)} tokens/s | prompt ${answer.promptIds.length} tokens`,
       );
     }
     return answer.text;

@@ -1,7 +1,7 @@
-// scoring.ts — answer questions with known answers and score the answers: what `deno task eval`, training's val
-// accuracy and the browser page share.
+// scoring.ts — answer questions, and score the answers to questions with known answers: what `deno task generate`,
+// `deno task eval`, training's val accuracy and the browser page share.
 //
-// Answers come from batched greedy generation (prompts left-padded to the longest, as the reference's lmms-eval
+// One question is answered with its text streamed (`answerQuestion`); scored answers come from batched greedy generation (prompts left-padded to the longest, as the reference's lmms-eval
 // wrapper does), and are scored in one of two ways:
 //   - exact match after normalising (lower case, trimmed, a trailing period ignored), for open questions such as
 //     "What color is the circle?" → "red";
@@ -22,7 +22,7 @@ import {
   type Split,
   toCHWFloat,
 } from "../data.ts";
-import type { VisionLanguageModel } from "../nanovlm.ts";
+import type { GenerateOptions, VisionLanguageModel } from "../nanovlm.ts";
 
 /** A question with its known answer. */
 export interface EvalItem {
@@ -101,6 +101,85 @@ export function isCorrect(item: EvalItem, prediction: string): boolean {
 export function promptOf(item: EvalItem): string {
   if (!item.choices) return item.question;
   return choicePrompt(item.question, item.choices);
+}
+
+// ---- Answering one question ----------------------------------------------------------------
+
+/** An answer with its timings. */
+export interface Answer {
+  text: string;
+  /** Generated ids, up to and including the first EOS. */
+  ids: number[];
+  /** The prompt's token ids (image slots included). */
+  promptIds: number[];
+  /** From the call to the first token chosen (includes the image encoder and the prefill). */
+  timeToFirstTokenMs: number;
+  /** Tokens after the first, per second of decoding. */
+  tokensPerSecond: number;
+}
+
+/**
+ * Generate the answer to one question about `images` (each [3, S, S] float32, already
+ * preprocessed), calling `onText` with each new piece of text as it is decoded. A
+ * prompt that does not fit the context is an Error giving its length and the limit;
+ * maxNewTokens defaults to what is left of the context (at most 64).
+ */
+export async function answerQuestion(
+  model: VisionLanguageModel,
+  tokenizer: ChatTokenizer,
+  images: Float32Array[],
+  question: string,
+  options: GenerateOptions & { onText?: (piece: string) => void } = {},
+): Promise<Answer> {
+  const cfg = model.cfg, S = cfg.vit_img_size;
+  const prompt = encodePrompt(tokenizer, question, images.length, cfg.mp_image_token_length, cfg.lm_max_length);
+  const room = cfg.lm_max_length - prompt.inputIds.length;
+  if (room < 1) {
+    throw new Error(
+      `the prompt is ${prompt.inputIds.length} tokens long, which leaves no room to answer within the limit of ` +
+        `${cfg.lm_max_length} (lm_max_length)`,
+    );
+  }
+  const maxNewTokens = options.maxNewTokens ?? Math.min(64, room);
+
+  const ids: number[] = [];
+  let text = "", firstTokenAt = 0, finished = false;
+  const started = performance.now();
+  const inputIds = tf.tensor2d(prompt.inputIds, [1, prompt.inputIds.length], "int32");
+  const pixels = images.length ? tf.tensor4d(concat(images), [images.length, 3, S, S]) : undefined;
+  try {
+    const out = await model.generate(inputIds, pixels, undefined, {
+      ...options,
+      maxNewTokens,
+      onToken: (next, step) => {
+        if (step === 0) firstTokenAt = performance.now();
+        if (finished) return;
+        ids.push(next[0]);
+        finished = next[0] === model.eosTokenId;
+        // Decode everything so far and emit only the new suffix: a token's text can depend on its neighbours.
+        const now = tokenizer.decode(ids, { skipSpecialTokens: true });
+        if (now.length > text.length) options.onText?.(now.slice(text.length));
+        text = now;
+      },
+    });
+    out.dispose();
+  } finally {
+    tf.dispose([inputIds, pixels]);
+  }
+  const decodeSeconds = (performance.now() - firstTokenAt) / 1000;
+  return {
+    text: text.trim(),
+    ids,
+    promptIds: prompt.inputIds,
+    timeToFirstTokenMs: firstTokenAt - started,
+    tokensPerSecond: ids.length > 1 ? (ids.length - 1) / decodeSeconds : 0,
+  };
+}
+
+function concat(arrays: Float32Array[]): Float32Array {
+  const out = new Float32Array(arrays.reduce((n, a) => n + a.length, 0));
+  arrays.reduce((offset, a) => (out.set(a, offset), offset + a.length), 0);
+  return out;
 }
 
 // ---- Batched generation ------------------------------------------------------------------

@@ -10,14 +10,8 @@
 import * as tf from "@tensorflow/tfjs";
 import { encodePng, loadTokenizer, makeShapesExample, preprocessImage, shapesBatches } from "../data.ts";
 import { main as evalMain, readQuestionsJsonl } from "../lib/eval.ts";
-import { checkMultipleChoice, type EvalItem, isCorrect, normalizeAnswer } from "../lib/scoring.ts";
-import {
-  answerQuestion,
-  checkpointToAsk,
-  COMMITTED_CHECKPOINT,
-  findLatestCheckpoint,
-  loadForInference,
-} from "../lib/inference.ts";
+import { answerQuestion, checkMultipleChoice, type EvalItem, isCorrect, normalizeAnswer } from "../lib/scoring.ts";
+import { checkpointToAsk, COMMITTED_CHECKPOINT, findLatestCheckpoint, loadForInference } from "../lib/inference.ts";
 import { main as generateMain } from "../generate.ts";
 import { VisionLanguageModel } from "../nanovlm.ts";
 import { initBackend } from "../backend/runtime.ts";

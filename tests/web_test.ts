@@ -67,6 +67,7 @@ testNeeding({ ...CHROMIUM, available: chromiumInstalled }, {
     // What Deno answers to the same questions, one at a time as the page asks them.
     await initBackend("wasm", { quiet: true });
     const items: EvalItem[] = shapesQuestions("test", 4, 64).slice(0, QUESTIONS);
+    const places = questionPlaces(QUESTIONS); // where each of those is on the page
     const { model, tokenizer } = await loadForInference(COMMITTED_CHECKPOINT);
     const expected = (await evaluate(model, tokenizer, items, { batchSize: 1 })).predictions.map((p) => p.prediction);
     model.dispose();
@@ -87,7 +88,7 @@ testNeeding({ ...CHROMIUM, available: chromiumInstalled }, {
       await page.click("#load-committed");
       await page.waitForSelector("#model-status[data-state=loaded]");
       const answers: string[] = [];
-      for (const { scene, index } of questionPlaces(QUESTIONS)) answers.push(await askTestQuestion(page, scene, index));
+      for (const { scene, index } of places) answers.push(await askTestQuestion(page, scene, index));
       assertEquals(answers, expected, "the page's answers are Deno's");
       const right = items.filter((item, i) => isCorrect(item, answers[i])).length;
       assert(right >= 9, `${right} of ${QUESTIONS} test questions right in the page: ${JSON.stringify(answers)}`);
@@ -194,8 +195,8 @@ testNeeding({ ...CHROMIUM, available: chromiumInstalled }, {
       assert((await gpuPage.textContent("#backend-status"))!.includes("WebGPU"), "the page runs on WebGPU");
       await gpuPage.click("#load-committed");
       await gpuPage.waitForSelector("#model-status[data-state=loaded]");
-      const count = questionPlaces(QUESTIONS).findIndex(({ scene }, i) => scene === 0 && items[i].kind === "count");
-      assertEquals(await askTestQuestion(gpuPage, 0, questionPlaces(QUESTIONS)[count].index), expected[count]);
+      const count = places.findIndex(({ scene }, i) => scene === 0 && items[i].kind === "count");
+      assertEquals(await askTestQuestion(gpuPage, 0, places[count].index), expected[count]);
 
       assertEquals(consoleErrors, [], "no console errors");
     } finally {

@@ -6,7 +6,7 @@
 // The page runs in Debian's headless Chromium (/usr/bin/chromium, driven by npm:playwright-core), served by
 // web/serve.ts, and is used through its own controls: the Train tab's step lines ("step k/N | ... | 650 ms") and the
 // Ask tab's answer line ("31 tokens | first after 60 ms | 75.0 tokens/s after it"). Deno's training figure comes from
-// the same step lines of `deno task train`; its decoding from generate.ts's `answerQuestion`, in this process. Each
+// the same step lines of `deno task train`; its decoding from lib/scoring.ts's `answerQuestion` (as generate.ts), in this process. Each
 // figure is a median: training over the steps after the first two (kernel compilation, warm-up), decoding over three
 // asks of the caption question of test scene 0 after a first one (the page's first ask is a warm-up too).
 // A software WebGPU adapter (SwiftShader here) may not finish a training step in --webgpu_timeout seconds; the table
@@ -18,7 +18,8 @@ import { launchChromium } from "./chromium.ts";
 import { buildSite, serveSite } from "../web/serve.ts";
 import { runMain, snakeCaseFlags, wholeNumber } from "../lib/cli.ts";
 import { initBackend } from "../backend/runtime.ts";
-import { answerQuestion, COMMITTED_CHECKPOINT, loadForInference } from "../lib/inference.ts";
+import { COMMITTED_CHECKPOINT, loadForInference } from "../lib/inference.ts";
+import { answerQuestion } from "../lib/scoring.ts";
 import { makeShapesExample, toCHWFloat } from "../data.ts";
 
 const ASKS = 3;
@@ -126,7 +127,7 @@ async function denoFigures(steps: number): Promise<Figures> {
       "--test_examples=0",
     ]);
     const backendLine = log.split("\n").find((line) => line.startsWith("threads:")) ?? "";
-    // Decoding in this process, warmed up as the page is by its earlier asks: generate.ts's answerQuestion, greedy.
+    // Decoding in this process, warmed up as the page is by its earlier asks: answerQuestion, greedy.
     await initBackend("wasm", { quiet: true });
     const { model, tokenizer } = await loadForInference(COMMITTED_CHECKPOINT);
     const pixels = toCHWFloat(makeShapesExample("test", 0, 0, model.cfg.vit_img_size).rgb, model.cfg.vit_img_size);

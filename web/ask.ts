@@ -1,24 +1,23 @@
 // web/ask.ts — the Ask tab: load a checkpoint, pick or make an image, ask a question, watch the answer stream with
 // the five most likely tokens of each step, and look inside (web/inside.ts).
 //
-// An answer is computed exactly as lib/scoring.ts's `evaluate` computes it, one prompt at a time: data.ts's prompt
-// (image slots, chat template), greedy decoding for up to 64 new tokens within the context, the text up to the first
+// An answer is lib/scoring.ts's `answerQuestion`, as `deno task generate --greedy` gives it: data.ts's prompt (image
+// slots, chat template), greedy decoding for up to 64 new tokens within the context, the text up to the first
 // end-of-sequence token with special tokens left out.
 
 /// <reference lib="dom" />
 
-import * as tf from "@tensorflow/tfjs";
 import {
   type ChatTokenizer,
   checkTokenizerFitsConfig,
   decodeImage,
-  encodePrompt,
   makeShapesExample,
   resizeBilinearPIL,
   toCHWFloat,
 } from "../data.ts";
 import { PRESETS, softmax, type VisionLanguageModel } from "../nanovlm.ts";
 import { modelFromCheckpointFiles } from "../lib/state_dict.ts";
+import { answerQuestion } from "../lib/scoring.ts";
 import { Composer } from "./composer.ts";
 import {
   drawAttention,
@@ -33,8 +32,6 @@ import { guarded } from "./errors.ts";
 
 /** The only tokenizer the page has; a checkpoint made for another cannot be asked here. */
 const SHAPES_TOKENIZER = "tokenizers/shapes";
-/** As lib/scoring.ts's evaluate: at most this many new tokens, fewer when the context ends first. */
-const MAX_NEW_TOKENS = 64;
 
 const element = <T extends HTMLElement>(id: string) => document.getElementById(id) as T;
 
@@ -182,10 +179,11 @@ export class AskTab {
     const [file] = element<HTMLInputElement>("image-file").files ?? [];
     if (!file) return;
     this.upload = undefined; // a file that fails to decode leaves no picture from before
-    this.upload = await decodeImage(new Uint8Array(await file.arrayBuffer()), file.name).finally(() =>
-      this.showSource()
-    );
-    this.showSource();
+    try {
+      this.upload = await decodeImage(new Uint8Array(await file.arrayBuffer()), file.name);
+    } finally {
+      this.showSource();
+    }
   }
 
   /** The picture to ask about: S×S RGB bytes, as the model will read them (data.ts's ToTensor). */
@@ -197,9 +195,13 @@ export class AskTab {
     this.drawPicture();
   }
 
+  /** The patch side: the loaded model's, else the tiny preset's. */
+  private get P(): number {
+    return this.model?.cfg.vit_patch_size ?? PRESETS.tiny.vit_patch_size;
+  }
+
   private drawPicture(): void {
-    const P = this.model?.cfg.vit_patch_size ?? PRESETS.tiny.vit_patch_size;
-    drawPatchGrid(element("image-view"), this.rgb, this.S, P, this.selectedPatch);
+    drawPatchGrid(element("image-view"), this.rgb, this.S, this.P, this.selectedPatch);
   }
 
   private listQuestions(questions: string[]): void {
@@ -218,8 +220,7 @@ export class AskTab {
   }
 
   private selectPatch(event: MouseEvent): void {
-    const P = this.model?.cfg.vit_patch_size ?? PRESETS.tiny.vit_patch_size;
-    this.selectedPatch = patchAt(element("image-view"), event, this.S / P);
+    this.selectedPatch = patchAt(element("image-view"), event, this.S / this.P);
     element("selected-patch").textContent = String(this.selectedPatch);
     this.drawPicture();
     if (this.view) drawAttention(element("attention-maps"), this.view, this.selectedPatch);
@@ -270,45 +271,26 @@ export class AskTab {
           `only these ${this.words.length} words: ${this.words.join(" ")}`,
       );
     }
-    const cfg = model.cfg, S = this.S, pixels = this.pixels, rgb = this.rgb;
+    const pixels = this.pixels, rgb = this.rgb;
     answer.dataset.state = "asking";
     answer.dataset.asks = String(Number(answer.dataset.asks ?? 0) + 1); // which ask the state is of (for tests)
     answer.textContent = "";
     const rows = element("top5").querySelector("tbody")!;
     rows.replaceChildren();
     try {
-      const prompt = encodePrompt(tokenizer, question, 1, cfg.mp_image_token_length, cfg.lm_max_length);
-      const T = prompt.inputIds.length;
-      const maxNewTokens = Math.max(1, Math.min(MAX_NEW_TOKENS, cfg.lm_max_length - T));
-      const answerIds: number[] = [];
-      const stepTimes: number[] = [];
-      const started = performance.now();
-      const inputIds = tf.tensor2d(prompt.inputIds, [1, T], "int32");
-      const mask = tf.tensor2d(prompt.attentionMask, [1, T], "int32");
-      const images = tf.tensor4d(pixels, [1, 3, S, S]);
-      let finished = false;
-      try {
-        const out = await model.generate(inputIds, images, mask, {
-          maxNewTokens,
-          greedy: true,
-          onLogits: (logits) => rows.append(top5Row(tokenizer, logits, rows.children.length)), // logits [1, V]
-          onToken: (ids) => {
-            stepTimes.push(performance.now());
-            if (finished || ids[0] === tokenizer.eosTokenId) finished = true;
-            else answerIds.push(ids[0]);
-            answer.textContent = tokenizer.decode(answerIds, { skipSpecialTokens: true }).trim();
-          },
-        });
-        out.dispose();
-      } finally {
-        tf.dispose([inputIds, mask, images]);
-      }
-      const decodeSeconds = (stepTimes[stepTimes.length - 1] - stepTimes[0]) / 1000;
-      element("answer-stats").textContent = `${stepTimes.length} tokens | first after ` +
-        `${(stepTimes[0] - started).toFixed(0)} ms | ` +
-        (stepTimes.length > 1 ? `${((stepTimes.length - 1) / decodeSeconds).toFixed(1)} tokens/s after it` : "");
+      let text = "";
+      const answered = await answerQuestion(model, tokenizer, [pixels], question, {
+        greedy: true,
+        onLogits: (logits) => rows.append(top5Row(tokenizer, logits, rows.children.length)), // logits [1, V]
+        onText: (piece) => answer.textContent = (text += piece).trim(),
+      });
+      const { ids, timeToFirstTokenMs, tokensPerSecond } = answered;
+      element("answer-stats").textContent =
+        `${ids.length} tokens | first after ${timeToFirstTokenMs.toFixed(0)} ms | ` +
+        (ids.length > 1 ? `${tokensPerSecond.toFixed(1)} tokens/s after it` : "");
       answer.dataset.state = "done";
-      await this.showInside(prompt.inputIds, answerIds, pixels, rgb);
+      const answerIds = ids.filter((id) => id !== model.eosTokenId);
+      await this.showInside(answered.promptIds, answerIds, pixels, rgb);
     } catch (error) {
       answer.dataset.state = "failed";
       throw error;

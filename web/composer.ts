@@ -8,6 +8,7 @@ import {
   COLORS,
   plainStyle,
   QUADRANTS,
+  RADIUS,
   renderScene,
   type Rgb,
   type ShapeObject,
@@ -15,9 +16,10 @@ import {
   type Size,
   SIZES,
 } from "../data.ts";
+import { drawEnlarged } from "./inside.ts";
 
-// The middle of each size's radius range in data.ts (small 0.085–0.11, large 0.155–0.18 of the image side).
-const RADIUS: Record<Size, number> = { small: 0.0975, large: 0.1675 };
+/** A placed shape's radius: the middle of its size class's range in the shapes world. */
+const middleRadius = (size: Size) => (RADIUS[size][0] + RADIUS[size][1]) / 2;
 
 /** The form controls of the composer. */
 export interface ComposerControls {
@@ -56,13 +58,7 @@ export class Composer {
   render(S: number): Uint8Array {
     const background = this.controls.background.value.split(",").map(Number) as unknown as Rgb;
     const rgb = renderScene(this.objects, S, { ...plainStyle(this.objects), background });
-    const canvas = this.controls.canvas, context = canvas.getContext("2d")!;
-    const picture = new ImageData(S, S);
-    for (let i = 0; i < S * S; i++) picture.data.set([rgb[3 * i], rgb[3 * i + 1], rgb[3 * i + 2], 255], 4 * i);
-    const small = new OffscreenCanvas(S, S);
-    small.getContext("2d")!.putImageData(picture, 0, 0);
-    context.imageSmoothingEnabled = false;
-    context.drawImage(small, 0, 0, canvas.width, canvas.height);
+    drawEnlarged(this.controls.canvas, rgb, S);
     return rgb;
   }
 
@@ -87,7 +83,7 @@ export class Composer {
           quadrant: QUADRANTS[0],
           x,
           y,
-          radius: RADIUS[size],
+          radius: middleRadius(size),
         },
         x,
         y,

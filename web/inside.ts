@@ -81,14 +81,20 @@ function putPixels(
   context.putImageData(picture, 0, 0);
 }
 
-/** The image as the model sees it, enlarged (each pixel a square), with the patch grid and `selected` outlined. */
-export function drawPatchGrid(canvas: HTMLCanvasElement, rgb: Uint8Array, S: number, P: number, selected: number) {
+/** S×S RGB bytes drawn over the whole of a larger canvas, each pixel a square. Returns the canvas's context. */
+export function drawEnlarged(canvas: HTMLCanvasElement, rgb: Uint8Array, S: number): CanvasRenderingContext2D {
   const small = document.createElement("canvas");
   putPixels(small, rgb, S);
-  const side = canvas.width, scale = side / S, G = S / P;
   const context = canvas.getContext("2d")!;
   context.imageSmoothingEnabled = false;
-  context.drawImage(small, 0, 0, side, side);
+  context.drawImage(small, 0, 0, canvas.width, canvas.height);
+  return context;
+}
+
+/** The image as the model sees it, enlarged (each pixel a square), with the patch grid and `selected` outlined. */
+export function drawPatchGrid(canvas: HTMLCanvasElement, rgb: Uint8Array, S: number, P: number, selected: number) {
+  const context = drawEnlarged(canvas, rgb, S);
+  const side = canvas.width, scale = side / S, G = S / P;
   context.strokeStyle = "rgba(255, 255, 255, 0.6)";
   context.lineWidth = 1;
   for (let k = 1; k < G; k++) {
