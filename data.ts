@@ -1236,6 +1236,12 @@ export interface ShapesBatchOptions {
    * where the letter is written, the first half of the look-up; the shuffled rest still needs the whole of it.
    */
   sortedChoices?: number;
+  /**
+   * Which prompt tokens are trained besides the answer (default "none": only the answer, as the reference's collator
+   * does). "options": a multiple-choice sample also learns to predict its option lines ("A. red", "B. blue", ...), as a
+   * language model learns any text it reads. "all": every sample learns to predict its whole question too.
+   */
+  promptLoss?: PromptLoss;
   /** Draw every scene in the plain style (black, hard edges, exact colours), as the world was before it varied. */
   plainScenes?: boolean;
   /** First example index (default 0): resume a run at `step · batchSize`. */
@@ -1278,6 +1284,29 @@ export function evenCuts(sortedLengths: readonly number[], parts: number): numbe
   return cut(low)!;
 }
 
+/** Which prompt tokens a training sample learns to predict besides its answer (ShapesBatchOptions.promptLoss). */
+export const PROMPT_LOSSES = ["none", "options", "all"] as const;
+export type PromptLoss = typeof PROMPT_LOSSES[number];
+
+/** Train next-token prediction on every prompt token after the image slots (labels[t] predicts token t + 1). */
+function trainPrompt(sample: Omit<EncodedSample, "images">, imageTokenId: number): void {
+  const afterImages = sample.inputIds.lastIndexOf(imageTokenId);
+  for (let t = afterImages; t + 1 < sample.inputIds.length && sample.labels[t] === IGNORE_INDEX; t++) {
+    sample.labels[t] = sample.inputIds[t + 1];
+  }
+}
+
+/**
+ * Train next-token prediction on the option lines of an encoded multiple-choice sample (labels are shifted: position
+ * t predicts token t + 1). The user turn is "<|im_start|>user", newline, images, the question line, newline, one line
+ * per option, then the instruction; its second to sixth newlines bound the four option lines.
+ */
+function trainOptionLines(sample: Omit<EncodedSample, "images">, newline: number): void {
+  const newlines = [...sample.inputIds.keys()].filter((t) => sample.inputIds[t] === newline);
+  const [questionEnd, lastOptionEnd] = [newlines[1], newlines[1 + LETTERS.length]];
+  for (let t = questionEnd; t < lastOptionEnd; t++) sample.labels[t] = sample.inputIds[t + 1];
+}
+
 /**
  * Collated batches of (image, one question → answer) samples, rendered straight into
  * float arrays (no PNG round trip). Example i gives sample i: its kind is drawn among
@@ -1289,6 +1318,11 @@ export function evenCuts(sortedLengths: readonly number[], parts: number): numbe
 export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
   const { split, seed, batchSize, tokenizer, config, kinds = QUESTION_KINDS, captionWeight = 1, start = 0 } = options;
   const { lengthBuckets = 1, choiceHints = 0, sortedChoices = 0, choiceWeight = 1, positionWeight = 1 } = options;
+  const { promptLoss = "none" } = options;
+  if (!PROMPT_LOSSES.includes(promptLoss)) {
+    throw new Error(`prompt loss must be one of ${PROMPT_LOSSES.join(", ")}, got ${JSON.stringify(promptLoss)}`);
+  }
+  const newline = tokenizer.encode("\n")[0];
   const weights = { caption: captionWeight, choice: choiceWeight, position: positionWeight };
   for (const [name, weight] of Object.entries(weights)) {
     if (!(weight >= 0 && Number.isFinite(weight))) {
@@ -1334,6 +1368,8 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
       { turns: [{ user: question, assistant: answer }], imageCount: 1 },
       config.mp_image_token_length,
     );
+    if (promptLoss === "all") trainPrompt(encoded, tokenizer.imageTokenId);
+    else if (promptLoss === "options" && kind === "choice") trainOptionLines(encoded, newline);
     return { ...encoded, images: [toCHWFloat(example.rgb, S)] };
   };
   // A window is lengthBuckets batches of the stream, starting at a multiple of its size (without buckets: at `start`).

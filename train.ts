@@ -112,6 +112,9 @@ export async function train(
   if (config.push_to_hub && !hubToken()) {
     throw new Error(`--push_to_hub ${config.push_to_hub} needs a token with write access: set HF_TOKEN`);
   }
+  if (config.data !== "shapes" && config.prompt_loss !== "none") {
+    throw new Error(`--prompt_loss=${config.prompt_loss} is for the shapes world; --data trains the answers only`);
+  }
   // Open the dataset first, so a wrong --data fails before any model is built.
   const source = config.data === "shapes" ? undefined : await openDataset(config.data);
   // initBackend prints its own detailed line; a caller with its own `log` gets just the name.

@@ -3,6 +3,7 @@
 // overrides). train.ts prints both at the start of a run and saves them beside its checkpoints.
 
 import { PRESETS, validateConfig, type VLMConfig } from "../config.ts";
+import { PROMPT_LOSSES, type PromptLoss } from "../data.ts";
 import { snakeCaseFlags } from "./cli.ts";
 import { fileExists } from "./files.ts";
 
@@ -30,6 +31,7 @@ export interface TrainConfig {
   share_spaced_words: boolean; // a decoder from scratch: "red" and " red" start from one embedding row
   choice_hints: number; // shapes world: share of multiple-choice questions that say their answer (a reading exercise)
   sorted_choices: number; // shapes world: share of multiple-choice questions with options in alphabetical order
+  prompt_loss: string; // shapes world: prompt tokens trained besides the answer: "none" (the reference), "options", "all"
   plain_scenes: boolean; // shapes world: train on black, hard-edged, exact-colour scenes only (the world before it varied)
   answer_floor: number; // a sample's answer weighs at least this many tokens in the loss (0: every token 1, the reference)
   seed: number; // model init and data order
@@ -66,6 +68,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   share_spaced_words: true,
   choice_hints: 0.5,
   sorted_choices: 0.5,
+  prompt_loss: "none",
   plain_scenes: false,
   answer_floor: 0,
   seed: 0,
@@ -153,6 +156,10 @@ export function parseTrainArgs(args: string[]): { train: Partial<TrainConfig>; m
     } else {
       model[key] = parseValue(key, raw, PRESETS.tiny[key as keyof VLMConfig], false);
     }
+  }
+  const promptLoss = train.prompt_loss as PromptLoss | undefined;
+  if (promptLoss !== undefined && !PROMPT_LOSSES.includes(promptLoss)) {
+    throw new Error(`--prompt_loss=${promptLoss}: expected one of ${PROMPT_LOSSES.join(", ")}`);
   }
   return { train: train as Partial<TrainConfig>, model: model as Partial<VLMConfig> };
 }

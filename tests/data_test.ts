@@ -32,6 +32,7 @@ import {
   MIN_BACKGROUND_DISTANCE,
   NOVEL_PAIRS,
   preprocessImage,
+  type PromptLoss,
   QUADRANTS,
   type QuestionKind,
   type ShapeObject,
@@ -881,4 +882,49 @@ Deno.test("shapesBatches: sorted choices put the options in alphabetical order, 
   );
   assert.deepEqual(half.map((s) => s.meaning), all.map((s) => s.meaning));
   await assert.rejects(() => samples(-0.1), /sorted choices must be a share in \[0, 1\], got -0.1/);
+});
+
+Deno.test("shapesBatches: prompt loss trains the option lines of multiple choice ('options') or every question ('all')", async () => {
+  const tok = await loadTokenizer(SHAPES_DIR);
+  const config = { vit_img_size: 32, mp_image_token_length: 4, lm_max_length: 96 };
+  const rows = (promptLoss?: PromptLoss) =>
+    [...shapesBatches({ split: "train", seed: 2, batchSize: 20, tokenizer: tok, config, count: 200, promptLoss })]
+      .flatMap((batch) =>
+        Array.from({ length: batch.batchSize }, (_, r) => ({
+          ids: Array.from(batch.inputIds.subarray(r * 96, (r + 1) * 96)),
+          labels: Array.from(batch.labels.subarray(r * 96, (r + 1) * 96)),
+        }))
+      );
+  const none = rows("none");
+  assert.deepEqual(rows(), none, "none is the default");
+  // Trained targets, decoded in order: the text the sample learns to write.
+  const targets = (labels: number[]) => tok.decode(labels.filter((l) => l !== IGNORE_INDEX));
+  for (const [loss, expected] of [["options", 1], ["all", none.length]] as const) {
+    const trained = rows(loss);
+    let changed = 0;
+    for (const [i, { ids, labels }] of trained.entries()) {
+      assert.deepEqual(ids, none[i].ids, "the inputs stay the same");
+      const prompt = tok.decode(ids.filter((id) => id !== tok.padTokenId), { skipSpecialTokens: true });
+      const answer = targets(none[i].labels);
+      for (const [t, label] of none[i].labels.entries()) {
+        if (label !== IGNORE_INDEX) assert.equal(labels[t], label, "the answer keeps its targets");
+      }
+      // Every trained target is the next input token: this is next-token prediction.
+      for (const [t, label] of labels.entries()) if (label !== IGNORE_INDEX) assert.equal(label, ids[t + 1]);
+      if (targets(labels) === answer) continue;
+      changed++;
+      if (loss === "options") {
+        const options = prompt.split("\n").filter((line) => /^[A-D]\. /.test(line));
+        assert.equal(options.length, 4, `only multiple choice changes: ${prompt}`);
+        assert.equal(targets(labels), options.map((line) => `${line}\n`).join("") + answer);
+      } else {
+        const question = prompt.slice(prompt.indexOf("\n") + 1); // after "user"
+        assert.ok(targets(labels).startsWith(question.split("\n")[0]), `${targets(labels)} / ${question}`);
+      }
+    }
+    const choices = none.filter(({ ids }) => tok.decode(ids).includes(CHOICE_INSTRUCTION)).length;
+    assert.ok(choices >= 10, `${choices} multiple-choice samples`);
+    assert.equal(changed, loss === "options" ? choices : expected, loss);
+  }
+  assert.throws(() => rows("some" as PromptLoss), /prompt loss must be one of none, options, all, got "some"/);
 });

@@ -119,6 +119,11 @@ Deno.test("train --data cauldron:vqav2 streams the subset from the Hub; --push_t
     const weights = await readSafetensors(join(dir, "runs", "cauldron", "latest", "model.safetensors"));
     assert(weights.tensors.has("MP.proj.weight"));
 
+    await assertRejects(
+      () => train({ ...run, run_name: "prompt-loss", prompt_loss: "options" }, {}, { log: () => {} }),
+      Error,
+      "--prompt_loss=options is for the shapes world; --data trains the answers only",
+    );
     Deno.env.delete("HF_TOKEN");
     const before = hub.requests.length;
     await assertRejects(

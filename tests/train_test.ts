@@ -543,6 +543,12 @@ Deno.test("parseTrainArgs: typed --key=value for train and model settings; unkno
   assertThrows(() => parseTrainArgs(["--lr_mp=fast"]), Error, "--lr_mp=fast: expected a number");
   assertThrows(() => parseTrainArgs(["--batch_size=2.5"]), Error, "--batch_size=2.5: expected an integer");
   assertThrows(() => parseTrainArgs(["--vit_cls_flag=yes"]), Error, "expected true or false");
+  assertEquals(parseTrainArgs(["--prompt_loss=options"]).train, { prompt_loss: "options" });
+  assertThrows(
+    () => parseTrainArgs(["--prompt_loss=some"]),
+    Error,
+    "--prompt_loss=some: expected one of none, options, all",
+  );
   assertThrows(() => modelConfig("huge"), Error, 'unknown preset "huge": use one of nanovlm-222m, nanovlm-450m, tiny');
   assertThrows(() => modelConfig("tiny", { mp_image_token_length: 3 }), Error, "mp_image_token_length is 3");
 });
