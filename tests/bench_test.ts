@@ -186,3 +186,19 @@ Deno.test("tensorsOverBindingLimit: the 222M's training logits (trained position
   const over = tensorsOverBindingLimit(cfg, 9, seq, 2 ** 27);
   assert.deepEqual(over, ["training logits [B·(T−1−L), V] [702,49153] = 132 MiB"]);
 });
+
+Deno.test("tools/lookup_probe.ts trains on hinted multiple choice and prints the letter's accuracy", async () => {
+  const output = await run("deno", ["run", "-A", "tools/lookup_probe.ts", "--prompt_loss=options", "--steps=2"]);
+  assert.match(output, /^prompt loss options \| seed 0 \| 2 steps of 64 hinted multiple-choice questions$/m);
+  const last = output.match(/^step 2 \| loss ([\d.]+) \| letter right ([\d.]+)% of 256 \| \d+ s$/m);
+  assert.ok(last, output);
+  assert.ok(Number(last[1]) > 0 && Number(last[2]) <= 100, output);
+  const { success, stderr } = await new Deno.Command("deno", {
+    args: ["run", "-A", "tools/lookup_probe.ts", "--prompt_loss=some"],
+    cwd: REPO_ROOT,
+    env: { NO_COLOR: "1" },
+    stderr: "piped",
+  }).output();
+  assert.equal(success, false);
+  assert.match(new TextDecoder().decode(stderr), /--prompt_loss some: expected one of none, options, all/);
+});

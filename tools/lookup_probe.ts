@@ -1,14 +1,15 @@
 // tools/lookup_probe.ts — can the tiny decoder, trained from scratch, learn to find a multiple-choice answer's letter
 // in its prompt? A probe of the look-up alone: every sample is one of the shapes world's multiple-choice questions with
-// its question line ending in the answer ("What color is the circle? red", then "A. blue", "B. red", ...), so the
-// picture is not needed, only "find the option line that says red, and answer its letter".
+// its question line ending in the answer ("What color is the circle? red", then "A. blue", "B. red", ...), and its
+// picture replaced with plain grey, so only the text can answer: "find the option line that says red, and answer its
+// letter".
 //
 //   deno run -A tools/lookup_probe.ts [--prompt_loss none|options|all] [--steps 1000] [--seed 0]
 //
 // It trains the tiny preset with train.ts's optimizer settings on batches of 64 such samples and prints, every 100
 // steps, the letter's accuracy on 256 val questions of the same kind (chance: 25%). With --prompt_loss none (only the
 // answer trained, as nanoVLM trains) it stays at chance; with options (the option lines trained as text too) it leaves
-// chance within a few hundred steps. docs/training-the-shapes-world.md tells why.
+// chance (for seed 0, after step 600). docs/training-the-shapes-world.md tells why.
 
 import { parseArgs } from "node:util";
 import * as tf from "@tensorflow/tfjs";
@@ -72,15 +73,19 @@ async function main(args: string[]) {
     momentsOnHost: adamWOnHost("wasm"),
   });
   const lookups = { kinds: ["choice"] as const, choiceHints: 1, tokenizer, config: cfg };
+  // Every picture plain grey (pixels are in [0, 1]), so that only the text can give the answer.
+  const greyed = (batch: Batch): Batch => ({ ...batch, images: batch.images.fill(0.5) });
   const batches = shapesBatches({ ...lookups, split: "train", seed, batchSize: BATCH, promptLoss });
-  const [val] = shapesBatches({ ...lookups, split: "val", seed: 0, batchSize: VAL_QUESTIONS, count: VAL_QUESTIONS });
+  const [val] = shapesBatches({ ...lookups, split: "val", seed: 0, batchSize: VAL_QUESTIONS, count: VAL_QUESTIONS })
+    .map(greyed);
   const letterIds = LETTERS.map((letter) => tokenizer.encode(letter)[0]);
 
   console.log(`prompt loss ${promptLoss} | seed ${seed} | ${steps} steps of ${BATCH} hinted multiple-choice questions`);
   const started = performance.now();
   for (let step = 0; step < steps; step++) {
     const lrs = optimizer.groups.map((g) => lrSchedule(step, g.maxLr, steps));
-    const { loss } = await trainStep(model, [batches.next().value!], optimizer, { lrs, maxGradNorm: max_grad_norm });
+    const batch = greyed(batches.next().value!);
+    const { loss } = await trainStep(model, [batch], optimizer, { lrs, maxGradNorm: max_grad_norm });
     if ((step + 1) % 100 === 0 || step + 1 === steps) {
       const accuracy = (100 * letterAccuracy(model, val, letterIds)).toFixed(1);
       const seconds = ((performance.now() - started) / 1000).toFixed(0);
