@@ -298,7 +298,8 @@ export interface ShapesQuestion {
 
 /** The closing line of a multiple-choice question, as MMStar prompts it. */
 export const CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly.";
-const LETTERS = ["A", "B", "C", "D"] as const;
+/** The option letters of the shapes world's multiple-choice questions: always four options. */
+export const CHOICE_LETTERS = ["A", "B", "C", "D"] as const;
 
 /** MMStar's layout: the question, one "A. …" line per option (letters from A, up to Z), then the instruction. */
 export function choicePrompt(question: string, options: readonly string[]): string {
@@ -329,7 +330,7 @@ function multipleChoice(rng: Rng, base: ShapesQuestion, options: readonly string
   return {
     kind: "choice",
     question: choicePrompt(base.question, order),
-    answer: LETTERS[order.indexOf(base.answer)],
+    answer: CHOICE_LETTERS[order.indexOf(base.answer)],
     topics: base.topics,
   };
 }
@@ -703,7 +704,7 @@ function shapesCorpus(): string[] {
     "yes",
     "no",
     "Where is the red circle?",
-    ...LETTERS.map((letter) => `\n${letter}. red`),
+    ...CHOICE_LETTERS.map((letter) => `\n${letter}. red`),
     CHOICE_INSTRUCTION,
   ];
   // Each value both at the start of a line and after a space.
@@ -1303,7 +1304,7 @@ function trainPrompt(sample: Omit<EncodedSample, "images">, imageTokenId: number
  */
 function trainOptionLines(sample: Omit<EncodedSample, "images">, newline: number): void {
   const newlines = [...sample.inputIds.keys()].filter((t) => sample.inputIds[t] === newline);
-  const [questionEnd, lastOptionEnd] = [newlines[1], newlines[1 + LETTERS.length]];
+  const [questionEnd, lastOptionEnd] = [newlines[1], newlines[1 + CHOICE_LETTERS.length]];
   for (let t = questionEnd; t < lastOptionEnd; t++) sample.labels[t] = sample.inputIds[t + 1];
 }
 
@@ -1357,11 +1358,11 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
     let { question, answer } = picked;
     if (kind === "choice") {
       const { question: line, options } = parseChoicePrompt(question);
-      const answerText = options[LETTERS.indexOf(answer as typeof LETTERS[number])];
+      const answerText = options[CHOICE_LETTERS.indexOf(answer as typeof CHOICE_LETTERS[number])];
       const hinted = choiceHints > 0 && rng.next() < choiceHints ? `${line} ${answerText}` : line;
       const order = sortedChoices > 0 && rng.next() < sortedChoices ? options.toSorted() : options;
       question = choicePrompt(hinted, order);
-      answer = LETTERS[order.indexOf(answerText)];
+      answer = CHOICE_LETTERS[order.indexOf(answerText)];
     }
     const encoded = encodeConversation(
       tokenizer,

@@ -31,7 +31,7 @@ export interface TrainConfig {
   share_spaced_words: boolean; // a decoder from scratch: "red" and " red" start from one embedding row
   choice_hints: number; // shapes world: share of multiple-choice questions that say their answer (a reading exercise)
   sorted_choices: number; // shapes world: share of multiple-choice questions with options in alphabetical order
-  prompt_loss: string; // shapes world: prompt tokens trained besides the answer: "none" (the reference), "options", "all"
+  prompt_loss: PromptLoss; // shapes world: prompt tokens trained besides the answer: "none" (the reference), "options", "all"
   plain_scenes: boolean; // shapes world: train on black, hard-edged, exact-colour scenes only (the world before it varied)
   answer_floor: number; // a sample's answer weighs at least this many tokens in the loss (0: every token 1, the reference)
   seed: number; // model init and data order

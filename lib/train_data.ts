@@ -3,7 +3,7 @@
 // `datasetTrainingData`. The val sets are fixed subsets, the same at every eval and in every run. Nothing here touches
 // files, so the browser page's training worker (web/train_worker.ts) uses it as it is.
 
-import { type Batch, type ChatTokenizer, type PromptLoss, shapesBatches } from "../data.ts";
+import { type Batch, type ChatTokenizer, shapesBatches } from "../data.ts";
 import type { VLMConfig } from "../config.ts";
 import { type EvalItem, shapesQuestions } from "./scoring.ts";
 import type { TrainConfig } from "./train_config.ts";
@@ -61,7 +61,7 @@ export function shapesTrainingData(
     lengthBuckets: config.sort_by_length ? config.gradient_accumulation_steps : 1,
     choiceHints: config.choice_hints,
     sortedChoices: config.sorted_choices,
-    promptLoss: config.prompt_loss as PromptLoss,
+    promptLoss: config.prompt_loss,
     plainScenes: config.plain_scenes,
     start: examplesSeen,
   });

@@ -13,7 +13,15 @@
 
 import { parseArgs } from "node:util";
 import * as tf from "@tensorflow/tfjs";
-import { type Batch, IGNORE_INDEX, loadTokenizer, PROMPT_LOSSES, type PromptLoss, shapesBatches } from "../data.ts";
+import {
+  type Batch,
+  CHOICE_LETTERS,
+  IGNORE_INDEX,
+  loadTokenizer,
+  PROMPT_LOSSES,
+  type PromptLoss,
+  shapesBatches,
+} from "../data.ts";
 import { lmHead, PRESETS, VisionLanguageModel } from "../nanovlm.ts";
 import { initBackend } from "../backend/runtime.ts";
 import { runMain, snakeCaseFlags, wholeNumber } from "../lib/cli.ts";
@@ -25,7 +33,6 @@ import { batchTensors, shareSpacedWordEmbeddings, trainStep } from "../lib/train
 const USAGE = "usage: deno run -A tools/lookup_probe.ts [--prompt_loss none|options|all] [--steps 1000] [--seed 0]";
 const BATCH = 64;
 const VAL_QUESTIONS = 256;
-const LETTERS = ["A", "B", "C", "D"];
 
 /** The share of rows whose letter (the first trained token) is the one with the largest logit among A–D. */
 function letterAccuracy(model: VisionLanguageModel, batch: Batch, letterIds: number[]): number {
@@ -78,7 +85,7 @@ async function main(args: string[]) {
   const batches = shapesBatches({ ...lookups, split: "train", seed, batchSize: BATCH, promptLoss });
   const [val] = shapesBatches({ ...lookups, split: "val", seed: 0, batchSize: VAL_QUESTIONS, count: VAL_QUESTIONS })
     .map(greyed);
-  const letterIds = LETTERS.map((letter) => tokenizer.encode(letter)[0]);
+  const letterIds = CHOICE_LETTERS.map((letter) => tokenizer.encode(letter)[0]);
 
   console.log(`prompt loss ${promptLoss} | seed ${seed} | ${steps} steps of ${BATCH} hinted multiple-choice questions`);
   const started = performance.now();
