@@ -20,6 +20,7 @@
 // (optimizer.ts), trainStep (train_step.ts), checkpoints and metrics (train_state.ts).
 
 import {
+  checkSettingsForData,
   DEFAULT_TRAIN_CONFIG,
   modelConfig,
   parseTrainArgs,
@@ -112,9 +113,7 @@ export async function train(
   if (config.push_to_hub && !hubToken()) {
     throw new Error(`--push_to_hub ${config.push_to_hub} needs a token with write access: set HF_TOKEN`);
   }
-  if (config.data !== "shapes" && config.prompt_loss !== "none") {
-    throw new Error(`--prompt_loss=${config.prompt_loss} is for the shapes world; --data trains the answers only`);
-  }
+  checkSettingsForData(config);
   // Open the dataset first, so a wrong --data fails before any model is built.
   const source = config.data === "shapes" ? undefined : await openDataset(config.data);
   // initBackend prints its own detailed line; a caller with its own `log` gets just the name.

@@ -164,6 +164,30 @@ export function parseTrainArgs(args: string[]): { train: Partial<TrainConfig>; m
   return { train: train as Partial<TrainConfig>, model: model as Partial<VLMConfig> };
 }
 
+// Settings that only the built-in shapes world reads (lib/train_data.ts's shapesTrainingData).
+const SHAPES_WORLD_SETTINGS = [
+  "caption_weight",
+  "choice_weight",
+  "position_weight",
+  "sort_by_length",
+  "choice_hints",
+  "sorted_choices",
+  "prompt_loss",
+  "plain_scenes",
+] as const;
+
+/**
+ * A run on a dataset (`--data`) that changes a setting only the shapes world reads is an Error naming each such
+ * setting, rather than a run that silently ignores it.
+ */
+export function checkSettingsForData(config: TrainConfig): void {
+  if (config.data === "shapes") return;
+  const changed = SHAPES_WORLD_SETTINGS.filter((key) => config[key] !== DEFAULT_TRAIN_CONFIG[key]);
+  if (changed.length === 0) return;
+  const given = changed.map((key) => `--${key}=${config[key]}`).join(" ");
+  throw new Error(`${given}: only the built-in shapes world reads this; drop it to train on --data=${config.data}`);
+}
+
 /**
  * `--key=value` and `--key value` pairs, each key one of `keys`; anything else is an Error saying what it is. (Written
  * out rather than node:util's parseArgs: the browser page imports this file for DEFAULT_TRAIN_CONFIG.)

@@ -119,11 +119,18 @@ Deno.test("train --data cauldron:vqav2 streams the subset from the Hub; --push_t
     const weights = await readSafetensors(join(dir, "runs", "cauldron", "latest", "model.safetensors"));
     assert(weights.tensors.has("MP.proj.weight"));
 
+    // Settings only the shapes world reads are errors with --data, not silently ignored; nothing is made.
     await assertRejects(
       () => train({ ...run, run_name: "prompt-loss", prompt_loss: "options" }, {}, { log: () => {} }),
       Error,
-      "--prompt_loss=options is for the shapes world; --data trains the answers only",
+      "--prompt_loss=options: only the built-in shapes world reads this; drop it to train on --data=cauldron:vqav2",
     );
+    await assertRejects(
+      () => train({ ...run, run_name: "weights", caption_weight: 3, plain_scenes: true }, {}, { log: () => {} }),
+      Error,
+      "--caption_weight=3 --plain_scenes=true: only the built-in shapes world reads this",
+    );
+    await assertRejects(() => Deno.stat(join(dir, "runs", "weights")), Deno.errors.NotFound);
     Deno.env.delete("HF_TOKEN");
     const before = hub.requests.length;
     await assertRejects(
