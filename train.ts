@@ -30,6 +30,7 @@ import {
 import { type Batch, type ChatTokenizer, checkTokenizerFitsConfig } from "./data.ts";
 import { datasetTrainingData, type DataSource, openDataset } from "./lib/datasets.ts";
 import { shapesTrainingData } from "./lib/train_data.ts";
+import { pretrainRunVision } from "./lib/vision_pretrain.ts";
 import { VisionLanguageModel, type VLMConfig } from "./nanovlm.ts";
 import { configFromJSON } from "./lib/state_dict.ts";
 import { loadBackbones, modelFromBackbones } from "./lib/backbones.ts";
@@ -189,6 +190,8 @@ export async function train(
     }
 
     if (source) log(`data: ${source.name}`);
+    // A ViT from scratch first learns what is in each quadrant (lib/vision_pretrain.ts), as nanoVLM's SigLIP was.
+    if (!config.resume && !source && !cfg.vlm_load_backbone_weights) await pretrainRunVision(model, config, log);
     const summary = await trainLoop(model, optimizer, state, tokenizer, config, runDir, metrics, log, helpers, source);
     if (config.push_to_hub && summary.steps === config.max_training_steps) {
       const { url } = await pushToHub(`${runDir}/best`, config.push_to_hub, {

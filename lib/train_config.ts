@@ -33,6 +33,7 @@ export interface TrainConfig {
   sorted_choices: number; // shapes world: share of multiple-choice questions with options in alphabetical order
   prompt_loss: PromptLoss; // shapes world: prompt tokens trained besides the answer: "none" (the reference), "options", "all"
   plain_scenes: boolean; // shapes world: train on black, hard-edged, exact-colour scenes only (the world before it varied)
+  vision_pretrain_steps: number; // shapes world, ViT from scratch: steps naming each quadrant's contents first (0 = none)
   answer_floor: number; // a sample's answer weighs at least this many tokens in the loss (0: every token 1, the reference)
   seed: number; // model init and data order
   backend: string; // "webgpu" | "wasm" | "cpu", or "" for the best available
@@ -70,6 +71,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   sorted_choices: 0.5,
   prompt_loss: "none",
   plain_scenes: false,
+  vision_pretrain_steps: 0,
   answer_floor: 0,
   seed: 0,
   backend: "",
@@ -128,6 +130,7 @@ const INTEGER_TRAIN_KEYS = new Set([
   "seed",
   "stop_at",
   "shuffle_buffer",
+  "vision_pretrain_steps",
 ]);
 
 /**
@@ -174,6 +177,7 @@ const SHAPES_WORLD_SETTINGS = [
   "sorted_choices",
   "prompt_loss",
   "plain_scenes",
+  "vision_pretrain_steps",
 ] as const;
 
 /**

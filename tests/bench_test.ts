@@ -202,3 +202,33 @@ Deno.test("tools/lookup_probe.ts trains on hinted multiple choice and prints the
   assert.equal(success, false);
   assert.match(new TextDecoder().decode(stderr), /--prompt_loss some: expected one of none, options, all/);
 });
+
+Deno.test("tools/vision_probe.ts: the committed checkpoint's image tokens hold each quadrant's colour and size", async () => {
+  const output = await run("deno", [
+    "run",
+    "-A",
+    "tools/vision_probe.ts",
+    "--checkpoint=checkpoints/shapes-tiny",
+    "--steps=200",
+  ]);
+  const read = (name: string) =>
+    Number(output.match(new RegExp(`^${name} +([\\d.]+)% of occupied quadrants`, "m"))?.[1]);
+  assert.ok(read("color") >= 95 && read("size") >= 95, output);
+  assert.ok(read("shape") > 33, output); // above chance; how far above is what the lesson is about
+  const direct = await run("deno", ["run", "-A", "tools/vision_probe.ts", "--train_vit", "--steps=2"]);
+  assert.match(
+    direct,
+    /^step 2 \| loss [\d.]+ \| shape [\d.]+% \| color [\d.]+% \| size [\d.]+% of occupied quadrants \| \d+ s$/m,
+  );
+  const { success, stderr } = await new Deno.Command("deno", {
+    args: ["run", "-A", "tools/vision_probe.ts"],
+    cwd: REPO_ROOT,
+    env: { NO_COLOR: "1" },
+    stderr: "piped",
+  }).output();
+  assert.equal(success, false);
+  assert.match(
+    new TextDecoder().decode(stderr),
+    /give either --checkpoint \(a model folder, or "random"\) or --train_vit/,
+  );
+});

@@ -1,0 +1,166 @@
+// lib/vision_pretrain.ts — a vision encoder that has seen shapes before it meets a decoder. nanoVLM never trains a
+// vision encoder from scratch: it starts from SigLIP, which Google pretrained on images. The tiny model's ViT starts from
+// random weights, and inside the VLM it learns shapes slowly: the only teacher is the next word, a few of which name a
+// shape, and they reach the ViT through a decoder that is itself still learning where to look (tools/vision_probe.ts
+// measures it; docs/training-the-shapes-world.md tells the story).
+//
+// So a run of the shapes world first trains the ViT and the projector alone, for `vision_pretrain_steps` steps: on each
+// of the four image tokens (one per quadrant), one linear head per attribute names the quadrant's shape, colour and
+// size, or "nothing". The heads are thrown away afterwards; the model that goes on to train as nanoVLM does is the
+// nanoVLM architecture, with a vision encoder that has been pretrained, as SigLIP is for nanoVLM.
+
+import * as tf from "@tensorflow/tfjs";
+import { COLORS, makeShapesExample, QUADRANTS, SHAPES, SIZES, type Split, toCHWFloat } from "../data.ts";
+import { modalityProjector, visionEncoder, type VisionLanguageModel, type VLMConfig } from "../nanovlm.ts";
+import { AdamW, lrSchedule } from "./optimizer.ts";
+import type { TrainConfig } from "./train_config.ts";
+
+/** What the heads name about each quadrant. Class 0 of each is "nothing here", class i + 1 the i-th value. */
+export const QUADRANT_ATTRIBUTES = { shape: SHAPES, color: COLORS, size: SIZES } as const;
+/** shape, color or size. */
+export type QuadrantAttribute = keyof typeof QUADRANT_ATTRIBUTES;
+const ATTRIBUTES = Object.keys(QUADRANT_ATTRIBUTES) as QuadrantAttribute[];
+
+/** Scenes as the model sees them and each quadrant's class per attribute. */
+export interface QuadrantScenes {
+  /** [N, 3, S, S] in [0, 1]. */
+  images: tf.Tensor4D;
+  /** Per attribute, [N·4] classes in quadrant order (top left, top right, bottom left, bottom right); 0 = empty. */
+  labels: Record<QuadrantAttribute, Int32Array>;
+}
+
+/** Scenes `start` … `start + count − 1` of a split of the shapes world, with their quadrants' labels. */
+export function quadrantScenes(
+  split: Split,
+  seed: number,
+  start: number,
+  count: number,
+  size: number,
+  { plain = false }: { plain?: boolean } = {},
+): QuadrantScenes {
+  const pixels = new Float32Array(count * 3 * size * size);
+  const labels = {
+    shape: new Int32Array(count * 4),
+    color: new Int32Array(count * 4),
+    size: new Int32Array(count * 4),
+  };
+  for (let i = 0; i < count; i++) {
+    const example = makeShapesExample(split, seed, start + i, size, { plain });
+    toCHWFloat(example.rgb, size, pixels.subarray(i * 3 * size * size, (i + 1) * 3 * size * size));
+    QUADRANTS.forEach((quadrant, q) => {
+      const object = example.objects.find((o) => o.quadrant === quadrant);
+      if (!object) return;
+      labels.shape[i * 4 + q] = 1 + SHAPES.indexOf(object.shape);
+      labels.color[i * 4 + q] = 1 + COLORS.indexOf(object.color);
+      labels.size[i * 4 + q] = 1 + SIZES.indexOf(object.size);
+    });
+  }
+  return { images: tf.tensor4d(pixels, [count, 3, size, size]), labels };
+}
+
+/** The image tokens as the decoder receives them, one row per quadrant. images [N,3,S,S] → [N·4, D] */
+export function quadrantTokens(params: Map<string, tf.Tensor>, cfg: VLMConfig, images: tf.Tensor): tf.Tensor2D {
+  return modalityProjector(params, cfg, visionEncoder(params, cfg, images)).reshape([-1, cfg.lm_hidden_dim]);
+}
+
+/** Linear heads on the image tokens: one [D, classes + 1] matrix per attribute. */
+export type QuadrantHeads = Record<QuadrantAttribute, tf.Variable>;
+
+/** How pretrainVision trains, and what it reports. */
+export interface VisionPretrainOptions {
+  steps: number;
+  seed: number;
+  /** Scenes per step. */
+  batchSize?: number;
+  /** Peak learning rate of the reference's schedule (warmup, cosine to a tenth). */
+  lr?: number;
+  /** AdamW's β2, as the run's. */
+  beta2?: number;
+  /** Black, hard-edged scenes only (`plain_scenes`). */
+  plain?: boolean;
+  /** Called every 100 steps and after the last, with the step, its loss and the heads (valid during the call). */
+  report?: (step: number, loss: number, heads: QuadrantHeads) => void;
+}
+
+/**
+ * Train `model`'s ViT and projector (every `vision_encoder.*` and `MP.*` weight) to name each quadrant's shape, colour
+ * and size from its image token, on the shapes world's train split; the decoder is not touched. Returns the last loss.
+ */
+export async function pretrainVision(model: VisionLanguageModel, options: VisionPretrainOptions): Promise<number> {
+  const { steps, seed, batchSize = 64, lr = 1e-3, beta2 = 0.95, plain = false, report } = options;
+  const cfg = model.cfg;
+  if (cfg.mp_image_token_length !== 4) {
+    throw new Error(
+      `vision pretraining names each quadrant from its own image token, so it needs 4 image tokens; this model makes ` +
+        `${cfg.mp_image_token_length}: set vision_pretrain_steps=0`,
+    );
+  }
+  const vision = [...model.params].filter(([name]) => name.startsWith("vision_encoder.") || name.startsWith("MP."));
+  const heads = Object.fromEntries(ATTRIBUTES.map((attribute, i) => {
+    const classes = QUADRANT_ATTRIBUTES[attribute].length + 1;
+    const init = tf.randomNormal([cfg.lm_hidden_dim, classes], 0, 0.02, "float32", seed + i);
+    const head = tf.variable(init);
+    init.dispose(); // the variable holds its own copy
+    return [attribute, head];
+  })) as QuadrantHeads;
+  // The run's AdamW (torch's, lib/optimizer.ts) over the ViT, the projector and the heads, on the reference's schedule.
+  const trained = new Map([...vision, ...ATTRIBUTES.map((a) => [`head.${a}`, heads[a]] as [string, tf.Variable])]);
+  const optimizer = new AdamW(trained, [{ name: "vision", maxLr: lr, params: [...trained.keys()] }], { beta2 });
+  let lastLoss = NaN;
+  try {
+    for (let step = 0; step < steps; step++) {
+      const batch = quadrantScenes("train", seed, step * batchSize, batchSize, cfg.vit_img_size, { plain });
+      const { value: loss, grads } = tf.variableGrads(() => {
+        const tokens = quadrantTokens(model.params, cfg, batch.images); // [B·4, D]
+        const losses = ATTRIBUTES.map((attribute) => {
+          const classes = QUADRANT_ATTRIBUTES[attribute].length + 1;
+          const targets = tf.oneHot(tf.tensor1d(batch.labels[attribute], "int32"), classes);
+          return tf.losses.softmaxCrossEntropy(targets, tokens.matMul(heads[attribute]));
+        });
+        return tf.addN(losses) as tf.Scalar;
+      }, optimizer.variables);
+      batch.images.dispose();
+      optimizer.step(new Map([...trained].map(([name, v]) => [name, grads[v.name]])), [lrSchedule(step, lr, steps)]);
+      Object.values(grads).forEach((g) => g.dispose());
+      if ((step + 1) % 100 === 0 || step + 1 === steps) {
+        lastLoss = (await loss.data())[0];
+        if (!Number.isFinite(lastLoss)) {
+          throw new Error(`vision pretraining: the loss is ${lastLoss} at step ${step + 1}`);
+        }
+        report?.(step + 1, lastLoss, heads);
+      }
+      loss.dispose();
+    }
+  } finally {
+    optimizer.dispose();
+    Object.values(heads).forEach((head) => head.dispose());
+  }
+  return lastLoss;
+}
+
+/** train.ts's stage before the VLM: `vision_pretrain_steps` steps of pretrainVision with the run's settings, logged. */
+export async function pretrainRunVision(
+  model: VisionLanguageModel,
+  config: TrainConfig,
+  log: (line: string) => void,
+): Promise<void> {
+  const steps = config.vision_pretrain_steps, tokens = model.cfg.mp_image_token_length, started = performance.now();
+  if (steps === 0) return;
+  if (tokens !== 4) {
+    log(`vision pretraining skipped: it needs one image token per quadrant (4); this model makes ${tokens}`);
+    return;
+  }
+  log(`vision pretraining: ${steps} steps naming each quadrant's shape, colour and size (lib/vision_pretrain.ts)`);
+  await pretrainVision(model, {
+    steps,
+    seed: config.seed,
+    batchSize: config.batch_size * config.gradient_accumulation_steps,
+    lr: config.lr_backbones,
+    beta2: config.adam_beta2,
+    plain: config.plain_scenes,
+    report: (step, loss) => {
+      const seconds = ((performance.now() - started) / 1000).toFixed(0);
+      log(`vision step ${step}/${steps} | loss ${loss.toFixed(3)} | ${seconds} s`);
+    },
+  });
+}
