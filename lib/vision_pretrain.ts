@@ -122,14 +122,14 @@ export async function pretrainVision(model: VisionLanguageModel, options: Vision
       batch.images.dispose();
       optimizer.step(new Map([...trained].map(([name, v]) => [name, grads[v.name]])), [lrSchedule(step, lr, steps)]);
       Object.values(grads).forEach((g) => g.dispose());
-      if ((step + 1) % 100 === 0 || step + 1 === steps) {
-        lastLoss = (await loss.data())[0];
-        if (!Number.isFinite(lastLoss)) {
-          throw new Error(`vision pretraining: the loss is ${lastLoss} at step ${step + 1}`);
-        }
-        report?.(step + 1, lastLoss, heads);
-      }
+      const reportNow = (step + 1) % 100 === 0 || step + 1 === steps;
+      if (reportNow) lastLoss = (await loss.data())[0];
       loss.dispose();
+      if (!reportNow) continue;
+      if (!Number.isFinite(lastLoss)) {
+        throw new Error(`vision pretraining: the loss is ${lastLoss} at step ${step + 1}; try a lower --lr_backbones`);
+      }
+      report?.(step + 1, lastLoss, heads);
     }
   } finally {
     optimizer.dispose();
