@@ -190,8 +190,8 @@ export async function train(
     }
 
     if (source) log(`data: ${source.name}`);
-    // A ViT from scratch first learns what is in each quadrant (lib/vision_pretrain.ts), as nanoVLM's SigLIP was.
-    if (!config.resume && !source && !cfg.vlm_load_backbone_weights) await pretrainRunVision(model, config, log);
+    // --vision_pretrain_steps: the ViT first learns what is in each quadrant, as SigLIP was pretrained for nanoVLM.
+    if (!config.resume) await pretrainRunVision(model, config, log);
     const summary = await trainLoop(model, optimizer, state, tokenizer, config, runDir, metrics, log, helpers, source);
     if (config.push_to_hub && summary.steps === config.max_training_steps) {
       const { url } = await pushToHub(`${runDir}/best`, config.push_to_hub, {

@@ -146,6 +146,11 @@ export async function pretrainRunVision(
 ): Promise<void> {
   const steps = config.vision_pretrain_steps, tokens = model.cfg.mp_image_token_length, started = performance.now();
   if (steps === 0) return;
+  // --data runs never get here with steps > 0: train_config.ts's checkSettingsForData refuses them.
+  if (model.cfg.vlm_load_backbone_weights) {
+    log(`vision pretraining skipped: the vision encoder is ${model.cfg.vit_model_type}, pretrained already`);
+    return;
+  }
   if (tokens !== 4) {
     log(`vision pretraining skipped: it needs one image token per quadrant (4); this model makes ${tokens}`);
     return;

@@ -68,9 +68,12 @@ function probe(model: VisionLanguageModel, steps: number, seed: number): void {
   const D = model.cfg.lm_hidden_dim, rows = TRAIN_SCENES * 4;
   for (const name of NAMES) {
     const classes = QUADRANT_ATTRIBUTES[name].length + 1;
-    const w1 = tf.variable(tf.randomNormal([D, 256], 0, 1 / Math.sqrt(D), "float32", seed));
-    const b1 = tf.variable(tf.zeros([256]));
-    const w2 = tf.variable(tf.randomNormal([256, classes], 0, 1 / 16, "float32", seed + 1));
+    // tidy frees the initial values; the variables keep their own reference to the data.
+    const [w1, b1, w2] = tf.tidy(() => [
+      tf.variable(tf.randomNormal([D, 256], 0, 1 / Math.sqrt(D), "float32", seed)),
+      tf.variable(tf.zeros([256])),
+      tf.variable(tf.randomNormal([256, classes], 0, 1 / 16, "float32", seed + 1)),
+    ]);
     const head = (x: tf.Tensor) => tf.relu(standard(x).matMul(w1).add(b1)).matMul(w2);
     const optimizer = tf.train.adam(1e-3);
     const targets = tf.oneHot(tf.tensor1d(train.labels[name], "int32"), classes);
