@@ -500,6 +500,8 @@ export class VisionLanguageModel {
       : undefined;
     if (this.rope) [this.rope.cos, this.rope.sin].forEach((t) => tf.keep(t)); // kept if made inside a tidy
     const id = modelCount++;
+    // tfjs' randomNormal reads a seed of 0 as "no seed" (randomUniform does not): the first parameter, the position
+    // embedding, is uniform and takes seed 0, so every seed makes the same model every time.
     let seed = options.seed ?? 0;
     this.params = new Map();
     for (const spec of parameterSpecs(cfg)) {

@@ -6,7 +6,8 @@
 //
 // So a run of the shapes world first trains the ViT and the projector alone, for `vision_pretrain_steps` steps: on each
 // of the four image tokens (one per quadrant), one linear head per attribute names the quadrant's shape, colour and
-// size, or "nothing". The heads are thrown away afterwards; the model that goes on to train as nanoVLM does is the
+// size, or "nothing", and a fourth names which quadrant the token is. That one keeps the token's place in it: the
+// other three ask the same of all four tokens, which would teach them to forget where they are. The heads are thrown away afterwards; the model that goes on to train as nanoVLM does is the
 // nanoVLM architecture, with a vision encoder that has been pretrained, as SigLIP is for nanoVLM.
 
 import * as tf from "@tensorflow/tfjs";
@@ -15,9 +16,12 @@ import { modalityProjector, visionEncoder, type VisionLanguageModel, type VLMCon
 import { AdamW, lrSchedule } from "./optimizer.ts";
 import type { TrainConfig } from "./train_config.ts";
 
-/** What the heads name about each quadrant. Class 0 of each is "nothing here", class i + 1 the i-th value. */
-export const QUADRANT_ATTRIBUTES = { shape: SHAPES, color: COLORS, size: SIZES } as const;
-/** shape, color or size. */
+/**
+ * What the heads name about each quadrant. Class 0 of each is "nothing here", class i + 1 the i-th value; every token
+ * has a quadrant, so that head's class is never 0.
+ */
+export const QUADRANT_ATTRIBUTES = { shape: SHAPES, color: COLORS, size: SIZES, quadrant: QUADRANTS } as const;
+/** shape, color, size or quadrant. */
 export type QuadrantAttribute = keyof typeof QUADRANT_ATTRIBUTES;
 const ATTRIBUTES = Object.keys(QUADRANT_ATTRIBUTES) as QuadrantAttribute[];
 
@@ -43,11 +47,13 @@ export function quadrantScenes(
     shape: new Int32Array(count * 4),
     color: new Int32Array(count * 4),
     size: new Int32Array(count * 4),
+    quadrant: new Int32Array(count * 4),
   };
   for (let i = 0; i < count; i++) {
     const example = makeShapesExample(split, seed, start + i, size, { plain });
     toCHWFloat(example.rgb, size, pixels.subarray(i * 3 * size * size, (i + 1) * 3 * size * size));
     QUADRANTS.forEach((quadrant, q) => {
+      labels.quadrant[i * 4 + q] = 1 + q;
       const object = example.objects.find((o) => o.quadrant === quadrant);
       if (!object) return;
       labels.shape[i * 4 + q] = 1 + SHAPES.indexOf(object.shape);
@@ -83,8 +89,9 @@ export interface VisionPretrainOptions {
 }
 
 /**
- * Train `model`'s ViT and projector (every `vision_encoder.*` and `MP.*` weight) to name each quadrant's shape, colour
- * and size from its image token, on the shapes world's train split; the decoder is not touched. Returns the last loss.
+ * Train `model`'s ViT and projector (every `vision_encoder.*` and `MP.*` weight) to name each quadrant's shape, colour,
+ * size and place from its image token, on the shapes world's train split; the decoder is not touched. Returns the last
+ * loss.
  */
 export async function pretrainVision(model: VisionLanguageModel, options: VisionPretrainOptions): Promise<number> {
   const { steps, seed, batchSize = 64, lr = 1e-3, beta2 = 0.95, plain = false, report } = options;
@@ -98,7 +105,9 @@ export async function pretrainVision(model: VisionLanguageModel, options: Vision
   const vision = [...model.params].filter(([name]) => name.startsWith("vision_encoder.") || name.startsWith("MP."));
   const heads = Object.fromEntries(ATTRIBUTES.map((attribute, i) => {
     const classes = QUADRANT_ATTRIBUTES[attribute].length + 1;
-    const init = tf.randomNormal([cfg.lm_hidden_dim, classes], 0, 0.02, "float32", seed + i);
+    // tfjs' randomNormal reads a seed of 0 as "no seed" (Math.random), so each run's head seeds start at 1.
+    const headSeed = 1 + seed * ATTRIBUTES.length + i;
+    const init = tf.randomNormal([cfg.lm_hidden_dim, classes], 0, 0.02, "float32", headSeed);
     const head = tf.variable(init);
     init.dispose(); // the variable holds its own copy
     return [attribute, head];
@@ -146,7 +155,10 @@ export async function pretrainRunVision(
 ): Promise<void> {
   const steps = config.vision_pretrain_steps, tokens = model.cfg.mp_image_token_length, started = performance.now();
   if (steps === 0) return;
-  // --data runs never get here with steps > 0: train_config.ts's checkSettingsForData refuses them.
+  if (config.data !== "shapes") {
+    log(`vision pretraining skipped: it names the shapes world's quadrants, and this run trains on ${config.data}`);
+    return;
+  }
   if (model.cfg.vlm_load_backbone_weights) {
     log(`vision pretraining skipped: the vision encoder is ${model.cfg.vit_model_type}, pretrained already`);
     return;
@@ -155,7 +167,7 @@ export async function pretrainRunVision(
     log(`vision pretraining skipped: it needs one image token per quadrant (4); this model makes ${tokens}`);
     return;
   }
-  log(`vision pretraining: ${steps} steps naming each quadrant's shape, colour and size (lib/vision_pretrain.ts)`);
+  log(`vision pretraining: ${steps} steps naming each quadrant's contents and place (lib/vision_pretrain.ts)`);
   await pretrainVision(model, {
     steps,
     seed: config.seed,

@@ -203,7 +203,7 @@ Deno.test("tools/lookup_probe.ts trains on hinted multiple choice and prints the
   assert.match(new TextDecoder().decode(stderr), /--prompt_loss some: expected one of none, options, all/);
 });
 
-Deno.test("tools/vision_probe.ts: the committed checkpoint's image tokens hold each quadrant's colour and size", async () => {
+Deno.test("tools/vision_probe.ts: the committed checkpoint's image tokens hold each quadrant's contents and place", async () => {
   const output = await run("deno", [
     "run",
     "-A",
@@ -211,14 +211,13 @@ Deno.test("tools/vision_probe.ts: the committed checkpoint's image tokens hold e
     "--checkpoint=checkpoints/shapes-tiny",
     "--steps=200",
   ]);
-  const read = (name: string) =>
-    Number(output.match(new RegExp(`^${name} +([\\d.]+)% of occupied quadrants`, "m"))?.[1]);
-  assert.ok(read("color") >= 95 && read("size") >= 95, output);
+  const read = (name: string) => Number(output.match(new RegExp(`^${name} +([\\d.]+)% \\(chance`, "m"))?.[1]);
+  assert.ok(read("color") >= 95 && read("size") >= 95 && read("quadrant") >= 95, output);
   assert.ok(read("shape") > 33, output); // above chance; how far above is what the lesson is about
   const direct = await run("deno", ["run", "-A", "tools/vision_probe.ts", "--train_vit", "--steps=2"]);
   assert.match(
     direct,
-    /^step 2 \| loss [\d.]+ \| shape [\d.]+% \| color [\d.]+% \| size [\d.]+% of occupied quadrants \| \d+ s$/m,
+    /^step 2 \| loss [\d.]+ \| shape [\d.]+% \| color [\d.]+% \| size [\d.]+% \| quadrant [\d.]+% \| \d+ s$/m,
   );
   const { success, stderr } = await new Deno.Command("deno", {
     args: ["run", "-A", "tools/vision_probe.ts"],

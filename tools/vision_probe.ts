@@ -1,13 +1,14 @@
 // tools/vision_probe.ts — what do a model's image tokens know about the picture? The tiny preset makes one image
-// token per quadrant; a probe asks whether that token holds its quadrant's shape, colour and size.
+// token per quadrant; a probe asks whether that token holds its quadrant's shape, colour and size, and which quadrant
+// it is.
 //
 //   deno run -A tools/vision_probe.ts --checkpoint checkpoints/shapes-tiny   # a trained model's image tokens
 //   deno run -A tools/vision_probe.ts --checkpoint random                    # the same preset, untrained
 //   deno run -A tools/vision_probe.ts --train_vit [--steps 1500]              # the ViT told the answers directly
 //
 // A probe is a small classifier (one hidden layer of 256) trained on frozen image tokens of 3,000 train scenes and
-// scored on the occupied quadrants of 1,000 test scenes. It measures what can be read from the tokens, not what the
-// decoder does read. The untrained model is the baseline: random features of the pixels already tell colours apart.
+// scored on the occupied quadrants of 1,000 test scenes (on every quadrant, for which one it is). It measures what can
+// be read from the tokens, not what the decoder does read. The untrained model is the baseline: random features of the pixels already tell colours apart.
 //
 // --train_vit asks the other question: how fast does the tiny ViT learn the quadrants' contents when it is trained on
 // them directly, as train.ts's vision pretraining does (lib/vision_pretrain.ts: a linear head per attribute on each
@@ -33,16 +34,16 @@ const TRAIN_SCENES = 3000;
 const TEST_SCENES = 1000;
 const NAMES = Object.keys(QUADRANT_ATTRIBUTES) as QuadrantAttribute[];
 
-/** The share of occupied quadrants whose largest logit is their class. logits [N·4, classes] */
-function occupiedAccuracy(logits: tf.Tensor, labels: Int32Array): number {
+/** The share of labelled quadrants (occupied ones; every one for `quadrant`) whose largest logit is their class. */
+function labelledAccuracy(logits: tf.Tensor, labels: Int32Array): number {
   const predicted = tf.tidy(() => logits.argMax(-1).dataSync());
-  let right = 0, occupied = 0;
+  let right = 0, labelled = 0;
   labels.forEach((label, i) => {
     if (label === 0) return;
-    occupied++;
+    labelled++;
     if (predicted[i] === label) right++;
   });
-  return right / occupied;
+  return right / labelled;
 }
 
 /** Image tokens of many scenes, computed 100 scenes at a time without gradients. → [N·4, D] */
@@ -68,11 +69,12 @@ function probe(model: VisionLanguageModel, steps: number, seed: number): void {
   const D = model.cfg.lm_hidden_dim, rows = TRAIN_SCENES * 4;
   for (const name of NAMES) {
     const classes = QUADRANT_ATTRIBUTES[name].length + 1;
-    // tidy frees the initial values; the variables keep their own reference to the data.
+    // tidy frees the initial values; the variables keep their own reference to the data. (tfjs' randomNormal reads a
+    // seed of 0 as "no seed", so the seeds start at 1.)
     const [w1, b1, w2] = tf.tidy(() => [
-      tf.variable(tf.randomNormal([D, 256], 0, 1 / Math.sqrt(D), "float32", seed)),
+      tf.variable(tf.randomNormal([D, 256], 0, 1 / Math.sqrt(D), "float32", 2 * seed + 1)),
       tf.variable(tf.zeros([256])),
-      tf.variable(tf.randomNormal([256, classes], 0, 1 / 16, "float32", seed + 1)),
+      tf.variable(tf.randomNormal([256, classes], 0, 1 / 16, "float32", 2 * seed + 2)),
     ]);
     const head = (x: tf.Tensor) => tf.relu(standard(x).matMul(w1).add(b1)).matMul(w2);
     const optimizer = tf.train.adam(1e-3);
@@ -85,9 +87,9 @@ function probe(model: VisionLanguageModel, steps: number, seed: number): void {
       rowsOfStep.dispose();
     }
     const logits = tf.tidy(() => head(testTokens));
-    const accuracy = 100 * occupiedAccuracy(logits, test.labels[name]);
+    const accuracy = 100 * labelledAccuracy(logits, test.labels[name]);
     console.log(
-      `${name.padEnd(5)} ${accuracy.toFixed(1)}% of occupied quadrants (chance ${(100 / (classes - 1)).toFixed(0)}%)`,
+      `${name.padEnd(8)} ${accuracy.toFixed(1)}% (chance ${(100 / (classes - 1)).toFixed(0)}%)`,
     );
     [w1, b1, w2, targets, logits].forEach((t) => t.dispose());
     optimizer.dispose();
@@ -107,14 +109,14 @@ async function trainVit(steps: number, seed: number): Promise<void> {
       const tokens = frozenTokens(model, test.images);
       const scores = NAMES.map((name) => {
         const logits = tokens.matMul(heads[name]);
-        const accuracy = occupiedAccuracy(logits, test.labels[name]);
+        const accuracy = labelledAccuracy(logits, test.labels[name]);
         logits.dispose();
         return `${name} ${(100 * accuracy).toFixed(1)}%`;
       });
       tokens.dispose();
       const seconds = ((performance.now() - started) / 1000).toFixed(0);
       console.log(
-        `step ${step} | loss ${loss.toFixed(3)} | ${scores.join(" | ")} of occupied quadrants | ${seconds} s`,
+        `step ${step} | loss ${loss.toFixed(3)} | ${scores.join(" | ")} | ${seconds} s`,
       );
     },
   });
@@ -149,7 +151,8 @@ async function main(args: string[]) {
     );
   }
   console.log(
-    `${values.checkpoint}: probes trained on ${TRAIN_SCENES} train scenes' image tokens, ${steps} steps each`,
+    `${values.checkpoint}: probes trained on ${TRAIN_SCENES} train scenes' image tokens, ${steps} steps each; ` +
+      `accuracy on ${TEST_SCENES} test scenes' occupied quadrants (every quadrant, for quadrant)`,
   );
   probe(model, steps, seed);
   model.dispose();
