@@ -114,6 +114,11 @@ Deno.test("train --data cauldron:vqav2 streams the subset from the Hub; --push_t
     const summary = await train(run, {}, { log: (l) => log.push(l) });
     assertEquals(summary.steps, 2);
     assert(log.includes("data: HuggingFaceM4/the_cauldron vqav2 (1 shards, 0.00 GB)"), log.join("\n"));
+    assert(
+      log.includes(
+        "vision pretraining skipped: it names the shapes world's quadrants, and this run trains on cauldron:vqav2",
+      ),
+    );
     const reads = hub.requests.filter((r) => r.server === "storage");
     assert(reads.length > 0 && reads.every((r) => r.range !== null), "every read of the shard is a range request");
     const weights = await readSafetensors(join(dir, "runs", "cauldron", "latest", "model.safetensors"));

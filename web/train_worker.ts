@@ -5,7 +5,8 @@
 // (lib/optimizer.ts), one lib/train_step.ts step at a time, and the val accuracy of lib/scoring.ts every
 // eval_interval steps and at the end. What train.ts does and this does not: helper threads (a step runs on this one
 // worker; tfjs' wasm build has its own threads), checkpoints on disk (the page asks for the files instead), the val
-// loss and the test accuracy after training, and the optional vision pretraining (lib/vision_pretrain.ts).
+// loss and the test accuracy after training, and the vision pretraining stage (lib/vision_pretrain.ts): a run in the
+// page starts its ViT from random weights.
 //
 // Messages: the page sends `ToWorker`, the worker answers with `FromWorker`.
 
