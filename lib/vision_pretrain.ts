@@ -7,8 +7,9 @@
 // So a run of the shapes world first trains the ViT and the projector alone, for `vision_pretrain_steps` steps: on each
 // of the four image tokens (one per quadrant), one linear head per attribute names the quadrant's shape, colour and
 // size, or "nothing", and a fourth names which quadrant the token is. That one keeps the token's place in it: the
-// other three ask the same of all four tokens, which would teach them to forget where they are. The heads are thrown away afterwards; the model that goes on to train as nanoVLM does is the
-// nanoVLM architecture, with a vision encoder that has been pretrained, as SigLIP is for nanoVLM.
+// other three ask the same of all four tokens, which would teach them to forget where they are. The heads are thrown
+// away afterwards; the model that goes on to train as nanoVLM does is the nanoVLM architecture, with a vision encoder
+// that has been pretrained, as SigLIP is for nanoVLM.
 
 import * as tf from "@tensorflow/tfjs";
 import { COLORS, makeShapesExample, QUADRANTS, SHAPES, SIZES, type Split, toCHWFloat } from "../data.ts";
