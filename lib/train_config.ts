@@ -69,7 +69,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   share_spaced_words: true,
   choice_hints: 0.5,
   sorted_choices: 0.5,
-  prompt_loss: "none",
+  prompt_loss: "options",
   plain_scenes: false,
   vision_pretrain_steps: 1000,
   answer_floor: 0,
