@@ -26,6 +26,11 @@ export const QUADRANT_ATTRIBUTES = { shape: SHAPES, color: COLORS, size: SIZES, 
 export type QuadrantAttribute = keyof typeof QUADRANT_ATTRIBUTES;
 const ATTRIBUTES = Object.keys(QUADRANT_ATTRIBUTES) as QuadrantAttribute[];
 
+/** How many classes a head names for `attribute`: its values and "nothing here". */
+export function classCount(attribute: QuadrantAttribute): number {
+  return QUADRANT_ATTRIBUTES[attribute].length + 1;
+}
+
 /** Scenes as the model sees them and each quadrant's class per attribute. */
 export interface QuadrantScenes {
   /** [N, 3, S, S] in [0, 1]. */
@@ -105,10 +110,9 @@ export async function pretrainVision(model: VisionLanguageModel, options: Vision
   }
   const vision = [...model.params].filter(([name]) => name.startsWith("vision_encoder.") || name.startsWith("MP."));
   const heads = Object.fromEntries(ATTRIBUTES.map((attribute, i) => {
-    const classes = QUADRANT_ATTRIBUTES[attribute].length + 1;
     // tfjs' randomNormal reads a seed of 0 as "no seed" (Math.random), so each run's head seeds start at 1.
     const headSeed = 1 + seed * ATTRIBUTES.length + i;
-    const init = tf.randomNormal([cfg.lm_hidden_dim, classes], 0, 0.02, "float32", headSeed);
+    const init = tf.randomNormal([cfg.lm_hidden_dim, classCount(attribute)], 0, 0.02, "float32", headSeed);
     const head = tf.variable(init);
     init.dispose(); // the variable holds its own copy
     return [attribute, head];
@@ -123,8 +127,7 @@ export async function pretrainVision(model: VisionLanguageModel, options: Vision
       const { value: loss, grads } = tf.variableGrads(() => {
         const tokens = quadrantTokens(model.params, cfg, batch.images); // [B·4, D]
         const losses = ATTRIBUTES.map((attribute) => {
-          const classes = QUADRANT_ATTRIBUTES[attribute].length + 1;
-          const targets = tf.oneHot(tf.tensor1d(batch.labels[attribute], "int32"), classes);
+          const targets = tf.oneHot(tf.tensor1d(batch.labels[attribute], "int32"), classCount(attribute));
           return tf.losses.softmaxCrossEntropy(targets, tokens.matMul(heads[attribute]));
         });
         return tf.addN(losses) as tf.Scalar;

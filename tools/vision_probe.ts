@@ -22,6 +22,7 @@ import { initBackend } from "../backend/runtime.ts";
 import { fromPretrained } from "../lib/checkpoint.ts";
 import { runMain, snakeCaseFlags, wholeNumber } from "../lib/cli.ts";
 import {
+  classCount,
   pretrainVision,
   QUADRANT_ATTRIBUTES,
   type QuadrantAttribute,
@@ -68,7 +69,7 @@ function probe(model: VisionLanguageModel, steps: number, seed: number): void {
   const standard = (t: tf.Tensor) => t.sub(mean).mul(scale);
   const D = model.cfg.lm_hidden_dim, rows = TRAIN_SCENES * 4;
   for (const name of NAMES) {
-    const classes = QUADRANT_ATTRIBUTES[name].length + 1;
+    const classes = classCount(name);
     // tidy frees the initial values; the variables keep their own reference to the data. (tfjs' randomNormal reads a
     // seed of 0 as "no seed", so the seeds start at 1.)
     const [w1, b1, w2] = tf.tidy(() => [
