@@ -191,7 +191,7 @@ export async function train(
 
     if (source) log(`data: ${source.name}`);
     // --vision_pretrain_steps: the ViT first learns what is in each quadrant, as SigLIP was pretrained for nanoVLM.
-    if (!config.resume) await pretrainRunVision(model, config, log);
+    if (!config.resume) await pretrainRunVision(model, config, log, helpers);
     const summary = await trainLoop(model, optimizer, state, tokenizer, config, runDir, metrics, log, helpers, source);
     if (config.push_to_hub && summary.steps === config.max_training_steps) {
       const { url } = await pushToHub(`${runDir}/best`, config.push_to_hub, {

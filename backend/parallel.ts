@@ -6,12 +6,14 @@
 // micro-batches than threads, their rows) between itself and its helpers, sends each helper the current weights and its
 // part, computes its own part meanwhile, then adds the helpers' gradients to its own. Each part's loss is weighted by
 // its share of the step's trained tokens, so the sum is the gradient of the whole batch: training is the same as
-// without helpers (to float rounding), faster.
+// without helpers (to float rounding), faster. Vision pretraining (lib/vision_pretrain.ts) shares its steps the same
+// way: each helper draws and trains its part of the step's scenes.
 //
 // The helper's side is parallel_worker.ts. Shapes as in nanovlm.ts: B batch, T tokens, S image side.
 
 import type { Batch } from "../data.ts";
 import type { VLMConfig } from "../nanovlm.ts";
+import type { QuadrantWork } from "../lib/vision_pretrain.ts";
 
 /**
  * The rows of a collated batch in `parts` contiguous groups, as many rows each as can be (the first ones take the
@@ -111,6 +113,15 @@ export class GradientHelper {
   compute(weights: Float32Array[], work: GradientWork[]): Promise<HelperResult> {
     const buffers = weights.map((w) => w.buffer as ArrayBuffer);
     return this.request({ type: "step", weights, work }, buffers) as Promise<HelperResult>;
+  }
+
+  /**
+   * Vision pretraining's counterpart of {@link compute} (lib/vision_pretrain.ts): the helper draws `work`'s scenes and
+   * answers share × their loss and the gradients, at `weights` (quadrantWeights' order, transferred).
+   */
+  computeQuadrants(weights: Float32Array[], work: QuadrantWork): Promise<HelperResult> {
+    const buffers = weights.map((w) => w.buffer as ArrayBuffer);
+    return this.request({ type: "quadrants", weights, work }, buffers) as Promise<HelperResult>;
   }
 
   /** Stop the worker (its memory goes with it). */

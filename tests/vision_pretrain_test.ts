@@ -5,10 +5,11 @@ import * as tf from "@tensorflow/tfjs";
 import { COLORS, makeShapesExample, QUADRANTS, SHAPES, SIZES } from "../data.ts";
 import { PRESETS, VisionLanguageModel } from "../nanovlm.ts";
 import { initBackend } from "../backend/runtime.ts";
+import { GradientHelper } from "../backend/parallel.ts";
 import { train } from "../train.ts";
 import { pretrainVision, quadrantScenes, quadrantTokens } from "../lib/vision_pretrain.ts";
 import { assert, assertEquals, assertRejects } from "./assert.ts";
-import { assertNoLeak, MICRO, MICRO_OVERRIDES } from "./helpers.ts";
+import { assertNoLeak, maxAbsDiff, MICRO, MICRO_OVERRIDES } from "./helpers.ts";
 
 await initBackend("wasm", { quiet: true });
 
@@ -70,6 +71,45 @@ Deno.test("pretrainVision is repeatable: the same seed, 0 included, makes the sa
   const [first, second] = [await projector(), await projector()];
   const differing = first.filter((value, i) => value !== second[i]).length; // a count: a diff of 49,152 floats is slow
   assertEquals(differing, 0, `${differing} of ${first.length} projector weights differ between two runs`);
+});
+
+Deno.test("pretrainVision with a helper thread makes the steps it makes alone; a helper's error is named, nothing leaked", async () => {
+  const trainWith = async (helpers: GradientHelper[], batchSize = 9) => {
+    const model = new VisionLanguageModel(PRESETS.tiny, { seed: 0 });
+    const losses: number[] = [];
+    await pretrainVision(model, { steps: 3, seed: 0, batchSize, helpers, report: (_, loss) => losses.push(loss) });
+    const weights = model.params.get("MP.proj.weight")!.dataSync().slice();
+    model.dispose();
+    return { losses, weights };
+  };
+  const alone = await trainWith([]), mainPartOnly = await trainWith([], 5);
+  const helper = await GradientHelper.start(PRESETS.tiny, []);
+  try {
+    // 9 scenes a step: 5 on this thread, 4 on the helper, each drawing its own; the shares add up to the same mean.
+    const shared = await trainWith([helper]);
+    assert(Math.abs(alone.losses[0] - shared.losses[0]) < 1e-5, `loss ${alone.losses[0]} vs ${shared.losses[0]}`);
+    // The same steps to float rounding (AdamW moves a weight by about the learning rate, 1e-3, whatever its gradient's
+    // size, so a near-zero gradient's rounding shows), far closer than without the helper's scenes.
+    const diff = maxAbsDiff(alone.weights, shared.weights), without = maxAbsDiff(alone.weights, mainPartOnly.weights);
+    assert(diff < 1e-5 && without > 1e-3, `weights differ by ${diff}; without the helper's scenes, by ${without}`);
+  } finally {
+    helper.close();
+  }
+  // A helper whose model has another ViT cannot take these weights: the step fails with the helper's words.
+  const other = await GradientHelper.start({ ...PRESETS.tiny, vit_inter_dim: 192 }, []);
+  const model = new VisionLanguageModel(PRESETS.tiny, { seed: 0 });
+  try {
+    await assertNoLeak(() =>
+      assertRejects(
+        () => pretrainVision(model, { steps: 1, seed: 0, batchSize: 8, helpers: [other] }),
+        Error,
+        "gradient helper:",
+      )
+    );
+  } finally {
+    other.close();
+    model.dispose();
+  }
 });
 
 Deno.test("pretrainVision needs one image token per quadrant: otherwise an error that names the fix", async () => {
