@@ -688,9 +688,11 @@ export function checkTokenizerFitsConfig(
 
 // The shapes vocabulary: a word-level tokenizer whose pieces follow the split regex of the
 // fixtures' toy tokenizer (a word keeps its leading space, as in GPT-2-style BPE), with
-// SmolLM2's special-token ids 0, 1, 2 and `<|image|>` last.
+// SmolLM2's special-token ids 0, 1, 2 and `<|image|>` last. A place ("top left") is one
+// piece, as BPE merges a frequent pair: answering where an object is then takes one look
+// at its image token, not a second one for the column after the row.
 
-const SPLIT_REGEX = "<\\|[a-z_]+\\|>|\\n| ?[A-Za-z]+| ?[0-9]| ?[^\\sA-Za-z0-9]";
+const SPLIT_REGEX = "<\\|[a-z_]+\\|>|\\n| ?(?:top|bottom) (?:left|right)| ?[A-Za-z]+| ?[0-9]| ?[^\\sA-Za-z0-9]";
 const SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
 /** Every text the shapes world or the chat template can produce, with a placeholder for each varying word. */

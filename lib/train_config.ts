@@ -71,7 +71,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   sorted_choices: 0.5,
   prompt_loss: "options",
   plain_scenes: false,
-  vision_pretrain_steps: 1000,
+  vision_pretrain_steps: 1500,
   answer_floor: 0,
   seed: 0,
   backend: "",

@@ -281,7 +281,8 @@ export function shareSpacedWordEmbeddings(model: VisionLanguageModel, tokenizer:
   let pairs = 0;
   for (let id = 0; id < tokenizer.baseVocabSize; id++) {
     const word = tokenizer.decode([id]);
-    if (!/^[A-Za-z]+$/.test(word)) continue; // special tokens, punctuation and spaced words
+    // Words and the shapes tokenizer's places ("top left"); not special tokens, punctuation or spaced words.
+    if (!/^[A-Za-z]+( [A-Za-z]+)?$/.test(word)) continue;
     const spaced = spacedId(tokenizer, word);
     if (spaced !== undefined) [source[id], pairs] = [spaced, pairs + 1];
   }

@@ -308,11 +308,13 @@ Deno.test("shareSpacedWordEmbeddings starts 'red' from the row of ' red' and lea
   });
   const after = await embedding.array() as number[][];
   const id = (token: string) => tokenizer.tokenToId(token)!;
-  // The shapes vocabulary's 20 words in both spellings: a, the colours, shapes (and plurals), sizes, places, numbers.
-  assertEquals(pairs, 20);
-  for (const word of ["red", "triangles", "top", "four", "a"]) assertEquals(after[id(word)], before[id(" " + word)]);
+  // The shapes vocabulary's 22 words in both spellings: a, the colours, shapes (and plurals), sizes, places, numbers.
+  assertEquals(pairs, 22);
+  for (const word of ["red", "triangles", "top left", "four", "a"]) {
+    assertEquals(after[id(word)], before[id(" " + word)]);
+  }
   const changed = after.filter((row, i) => row.some((x, j) => x !== before[i][j])).length;
-  assertEquals(changed, 20);
+  assertEquals(changed, 22);
   for (const token of [" red", "yes", "A", "<|im_end|>"]) assertEquals(after[id(token)], before[id(token)]);
   model.dispose();
 });
