@@ -85,7 +85,7 @@ Deno.test("pretrainVision with a helper thread makes the steps it makes alone; a
   const alone = await trainWith([]), mainPartOnly = await trainWith([], 5);
   const helper = await GradientHelper.start(PRESETS.tiny, []);
   try {
-    // 9 scenes a step: 5 on this thread, 4 on the helper, each drawing its own; the shares add up to the same mean.
+    // 9 scenes a step: 4 on this thread, 5 on the helper, each drawing its own; the shares add up to the same mean.
     const shared = await trainWith([helper]);
     assert(Math.abs(alone.losses[0] - shared.losses[0]) < 1e-5, `loss ${alone.losses[0]} vs ${shared.losses[0]}`);
     // The same steps to float rounding (AdamW moves a weight by about the learning rate, 1e-3, whatever its gradient's
