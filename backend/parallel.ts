@@ -11,6 +11,7 @@
 //
 // The helper's side is parallel_worker.ts. Shapes as in nanovlm.ts: B batch, T tokens, S image side.
 
+import * as tf from "@tensorflow/tfjs";
 import type { Batch } from "../data.ts";
 import type { VLMConfig } from "../nanovlm.ts";
 import type { QuadrantWork } from "../lib/vision_pretrain.ts";
@@ -57,6 +58,28 @@ export interface GradientWork {
 export interface HelperResult {
   loss: number;
   grads: Float32Array[];
+}
+
+/**
+ * Add the helpers' gradients to this thread's `grads` (each helper's arrays in the order of `names`), freeing the
+ * tensors they replace; returns the sum of the helpers' losses. A null result is a helper that had no part.
+ */
+export function addHelperGradients(
+  grads: Map<string, tf.Tensor>,
+  names: string[],
+  results: (HelperResult | null)[],
+): number {
+  let loss = 0;
+  for (const result of results) {
+    if (!result) continue;
+    names.forEach((name, i) => {
+      const previous = grads.get(name)!;
+      grads.set(name, tf.tidy(() => previous.add(tf.tensor(result.grads[i], previous.shape))));
+      previous.dispose();
+    });
+    loss += result.loss;
+  }
+  return loss;
 }
 
 /** A worker thread that computes gradients for part of each step (see the top of this file). */

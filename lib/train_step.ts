@@ -8,7 +8,7 @@
 import * as tf from "@tensorflow/tfjs";
 import { type Batch, type ChatTokenizer, IGNORE_INDEX } from "../data.ts";
 import { parameterSpecs, type VisionLanguageModel, type VLMConfig } from "../nanovlm.ts";
-import { type GradientHelper, type GradientWork, splitRows } from "../backend/parallel.ts";
+import { addHelperGradients, type GradientHelper, type GradientWork, splitRows } from "../backend/parallel.ts";
 import { shareBlasThreads } from "../backend/kernels.ts";
 import { type AdamW, clipCoefficient, gradientNorm } from "./optimizer.ts";
 
@@ -204,16 +204,7 @@ export async function trainStep(
   let lossSum: tf.Tensor | undefined, measured: tf.Tensor | undefined;
   try {
     lossSum = gradientsOf(model, names, work(0), grads);
-    let helpersLoss = 0;
-    for (const result of await Promise.all(pending)) {
-      if (!result) continue;
-      names.forEach((name, i) => {
-        const previous = grads.get(name)!;
-        grads.set(name, tf.tidy(() => previous.add(tf.tensor(result.grads[i], previous.shape))));
-        previous.dispose();
-      });
-      helpersLoss += result.loss;
-    }
+    const helpersLoss = addHelperGradients(grads, names, await Promise.all(pending));
     // The step's only GPU→CPU read: loss and gradient norm together, before AdamW, so a NaN changes nothing.
     measured = tf.tidy(() => tf.stack([lossSum!.add(helpersLoss), gradientNorm(grads)])); // [2]
     const [loss, gradNorm] = await measured.data();

@@ -16,7 +16,7 @@ import { COLORS, makeShapesExample, QUADRANTS, SHAPES, SIZES, type Split, toCHWF
 import { modalityProjector, visionEncoder, type VisionLanguageModel, type VLMConfig } from "../nanovlm.ts";
 import { AdamW, lrSchedule } from "./optimizer.ts";
 import type { TrainConfig } from "./train_config.ts";
-import type { GradientHelper } from "../backend/parallel.ts";
+import { addHelperGradients, type GradientHelper } from "../backend/parallel.ts";
 
 /**
  * What the heads name about each quadrant. Class 0 of each is "nothing here", class i + 1 the i-th value; every token
@@ -201,14 +201,7 @@ export async function pretrainVision(model: VisionLanguageModel, options: Vision
       let loss: tf.Scalar | undefined, grads = new Map<string, tf.Tensor>();
       try {
         ({ loss, grads } = quadrantGradients(model, heads, work[0]));
-        let helpersLoss = 0;
-        for (const result of await Promise.all(pending)) {
-          [...grads].forEach(([name, grad], i) => {
-            grads.set(name, tf.tidy(() => grad.add(tf.tensor(result.grads[i], grad.shape))));
-            grad.dispose();
-          });
-          helpersLoss += result.loss;
-        }
+        const helpersLoss = addHelperGradients(grads, [...trained.keys()], await Promise.all(pending));
         optimizer.step(grads, [lrSchedule(step, lr, steps)]);
         if (reportNow) lastLoss = (await loss.data())[0] + helpersLoss;
       } finally {

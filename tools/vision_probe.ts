@@ -8,7 +8,8 @@
 //
 // A probe is a small classifier (one hidden layer of 256) trained on frozen image tokens of 3,000 train scenes and
 // scored on the occupied quadrants of 1,000 test scenes (on every quadrant, for which one it is). It measures what can
-// be read from the tokens, not what the decoder does read. The untrained model is the baseline: random features of the pixels already tell colours apart.
+// be read from the tokens, not what the decoder does read. The untrained model is the baseline: random features of the
+// pixels already tell colours apart.
 //
 // --train_vit asks the other question: how fast does the tiny ViT learn the quadrants' contents when it is trained on
 // them directly, as train.ts's vision pretraining does (lib/vision_pretrain.ts: a linear head per attribute on each
