@@ -34,7 +34,7 @@ import { pretrainRunVision } from "./lib/vision_pretrain.ts";
 import { VisionLanguageModel, type VLMConfig } from "./nanovlm.ts";
 import { configFromJSON } from "./lib/state_dict.ts";
 import { loadBackbones, modelFromBackbones } from "./lib/backbones.ts";
-import { hubToken, hubTokenizer, pushToHub } from "./lib/hub.ts";
+import { hubToken, hubTokenizer, pushRunToHub } from "./lib/hub.ts";
 import { resolveTokenizerPath } from "./lib/inference.ts";
 import { AdamW, adamWOnHost, lrSchedule, paramGroups } from "./lib/optimizer.ts";
 import {
@@ -194,23 +194,9 @@ export async function train(
     if (!config.resume) await pretrainRunVision(model, config, log, helpers);
     const summary = await trainLoop(model, optimizer, state, tokenizer, config, runDir, metrics, log, helpers, source);
     if (config.push_to_hub && summary.steps === config.max_training_steps) {
-      const { url } = await pushToHub(`${runDir}/best`, config.push_to_hub, {
-        log,
-        trainingSummary: {
-          init: cfg.vlm_load_backbone_weights
-            ? `${cfg.vit_model_type} + ${cfg.lm_model_type}`
-            : "random (from scratch)",
-          data: source ? source.name : "the built-in shapes world (nanovlm.ts data.ts)",
-          steps: summary.steps,
-          batchSize: config.batch_size * config.gradient_accumulation_steps,
-          learningRates: `projector ${config.lr_mp}, backbones ${config.lr_backbones} (warmup + cosine)`,
-          finalLoss: summary.finalLoss,
-          hardware: `nanovlm.ts on the ${backend} backend`,
-          duration: formatDuration(summary.seconds),
-          notes: summary.valLoss === null ? [] : [`Best val loss: ${state.best_val_loss?.toFixed(4)}`],
-        },
-      });
-      log(`pushed ${runDir}/best to ${url}`);
+      const bestValLoss = summary.valLoss === null ? undefined : state.best_val_loss;
+      const duration = formatDuration(summary.seconds);
+      await pushRunToHub(runDir, config, cfg, { ...summary, duration, bestValLoss, data: source?.name, backend }, log);
     }
     return summary;
   } finally {

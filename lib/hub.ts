@@ -27,6 +27,7 @@ import { dirname, join, relative } from "node:path";
 import { parseArgs } from "node:util";
 import { type ChatTokenizer, loadTokenizer } from "../data.ts";
 import type { VLMConfig } from "../nanovlm.ts";
+import type { TrainConfig } from "./train_config.ts";
 import { fileExists, isDirectory } from "./files.ts";
 import { runMain, snakeCaseFlags } from "./cli.ts";
 
@@ -772,6 +773,42 @@ function countParameters(bytes: Uint8Array): number {
     if (name !== "__metadata__" && name !== "decoder.rotary_embd.inv_freq") n += t.shape.reduce((a, b) => a * b, 1);
   }
   return n;
+}
+
+/**
+ * train.ts's --push_to_hub: upload a finished run's best checkpoint to `config.push_to_hub`, with a model card that
+ * says how it was trained. `data` names --data's source (none: the shapes world); `bestValLoss` is left out when the
+ * run had no val set.
+ */
+export async function pushRunToHub(
+  runDir: string,
+  config: TrainConfig,
+  cfg: VLMConfig,
+  run: {
+    steps: number;
+    duration: string;
+    finalLoss: number;
+    bestValLoss?: number | null;
+    data?: string;
+    backend: string;
+  },
+  log: (line: string) => void,
+): Promise<void> {
+  const { url } = await pushToHub(`${runDir}/best`, config.push_to_hub, {
+    log,
+    trainingSummary: {
+      init: cfg.vlm_load_backbone_weights ? `${cfg.vit_model_type} + ${cfg.lm_model_type}` : "random (from scratch)",
+      data: run.data ?? "the built-in shapes world (nanovlm.ts data.ts)",
+      steps: run.steps,
+      batchSize: config.batch_size * config.gradient_accumulation_steps,
+      learningRates: `projector ${config.lr_mp}, backbones ${config.lr_backbones} (warmup + cosine)`,
+      finalLoss: run.finalLoss,
+      hardware: `nanovlm.ts on the ${run.backend} backend`,
+      duration: run.duration,
+      notes: run.bestValLoss === undefined ? [] : [`Best val loss: ${run.bestValLoss?.toFixed(4)}`],
+    },
+  });
+  log(`pushed ${runDir}/best to ${url}`);
 }
 
 // ---- main: fill the cache, or push a folder ----------------------------------------------------
