@@ -313,7 +313,7 @@ export function choicePrompt(question: string, options: readonly string[]): stri
 }
 
 /** The question and the options' texts of a prompt that `choicePrompt` wrote. */
-function parseChoicePrompt(prompt: string): { question: string; options: string[] } {
+export function parseChoicePrompt(prompt: string): { question: string; options: string[] } {
   const [question, ...rest] = prompt.split("\n");
   return { question, options: rest.slice(0, -1).map((line) => line.slice(3)) }; // "A. red" → "red"; the instruction
 }
