@@ -69,7 +69,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   share_spaced_words: true,
   choice_hints: 0.5,
   sorted_choices: 0.5,
-  prompt_loss: "options",
+  prompt_loss: "all",
   plain_scenes: false,
   vision_pretrain_steps: 1500,
   answer_floor: 0,

@@ -126,9 +126,9 @@ Deno.test("train --data cauldron:vqav2 streams the subset from the Hub; --push_t
 
     // Settings only the shapes world reads are errors with --data, not silently ignored; nothing is made.
     await assertRejects(
-      () => train({ ...run, run_name: "prompt-loss", prompt_loss: "all" }, {}, { log: () => {} }),
+      () => train({ ...run, run_name: "prompt-loss", prompt_loss: "options" }, {}, { log: () => {} }),
       Error,
-      "--prompt_loss=all: only the built-in shapes world reads this; drop it to train on --data=cauldron:vqav2",
+      "--prompt_loss=options: only the built-in shapes world reads this; drop it to train on --data=cauldron:vqav2",
     );
     await assertRejects(
       () => train({ ...run, run_name: "weights", caption_weight: 3, plain_scenes: true }, {}, { log: () => {} }),
