@@ -313,9 +313,29 @@ export function choicePrompt(question: string, options: readonly string[]): stri
 }
 
 /** The question and the options' texts of a prompt that `choicePrompt` wrote. */
-export function parseChoicePrompt(prompt: string): { question: string; options: string[] } {
+function parseChoicePrompt(prompt: string): { question: string; options: string[] } {
   const [question, ...rest] = prompt.split("\n");
   return { question, options: rest.slice(0, -1).map((line) => line.slice(3)) }; // "A. red" → "red"; the instruction
+}
+
+/**
+ * A multiple-choice question (`prompt` as `choicePrompt` wrote it, `letter` its answer) taken apart as training can
+ * show it: `hinted`, its question line ends with the answer's text ("What color is the circle? red", choice_hints);
+ * `sorted`, its options come in alphabetical order, so that the answer alone gives the letter (sorted_choices).
+ * Returns the question line, the options in their order, and the answer's text.
+ */
+export function choiceParts(
+  prompt: string,
+  letter: string,
+  { hinted = false, sorted = false }: { hinted?: boolean; sorted?: boolean } = {},
+): { question: string; options: string[]; answer: string } {
+  const { question, options } = parseChoicePrompt(prompt);
+  const answer = options[CHOICE_LETTERS.indexOf(letter as typeof CHOICE_LETTERS[number])];
+  return {
+    question: hinted ? `${question} ${answer}` : question,
+    options: sorted ? options.toSorted() : options,
+    answer,
+  };
 }
 const NUMBER_WORDS = ["zero", "one", "two", "three", "four"] as const;
 
@@ -1364,12 +1384,11 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
     const picked = rng.pick(pool.filter((q) => q.kind === kind));
     let { question, answer } = picked;
     if (kind === "choice") {
-      const { question: line, options } = parseChoicePrompt(question);
-      const answerText = options[CHOICE_LETTERS.indexOf(answer as typeof CHOICE_LETTERS[number])];
-      const hinted = choiceHints > 0 && rng.next() < choiceHints ? `${line} ${answerText}` : line;
-      const order = sortedChoices > 0 && rng.next() < sortedChoices ? options.toSorted() : options;
-      question = choicePrompt(hinted, order);
-      answer = CHOICE_LETTERS[order.indexOf(answerText)];
+      const hinted = choiceHints > 0 && rng.next() < choiceHints;
+      const sorted = sortedChoices > 0 && rng.next() < sortedChoices;
+      const parts = choiceParts(question, answer, { hinted, sorted });
+      question = choicePrompt(parts.question, parts.options);
+      answer = CHOICE_LETTERS[parts.options.indexOf(parts.answer)];
     }
     const encoded = encodeConversation(
       tokenizer,

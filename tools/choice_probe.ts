@@ -14,7 +14,7 @@
 // docs/training-the-shapes-world.md ("The answer is known, its letter is not found") reads the three columns.
 
 import { parseArgs } from "node:util";
-import { makeShapesExample, parseChoicePrompt, type ShapesExample } from "../data.ts";
+import { choiceParts, makeShapesExample, type ShapesExample } from "../data.ts";
 import { initBackend } from "../backend/runtime.ts";
 import { runMain, snakeCaseFlags, wholeNumber } from "../lib/cli.ts";
 import { COMMITTED_CHECKPOINT, loadForInference } from "../lib/inference.ts";
@@ -34,19 +34,21 @@ function questionKind(line: string): string {
 
 /**
  * Each scene's multiple-choice question asked three ways (`CHOICE_VARIANTS`): the same scenes, questions and answers
- * in every variant, in the same order. An item's answer is the option's text, so its letter follows the options.
+ * in every variant, in the same order, each taken apart by data.ts's `choiceParts` as training takes apart its hinted
+ * and sorted questions. An item's answer is the option's text, so its letter follows the options.
  */
 export function choiceVariants(scenes: readonly ShapesExample[]): Record<ChoiceVariant, EvalItem[]> {
   const variants: Record<ChoiceVariant, EvalItem[]> = { "as asked": [], sorted: [], hinted: [] };
   for (const scene of scenes) {
     const images = [{ rgb: scene.rgb, width: scene.size, height: scene.size }];
     for (const q of scene.questions.filter((q) => q.kind === "choice")) {
-      const { question, options } = parseChoicePrompt(q.question);
-      const answer = options["ABCD".indexOf(q.answer)]; // "B" → the second option's text
-      const item = { images, question, answer, choices: options, kind: questionKind(question) };
-      variants["as asked"].push(item);
-      variants.sorted.push({ ...item, choices: options.toSorted() });
-      variants.hinted.push({ ...item, question: `${question} ${answer}` });
+      for (const variant of CHOICE_VARIANTS) {
+        const { question, options, answer } = choiceParts(q.question, q.answer, {
+          hinted: variant === "hinted",
+          sorted: variant === "sorted",
+        });
+        variants[variant].push({ images, question, answer, choices: options, kind: questionKind(question) });
+      }
     }
   }
   return variants;
