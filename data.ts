@@ -1270,6 +1270,15 @@ export interface ShapesBatchOptions {
    * language model learns any text it reads. "all": every sample learns to predict its whole question too.
    */
   promptLoss?: PromptLoss;
+  /**
+   * Multiple-choice samples learn, at the word of the option line that is the answer, to predict that line's letter
+   * (default false): at "red" in "B. red" the target is "B" instead of the newline. The prompt the model reads is
+   * unchanged; what changes is what its option positions are asked to compute. Each option's word then learns to
+   * check itself against the picture and the question, as only the answer's word may predict its letter, and the
+   * answer's letter becomes a look-up of the line that predicted one, instead of a look-up that pays off only once the
+   * answer, its option line and that line's letter are all found (docs/training-the-shapes-world.md).
+   */
+  choiceVerdicts?: boolean;
   /** Draw every scene in the plain style (black, hard edges, exact colours), as the world was before it varied. */
   plainScenes?: boolean;
   /** First example index (default 0): resume a run at `step · batchSize`. */
@@ -1336,6 +1345,17 @@ function trainOptionLines(sample: Omit<EncodedSample, "images">, newline: number
 }
 
 /**
+ * The answer's option line of an encoded multiple-choice sample (`answerLine`, 0-based) learns, at its word, to predict
+ * its own letter instead of the newline that follows (ShapesBatchOptions.choiceVerdicts): "B. red" with "B" as the
+ * target at "red". The other option lines keep their targets.
+ */
+function trainAnswerLineLetter(sample: Omit<EncodedSample, "images">, newline: number, answerLine: number): void {
+  const newlines = [...sample.inputIds.keys()].filter((t) => sample.inputIds[t] === newline);
+  const [lineStart, lineEnd] = [newlines[1 + answerLine] + 1, newlines[2 + answerLine]]; // "B", ".", " red", newline
+  sample.labels[lineEnd - 1] = sample.inputIds[lineStart];
+}
+
+/**
  * Collated batches of (image, one question → answer) samples, rendered straight into
  * float arrays (no PNG round trip). Example i gives sample i: its kind is drawn among
  * the kinds its scene has (uniformly, captions weighted by `captionWeight`, multiple
@@ -1346,7 +1366,7 @@ function trainOptionLines(sample: Omit<EncodedSample, "images">, newline: number
 export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
   const { split, seed, batchSize, tokenizer, config, kinds = QUESTION_KINDS, captionWeight = 1, start = 0 } = options;
   const { lengthBuckets = 1, choiceHints = 0, sortedChoices = 0, choiceWeight = 1, positionWeight = 1 } = options;
-  const { promptLoss = "none" } = options;
+  const { promptLoss = "none", choiceVerdicts = false } = options;
   if (!PROMPT_LOSSES.includes(promptLoss)) {
     throw new Error(`prompt loss must be one of ${PROMPT_LOSSES.join(", ")}, got ${JSON.stringify(promptLoss)}`);
   }
@@ -1383,12 +1403,14 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
     const kind = rng.weighted(present, present.map(weightOf));
     const picked = rng.pick(pool.filter((q) => q.kind === kind));
     let { question, answer } = picked;
+    let answerLine = -1;
     if (kind === "choice") {
       const hinted = choiceHints > 0 && rng.next() < choiceHints;
       const sorted = sortedChoices > 0 && rng.next() < sortedChoices;
       const parts = choiceParts(question, answer, { hinted, sorted });
       question = choicePrompt(parts.question, parts.options);
-      answer = CHOICE_LETTERS[parts.options.indexOf(parts.answer)];
+      answerLine = parts.options.indexOf(parts.answer);
+      answer = CHOICE_LETTERS[answerLine];
     }
     const encoded = encodeConversation(
       tokenizer,
@@ -1397,6 +1419,7 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
     );
     if (promptLoss === "all") trainPrompt(encoded, tokenizer.imageTokenId);
     else if (promptLoss === "options" && kind === "choice") trainOptionLines(encoded, newline);
+    if (choiceVerdicts && kind === "choice") trainAnswerLineLetter(encoded, newline, answerLine);
     return { ...encoded, images: [toCHWFloat(example.rgb, S)] };
   };
   // A window is lengthBuckets batches of the stream, starting at a multiple of its size (without buckets: at `start`).

@@ -31,6 +31,7 @@ export interface TrainConfig {
   share_spaced_words: boolean; // a decoder from scratch: "red" and " red" start from one embedding row
   choice_hints: number; // shapes world: share of multiple-choice questions that say their answer (a reading exercise)
   sorted_choices: number; // shapes world: share of multiple-choice questions with options in alphabetical order
+  choice_verdicts: boolean; // shapes world: the answer's option line learns, at its word, to predict its letter
   prompt_loss: PromptLoss; // shapes world: prompt tokens trained besides the answer: "none" (the reference), "options", "all"
   plain_scenes: boolean; // shapes world: train on black, hard-edged, exact-colour scenes only (the world before it varied)
   vision_pretrain_steps: number; // shapes world, ViT from scratch: steps naming each quadrant's contents first (0 = none)
@@ -63,12 +64,13 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   val_questions: 128,
   test_examples: 300,
   caption_weight: 2,
-  choice_weight: 1,
+  choice_weight: 2,
   position_weight: 2,
   sort_by_length: true,
   share_spaced_words: true,
   choice_hints: 0.5,
   sorted_choices: 0.5,
+  choice_verdicts: true,
   prompt_loss: "all",
   plain_scenes: false,
   vision_pretrain_steps: 1500,
@@ -175,6 +177,7 @@ const SHAPES_WORLD_SETTINGS = [
   "sort_by_length",
   "choice_hints",
   "sorted_choices",
+  "choice_verdicts",
   "prompt_loss",
   "plain_scenes",
   "vision_pretrain_steps",

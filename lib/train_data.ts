@@ -61,6 +61,7 @@ export function shapesTrainingData(
     lengthBuckets: config.sort_by_length ? config.gradient_accumulation_steps : 1,
     choiceHints: config.choice_hints,
     sortedChoices: config.sorted_choices,
+    choiceVerdicts: config.choice_verdicts,
     promptLoss: config.prompt_loss,
     plainScenes: config.plain_scenes,
     start: examplesSeen,

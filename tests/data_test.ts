@@ -928,3 +928,51 @@ Deno.test("shapesBatches: prompt loss trains the option lines of multiple choice
   }
   assert.throws(() => rows("some" as PromptLoss), /prompt loss must be one of none, options, all, got "some"/);
 });
+
+Deno.test("shapesBatches: choice verdicts train the answer's option word to predict its letter; nothing else changes", async () => {
+  const tok = await loadTokenizer(SHAPES_DIR);
+  const config = { vit_img_size: 32, mp_image_token_length: 4, lm_max_length: 96 };
+  const rows = (choiceVerdicts: boolean) =>
+    [
+      ...shapesBatches({
+        split: "train",
+        seed: 2,
+        batchSize: 20,
+        tokenizer: tok,
+        config,
+        count: 200,
+        promptLoss: "all",
+        choiceHints: 0.5,
+        sortedChoices: 0.5,
+        choiceVerdicts,
+      }),
+    ].flatMap((batch) =>
+      Array.from({ length: batch.batchSize }, (_, r) => ({
+        ids: Array.from(batch.inputIds.subarray(r * 96, (r + 1) * 96)),
+        labels: Array.from(batch.labels.subarray(r * 96, (r + 1) * 96)),
+      }))
+    );
+  const [plain, verdicts] = [rows(false), rows(true)];
+  const newline = tok.encode("\n")[0];
+  let choices = 0;
+  for (const [i, { ids, labels }] of verdicts.entries()) {
+    assert.deepEqual(ids, plain[i].ids, "the prompt the model reads is unchanged");
+    const changed = [...labels.keys()].filter((t) => labels[t] !== plain[i].labels[t]);
+    const prompt = tok.decode(ids, { skipSpecialTokens: true });
+    if (!prompt.includes(CHOICE_INSTRUCTION)) {
+      assert.deepEqual(changed, [], `only multiple choice changes: ${prompt}`);
+      continue;
+    }
+    choices++;
+    // One label changes: at the word of the answer's option line, which otherwise predicts its newline.
+    assert.equal(changed.length, 1, prompt);
+    const [t] = changed;
+    assert.equal(plain[i].labels[t], newline);
+    const answer = tok.decode([labels[labels.findLastIndex((l) => l !== IGNORE_INDEX) - 2]]); // then <|im_end|>, newline
+    assert.match(answer, /^[A-D]$/);
+    const answerLine = prompt.split("\n").find((line) => line.startsWith(`${answer}. `))!;
+    assert.equal(tok.decode([ids[t - 2], ids[t - 1], ids[t]]), answerLine, "the answer's option line, at its word");
+    assert.equal(tok.decode([labels[t]]), answer, "predicts the answer's letter");
+  }
+  assert.ok(choices >= 10, `${choices} multiple-choice samples`);
+});
