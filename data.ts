@@ -1334,14 +1334,22 @@ function trainPrompt(sample: Omit<EncodedSample, "images">, imageTokenId: number
 }
 
 /**
+ * Where the option lines of an encoded multiple-choice sample end: the positions of the newline after the question line,
+ * then of the newline after each option line. The user turn is "<|im_start|>user", newline, images, the question line,
+ * newline, one line per option, then the instruction: its second to sixth newlines bound the four option lines.
+ */
+function optionLineEnds(sample: Omit<EncodedSample, "images">, newline: number): number[] {
+  const newlines = [...sample.inputIds.keys()].filter((t) => sample.inputIds[t] === newline);
+  return newlines.slice(1, 2 + CHOICE_LETTERS.length);
+}
+
+/**
  * Train next-token prediction on the option lines of an encoded multiple-choice sample (labels are shifted: position
- * t predicts token t + 1). The user turn is "<|im_start|>user", newline, images, the question line, newline, one line
- * per option, then the instruction; its second to sixth newlines bound the four option lines.
+ * t predicts token t + 1).
  */
 function trainOptionLines(sample: Omit<EncodedSample, "images">, newline: number): void {
-  const newlines = [...sample.inputIds.keys()].filter((t) => sample.inputIds[t] === newline);
-  const [questionEnd, lastOptionEnd] = [newlines[1], newlines[1 + CHOICE_LETTERS.length]];
-  for (let t = questionEnd; t < lastOptionEnd; t++) sample.labels[t] = sample.inputIds[t + 1];
+  const ends = optionLineEnds(sample, newline);
+  for (let t = ends[0]; t < ends.at(-1)!; t++) sample.labels[t] = sample.inputIds[t + 1];
 }
 
 /**
@@ -1350,8 +1358,8 @@ function trainOptionLines(sample: Omit<EncodedSample, "images">, newline: number
  * target at "red". The other option lines keep their targets.
  */
 function trainAnswerLineLetter(sample: Omit<EncodedSample, "images">, newline: number, answerLine: number): void {
-  const newlines = [...sample.inputIds.keys()].filter((t) => sample.inputIds[t] === newline);
-  const [lineStart, lineEnd] = [newlines[1 + answerLine] + 1, newlines[2 + answerLine]]; // "B", ".", " red", newline
+  const ends = optionLineEnds(sample, newline);
+  const [lineStart, lineEnd] = [ends[answerLine] + 1, ends[answerLine + 1]]; // "B", ".", " red", newline
   sample.labels[lineEnd - 1] = sample.inputIds[lineStart];
 }
 
