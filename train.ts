@@ -26,6 +26,7 @@ import {
   parseTrainArgs,
   resumedTrainConfig,
   type TrainConfig,
+  visionLearningRate,
 } from "./lib/train_config.ts";
 import { type Batch, type ChatTokenizer, checkTokenizerFitsConfig } from "./data.ts";
 import { datasetTrainingData, type DataSource, openDataset } from "./lib/datasets.ts";
@@ -128,10 +129,12 @@ export async function train(
     ? configFromJSON(JSON.parse(await Deno.readTextFile(`${runDir}/config.json`)))
     : modelConfig(config.preset, modelOverrides);
   const lowMemory = lowMemoryTraining(config.low_memory, backend, runConfig);
+  // Peak learning rates of the optimizer's groups: projector, decoder (and ViT, unless it has its own), ViT.
+  const peakLrs = [config.lr_mp, config.lr_backbones, visionLearningRate(config, runConfig)] as const;
   let model: VisionLanguageModel, optimizer: AdamW;
   let state: TrainerState = { step: 0, examples_seen: 0, best_val_loss: null, elapsed_seconds: 0 };
   if (config.resume) {
-    ({ model, optimizer, state } = await loadCheckpoint(`${runDir}/latest`, config.lr_mp, config.lr_backbones, {
+    ({ model, optimizer, state } = await loadCheckpoint(`${runDir}/latest`, ...peakLrs, {
       beta2: config.adam_beta2,
       momentsOnHost: adamWOnHost(backend),
     }));
@@ -143,7 +146,7 @@ export async function train(
       log(`backbones: ${cfg.vit_model_type} + ${cfg.lm_model_type} (pretrained, from the Hugging Face Hub cache)`);
       model = modelFromBackbones(cfg, await loadBackbones(cfg), { seed: config.seed });
     } else model = new VisionLanguageModel(cfg, { seed: config.seed });
-    optimizer = new AdamW(model.params, paramGroups(model, config.lr_mp, config.lr_backbones), {
+    optimizer = new AdamW(model.params, paramGroups(model, ...peakLrs), {
       beta2: config.adam_beta2,
       momentsOnHost: adamWOnHost(backend),
     });
@@ -180,7 +183,11 @@ export async function train(
         `${cfg.mp_image_token_length} image tokens | context ${cfg.lm_max_length} | vocabulary ${cfg.lm_vocab_size}`,
     );
     const groups = optimizer.groups.map((g) => `${g.name} lr ${g.maxLr} (${g.params.length} tensors)`).join(", ");
-    log(`optimizer: AdamW, ${groups}${config.lr_backbones > 0 ? "" : ", backbones frozen"}`);
+    const frozen = [
+      ...(peakLrs[2] > 0 ? [] : ["vision encoder"]),
+      ...(config.lr_backbones > 0 ? [] : ["decoder"]),
+    ];
+    log(`optimizer: AdamW, ${groups}${frozen.length ? `, ${frozen.join(" and ")} frozen` : ""}`);
     if (lowMemory) log("low memory: every block checkpointed (--low_memory=off to stop)");
     if (helpers.length) {
       log(

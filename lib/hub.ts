@@ -27,7 +27,7 @@ import { dirname, join, relative } from "node:path";
 import { parseArgs } from "node:util";
 import { type ChatTokenizer, loadTokenizer } from "../data.ts";
 import type { VLMConfig } from "../nanovlm.ts";
-import type { TrainConfig } from "./train_config.ts";
+import { type TrainConfig, visionLearningRate } from "./train_config.ts";
 import { fileExists, isDirectory } from "./files.ts";
 import { runMain, snakeCaseFlags } from "./cli.ts";
 
@@ -794,6 +794,7 @@ export async function pushRunToHub(
   },
   log: (line: string) => void,
 ): Promise<void> {
+  const lrVision = visionLearningRate(config, cfg);
   const { url } = await pushToHub(`${runDir}/best`, config.push_to_hub, {
     log,
     trainingSummary: {
@@ -801,7 +802,8 @@ export async function pushRunToHub(
       data: run.data ?? "the built-in shapes world (nanovlm.ts data.ts)",
       steps: run.steps,
       batchSize: config.batch_size * config.gradient_accumulation_steps,
-      learningRates: `projector ${config.lr_mp}, backbones ${config.lr_backbones} (warmup + cosine)`,
+      learningRates: `projector ${config.lr_mp}, backbones ${config.lr_backbones}` +
+        (lrVision === config.lr_backbones ? "" : `, vision encoder ${lrVision}`) + " (warmup + cosine)",
       finalLoss: run.finalLoss,
       hardware: `nanovlm.ts on the ${run.backend} backend`,
       duration: run.duration,

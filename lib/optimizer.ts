@@ -45,12 +45,26 @@ export interface ParamGroup {
  * The reference's groups: `MP.*` at lr_mp, the vision encoder and the decoder at
  * lr_backbones. With lr_backbones = 0 the backbones are frozen: they are left out
  * entirely (no gradient, no weight decay), as the reference sets requires_grad = False.
+ * Given an `lrVision` of its own, the vision encoder is a group apart at that rate (0 freezes it), as later
+ * nanoVLM versions split their backbones: a pretrained encoder trained gently keeps what it learned.
  */
-export function paramGroups(model: VisionLanguageModel, lrMp: number, lrBackbones: number): ParamGroup[] {
+export function paramGroups(
+  model: VisionLanguageModel,
+  lrMp: number,
+  lrBackbones: number,
+  lrVision = lrBackbones,
+): ParamGroup[] {
   const names = [...model.params.keys()];
   const groups: ParamGroup[] = [{ name: "mp", maxLr: lrMp, params: names.filter((n) => n.startsWith("MP.")) }];
+  const backbones = names.filter((n) => !n.startsWith("MP."));
+  if (lrVision === lrBackbones) {
+    if (lrBackbones > 0) groups.push({ name: "backbones", maxLr: lrBackbones, params: backbones });
+    return groups;
+  }
+  const isVision = (n: string) => n.startsWith("vision_encoder.");
+  if (lrVision > 0) groups.push({ name: "vision", maxLr: lrVision, params: backbones.filter(isVision) });
   if (lrBackbones > 0) {
-    groups.push({ name: "backbones", maxLr: lrBackbones, params: names.filter((n) => !n.startsWith("MP.")) });
+    groups.push({ name: "decoder", maxLr: lrBackbones, params: backbones.filter((n) => !isVision(n)) });
   }
   return groups;
 }

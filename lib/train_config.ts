@@ -15,6 +15,7 @@ export interface TrainConfig {
   preset: string; // the model preset (PRESETS) that model-config overrides apply to
   lr_mp: number; // peak learning rate of the modality projector (MP.*)
   lr_backbones: number; // peak learning rate of the ViT and the decoder; 0 freezes them
+  lr_vision_backbone: number; // the ViT's own peak learning rate after vision pretraining (0 freezes it); -1: lr_backbones
   adam_beta2: number; // AdamW's β2: its squared-gradient average spans about 1/(1−β2) steps (reference: torch's 0.999)
   batch_size: number; // samples per micro-batch (on average when sort_by_length cuts them: evenCuts in data.ts)
   gradient_accumulation_steps: number; // micro-batches per optimizer step
@@ -54,10 +55,11 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   preset: "tiny",
   lr_mp: 1e-3,
   lr_backbones: 1e-3,
+  lr_vision_backbone: 1e-4,
   adam_beta2: 0.95,
   batch_size: 32,
   gradient_accumulation_steps: 2,
-  max_training_steps: 2300,
+  max_training_steps: 2000,
   max_grad_norm: 1.0,
   eval_interval: 200,
   val_samples: 128,
@@ -73,7 +75,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   choice_verdicts: true,
   prompt_loss: "all",
   plain_scenes: false,
-  vision_pretrain_steps: 1500,
+  vision_pretrain_steps: 3000,
   answer_floor: 0,
   seed: 0,
   backend: "",
@@ -87,6 +89,26 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   low_memory: "auto",
   threads: 0,
 });
+
+/** Why a run's vision pretraining stage (lib/vision_pretrain.ts) does not run, or undefined when it does. */
+export function visionPretrainSkipped(config: TrainConfig, cfg: VLMConfig): string | undefined {
+  if (config.vision_pretrain_steps === 0) return "--vision_pretrain_steps=0";
+  if (config.data !== "shapes") return `it names the shapes world's quadrants, and this run trains on ${config.data}`;
+  if (cfg.vlm_load_backbone_weights) return `the vision encoder is ${cfg.vit_model_type}, pretrained already`;
+  if (cfg.mp_image_token_length !== 4) {
+    return `it needs one image token per quadrant (4); this model makes ${cfg.mp_image_token_length}`;
+  }
+}
+
+/**
+ * The vision encoder's peak learning rate in the VLM stage. A pretrained one (the run's own first stage, or SigLIP's
+ * weights) trains at lr_vision_backbone, gently, to keep what it learned; one that starts from nothing, or
+ * lr_vision_backbone = -1, at lr_backbones like the decoder.
+ */
+export function visionLearningRate(config: TrainConfig, cfg: VLMConfig): number {
+  const pretrained = cfg.vlm_load_backbone_weights || visionPretrainSkipped(config, cfg) === undefined;
+  return pretrained && config.lr_vision_backbone !== -1 ? config.lr_vision_backbone : config.lr_backbones;
+}
 
 /** A VLMConfig key, a TrainConfig key, or neither. */
 type ConfigValue = string | number | boolean | Record<string, string>;
@@ -162,6 +184,10 @@ export function parseTrainArgs(args: string[]): { train: Partial<TrainConfig>; m
       model[key] = parseValue(key, raw, PRESETS.tiny[key as keyof VLMConfig], false);
     }
   }
+  const lrVision = train.lr_vision_backbone as number | undefined;
+  if (lrVision !== undefined && lrVision < 0 && lrVision !== -1) {
+    throw new Error(`--lr_vision_backbone=${lrVision}: expected a learning rate ≥ 0, or -1 to use --lr_backbones`);
+  }
   const promptLoss = train.prompt_loss as PromptLoss | undefined;
   if (promptLoss !== undefined && !PROMPT_LOSSES.includes(promptLoss)) {
     throw new Error(`--prompt_loss=${promptLoss}: expected one of ${PROMPT_LOSSES.join(", ")}`);
@@ -230,6 +256,8 @@ export async function resumedTrainConfig(runDir: string, overrides: Partial<Trai
   if (!await fileExists(`${runDir}/train_config.json`)) {
     throw new Error(`cannot resume ${runDir}: it has no train_config.json (is it a run folder?)`);
   }
-  const saved = JSON.parse(await Deno.readTextFile(`${runDir}/train_config.json`)) as TrainConfig;
-  return { ...DEFAULT_TRAIN_CONFIG, ...saved, stop_at: 0, ...overrides, resume: runDir };
+  const saved = JSON.parse(await Deno.readTextFile(`${runDir}/train_config.json`)) as Partial<TrainConfig>;
+  // A run saved before lr_vision_backbone existed trained its ViT at lr_backbones, and resumes so (-1).
+  const oneRate = { lr_vision_backbone: saved.lr_vision_backbone ?? -1 };
+  return { ...DEFAULT_TRAIN_CONFIG, ...saved, ...oneRate, stop_at: 0, ...overrides, resume: runDir };
 }

@@ -73,6 +73,7 @@ export async function loadCheckpoint(
   dir: string,
   lrMp: number,
   lrBackbones: number,
+  lrVision = lrBackbones,
   optimizerOptions: AdamWOptions = {},
 ): Promise<{ model: VisionLanguageModel; optimizer: AdamW; state: TrainerState }> {
   await recoverCheckpoint(dir);
@@ -80,7 +81,7 @@ export async function loadCheckpoint(
     if (!await fileExists(`${dir}/${file}`)) throw new Error(`cannot resume from ${dir}: ${file} is missing`);
   }
   const model = await fromPretrained(dir);
-  const optimizer = new AdamW(model.params, paramGroups(model, lrMp, lrBackbones), optimizerOptions);
+  const optimizer = new AdamW(model.params, paramGroups(model, lrMp, lrBackbones, lrVision), optimizerOptions);
   try {
     const state = JSON.parse(await Deno.readTextFile(`${dir}/trainer_state.json`)) as TrainerState;
     const moments = await readSafetensors(`${dir}/optimizer.safetensors`);

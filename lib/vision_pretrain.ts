@@ -15,7 +15,7 @@ import * as tf from "@tensorflow/tfjs";
 import { COLORS, makeShapesExample, QUADRANTS, SHAPES, SIZES, type Split, toCHWFloat } from "../data.ts";
 import { modalityProjector, visionEncoder, type VisionLanguageModel, type VLMConfig } from "../nanovlm.ts";
 import { AdamW, lrSchedule } from "./optimizer.ts";
-import type { TrainConfig } from "./train_config.ts";
+import { type TrainConfig, visionPretrainSkipped } from "./train_config.ts";
 import { addHelperGradients, type GradientHelper } from "../backend/parallel.ts";
 
 /**
@@ -229,18 +229,11 @@ export async function pretrainRunVision(
   log: (line: string) => void,
   helpers: GradientHelper[] = [],
 ): Promise<void> {
-  const steps = config.vision_pretrain_steps, tokens = model.cfg.mp_image_token_length, started = performance.now();
+  const steps = config.vision_pretrain_steps, started = performance.now();
   if (steps === 0) return;
-  if (config.data !== "shapes") {
-    log(`vision pretraining skipped: it names the shapes world's quadrants, and this run trains on ${config.data}`);
-    return;
-  }
-  if (model.cfg.vlm_load_backbone_weights) {
-    log(`vision pretraining skipped: the vision encoder is ${model.cfg.vit_model_type}, pretrained already`);
-    return;
-  }
-  if (tokens !== 4) {
-    log(`vision pretraining skipped: it needs one image token per quadrant (4); this model makes ${tokens}`);
+  const skipped = visionPretrainSkipped(config, model.cfg);
+  if (skipped) {
+    log(`vision pretraining skipped: ${skipped}`);
     return;
   }
   const threads = helpers.length ? `, on ${helpers.length + 1} threads` : "";

@@ -11,7 +11,14 @@ import { PRESETS, VisionLanguageModel } from "../nanovlm.ts";
 import { initBackend } from "../backend/runtime.ts";
 import { readSafetensors } from "../lib/safetensors.ts";
 import { train } from "../train.ts";
-import { modelConfig, parseTrainArgs, type TrainConfig } from "../lib/train_config.ts";
+import {
+  DEFAULT_TRAIN_CONFIG,
+  modelConfig,
+  parseTrainArgs,
+  resumedTrainConfig,
+  type TrainConfig,
+  visionLearningRate,
+} from "../lib/train_config.ts";
 import { AdamW, clipCoefficient, gradientNorm, lrSchedule, paramGroups } from "../lib/optimizer.ts";
 import {
   answerWeights,
@@ -243,6 +250,44 @@ Deno.test("paramGroups: MP vs backbones; lr_backbones = 0 leaves the backbones o
   assertEquals(backbones.params.length, model.params.size - 1);
   assertEquals(paramGroups(model, 1e-3, 0).map((g) => g.name), ["mp"]);
   model.dispose();
+});
+
+Deno.test("paramGroups with a vision rate of its own: the ViT is a group apart, and at 0 a step leaves it as it was", async () => {
+  const model = new VisionLanguageModel(MICRO, { seed: 1 });
+  const names = [...model.params.keys()];
+  const vision = names.filter((n) => n.startsWith("vision_encoder."));
+  const groups = paramGroups(model, 1e-3, 1e-3, 1e-4);
+  assertEquals(groups.map((g) => [g.name, g.maxLr]), [["mp", 1e-3], ["vision", 1e-4], ["decoder", 1e-3]]);
+  assertEquals(groups[1].params, vision);
+  assertEquals(groups.flatMap((g) => g.params).sort(), names.toSorted());
+  assertEquals(paramGroups(model, 1e-3, 1e-3, 1e-3).map((g) => g.name), ["mp", "backbones"], "the reference's two");
+  assertEquals(paramGroups(model, 1e-3, 0, 1e-4).map((g) => g.name), ["mp", "vision"], "decoder frozen");
+
+  const tokenizer = await loadTokenizer(SHAPES_TOKENIZER);
+  const batch = shapesBatches({ split: "train", seed: 3, batchSize: 4, tokenizer, config: MICRO }).next().value!;
+  const optimizer = new AdamW(model.params, paramGroups(model, 3e-3, 3e-3, 0));
+  const decoderName = names.find((n) => n.startsWith("decoder.blocks."))!;
+  const before = (name: string) => model.params.get(name)!.dataSync().slice();
+  const [vitBefore, decoderBefore] = [before(vision[0]), before(decoderName)];
+  await trainStep(model, [batch], optimizer, { lrs: [3e-3, 3e-3] });
+  assertEquals(model.params.get(vision[0])!.dataSync(), vitBefore, "the frozen ViT");
+  const decoderAfter = model.params.get(decoderName)!.dataSync();
+  assert(decoderAfter.some((value, i) => value !== decoderBefore[i]), "the decoder trains");
+  optimizer.dispose();
+  model.dispose();
+});
+
+Deno.test("a run saved before lr_vision_backbone existed resumes with one rate for both backbones", async () => {
+  const dir = await Deno.makeTempDir();
+  try {
+    const { lr_vision_backbone: _, ...before } = DEFAULT_TRAIN_CONFIG;
+    await Deno.writeTextFile(`${dir}/train_config.json`, JSON.stringify(before));
+    assertEquals((await resumedTrainConfig(dir, {})).lr_vision_backbone, -1);
+    await Deno.writeTextFile(`${dir}/train_config.json`, JSON.stringify(DEFAULT_TRAIN_CONFIG));
+    assertEquals((await resumedTrainConfig(dir, {})).lr_vision_backbone, DEFAULT_TRAIN_CONFIG.lr_vision_backbone);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
 });
 
 Deno.test("trimPadding drops all-padding columns and keeps the loss (RoPE sees only distances)", async () => {
@@ -546,6 +591,19 @@ Deno.test("parseTrainArgs: typed --key=value for train and model settings; unkno
   assertThrows(() => parseTrainArgs(["--batch_size=2.5"]), Error, "--batch_size=2.5: expected an integer");
   assertThrows(() => parseTrainArgs(["--vit_cls_flag=yes"]), Error, "expected true or false");
   assertEquals(parseTrainArgs(["--prompt_loss=options"]).train, { prompt_loss: "options" });
+  assertThrows(() => parseTrainArgs(["--lr_vision_backbone=-2"]), Error, "expected a learning rate ≥ 0, or -1");
+  // The ViT's own rate is for a pretrained ViT: the run's first stage, or SigLIP's weights; from nothing, the decoder's.
+  const settings = (train: Partial<TrainConfig>) => ({ ...DEFAULT_TRAIN_CONFIG, lr_backbones: 1e-3, ...train });
+  const tiny = PRESETS.tiny;
+  assertEquals(visionLearningRate(settings({ lr_vision_backbone: 1e-4 }), tiny), 1e-4);
+  assertEquals(visionLearningRate(settings({ lr_vision_backbone: 0 }), tiny), 0, "frozen");
+  assertEquals(visionLearningRate(settings({ lr_vision_backbone: -1 }), tiny), 1e-3);
+  assertEquals(visionLearningRate(settings({ lr_vision_backbone: 1e-4, vision_pretrain_steps: 0 }), tiny), 1e-3);
+  assertEquals(visionLearningRate(settings({ lr_vision_backbone: 1e-4, data: "a.jsonl" }), tiny), 1e-3);
+  assertEquals(
+    visionLearningRate(settings({ lr_vision_backbone: 1e-4, data: "a.jsonl" }), PRESETS["nanovlm-222m"]),
+    1e-4,
+  );
   assertThrows(
     () => parseTrainArgs(["--prompt_loss=some"]),
     Error,
