@@ -130,7 +130,8 @@ export async function train(
     : modelConfig(config.preset, modelOverrides);
   const lowMemory = lowMemoryTraining(config.low_memory, backend, runConfig);
   // Peak learning rates of the optimizer's groups: projector, decoder (and ViT, unless it has its own), ViT.
-  const peakLrs = [config.lr_mp, config.lr_backbones, visionLearningRate(config, runConfig)] as const;
+  const lrVision = visionLearningRate(config, runConfig);
+  const peakLrs = [config.lr_mp, config.lr_backbones, lrVision] as const;
   let model: VisionLanguageModel, optimizer: AdamW;
   let state: TrainerState = { step: 0, examples_seen: 0, best_val_loss: null, elapsed_seconds: 0 };
   if (config.resume) {
@@ -184,7 +185,7 @@ export async function train(
     );
     const groups = optimizer.groups.map((g) => `${g.name} lr ${g.maxLr} (${g.params.length} tensors)`).join(", ");
     const frozen = [
-      ...(peakLrs[2] > 0 ? [] : ["vision encoder"]),
+      ...(lrVision > 0 ? [] : ["vision encoder"]),
       ...(config.lr_backbones > 0 ? [] : ["decoder"]),
     ];
     log(`optimizer: AdamW, ${groups}${frozen.length ? `, ${frozen.join(" and ")} frozen` : ""}`);
