@@ -312,6 +312,11 @@ export function choicePrompt(question: string, options: readonly string[]): stri
   return [question, ...lines, CHOICE_INSTRUCTION].join("\n");
 }
 
+/** A multiple-choice answer that names its option, then its letter: "red (B)" (choice_names_option). */
+export function choiceAnswer(option: string, letter: string): string {
+  return `${option} (${letter})`;
+}
+
 /** The question and the options' texts of a prompt that `choicePrompt` wrote. */
 function parseChoicePrompt(prompt: string): { question: string; options: string[] } {
   const [question, ...rest] = prompt.split("\n");
@@ -733,6 +738,7 @@ function shapesCorpus(): string[] {
     "Where is the red circle?",
     ...CHOICE_LETTERS.map((letter) => `\n${letter}. red`),
     CHOICE_INSTRUCTION,
+    ...CHOICE_LETTERS.map((letter) => choiceAnswer("red", letter)),
   ];
   // Each value both at the start of a line and after a space.
   return [...templates, ...values.flatMap((v) => [v, ` ${v}`])];
@@ -1279,6 +1285,12 @@ export interface ShapesBatchOptions {
    * answer, its option line and that line's letter are all found (docs/training-the-shapes-world.md).
    */
   choiceVerdicts?: boolean;
+  /**
+   * A multiple-choice answer names its option before the letter (default false): "red (B)" instead of "B"
+   * (`choiceAnswer`). The decoder then does one look-up at a time, as it writes: the answer from the picture, as for a
+   * colour question, then the letter written beside that word in the options, a copy from the text.
+   */
+  choiceNamesOption?: boolean;
   /** Draw every scene in the plain style (black, hard edges, exact colours), as the world was before it varied. */
   plainScenes?: boolean;
   /** First example index (default 0): resume a run at `step · batchSize`. */
@@ -1374,7 +1386,7 @@ function trainAnswerLineLetter(sample: Omit<EncodedSample, "images">, newline: n
 export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
   const { split, seed, batchSize, tokenizer, config, kinds = QUESTION_KINDS, captionWeight = 1, start = 0 } = options;
   const { lengthBuckets = 1, choiceHints = 0, sortedChoices = 0, choiceWeight = 1, positionWeight = 1 } = options;
-  const { promptLoss = "none", choiceVerdicts = false } = options;
+  const { promptLoss = "none", choiceVerdicts = false, choiceNamesOption = false } = options;
   if (!PROMPT_LOSSES.includes(promptLoss)) {
     throw new Error(`prompt loss must be one of ${PROMPT_LOSSES.join(", ")}, got ${JSON.stringify(promptLoss)}`);
   }
@@ -1418,7 +1430,7 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
       const parts = choiceParts(question, answer, { hinted, sorted });
       question = choicePrompt(parts.question, parts.options);
       answerLine = parts.options.indexOf(parts.answer);
-      answer = CHOICE_LETTERS[answerLine];
+      answer = choiceNamesOption ? choiceAnswer(parts.answer, CHOICE_LETTERS[answerLine]) : CHOICE_LETTERS[answerLine];
     }
     const encoded = encodeConversation(
       tokenizer,

@@ -12,6 +12,7 @@
 import * as tf from "@tensorflow/tfjs";
 import {
   type ChatTokenizer,
+  choiceParts,
   choicePrompt,
   collatePrompts,
   encodePrompt,
@@ -54,7 +55,12 @@ export function shapesQuestions(
 
 /** The questions of one scene, asked about `image`. */
 export function questionsAbout(example: ShapesExample, image: RgbImage): EvalItem[] {
-  return example.questions.map((q) => ({ images: [image], question: q.question, answer: q.answer, kind: q.kind }));
+  return example.questions.map((q) => {
+    if (q.kind !== "choice") return { images: [image], question: q.question, answer: q.answer, kind: q.kind };
+    // A multiple-choice question as its parts, scored by MMStar's letter check: "B" and "red (B)" both answer B.
+    const { question, options } = choiceParts(q.question, q.answer);
+    return { images: [image], question, choices: options, answer: q.answer, kind: q.kind };
+  });
 }
 
 // ---- Scoring -------------------------------------------------------------------------------

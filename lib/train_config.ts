@@ -33,6 +33,7 @@ export interface TrainConfig {
   choice_hints: number; // shapes world: share of multiple-choice questions that say their answer (a reading exercise)
   sorted_choices: number; // shapes world: share of multiple-choice questions with options in alphabetical order
   choice_verdicts: boolean; // shapes world: the answer's option line learns, at its word, to predict its letter
+  choice_names_option: boolean; // shapes world: a multiple-choice answer names its option, then the letter: "red (B)"
   prompt_loss: PromptLoss; // shapes world: prompt tokens trained besides the answer: "none" (the reference), "options", "all"
   plain_scenes: boolean; // shapes world: train on black, hard-edged, exact-colour scenes only (the world before it varied)
   vision_pretrain_steps: number; // shapes world, ViT from scratch: steps naming each quadrant's contents first (0 = none)
@@ -73,6 +74,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   choice_hints: 0.5,
   sorted_choices: 0.5,
   choice_verdicts: true,
+  choice_names_option: true,
   prompt_loss: "all",
   plain_scenes: false,
   vision_pretrain_steps: 3000,
@@ -204,6 +206,7 @@ const SHAPES_WORLD_SETTINGS = [
   "choice_hints",
   "sorted_choices",
   "choice_verdicts",
+  "choice_names_option",
   "prompt_loss",
   "plain_scenes",
   "vision_pretrain_steps",
@@ -257,7 +260,11 @@ export async function resumedTrainConfig(runDir: string, overrides: Partial<Trai
     throw new Error(`cannot resume ${runDir}: it has no train_config.json (is it a run folder?)`);
   }
   const saved = JSON.parse(await Deno.readTextFile(`${runDir}/train_config.json`)) as Partial<TrainConfig>;
-  // A run saved before lr_vision_backbone existed trained its ViT at lr_backbones, and resumes so (-1).
-  const oneRate = { lr_vision_backbone: saved.lr_vision_backbone ?? -1 };
-  return { ...DEFAULT_TRAIN_CONFIG, ...saved, ...oneRate, stop_at: 0, ...overrides, resume: runDir };
+  // A run saved before these settings existed resumes as it trained: its ViT at lr_backbones (-1), and its
+  // multiple-choice answers as bare letters.
+  const before = {
+    lr_vision_backbone: saved.lr_vision_backbone ?? -1,
+    choice_names_option: saved.choice_names_option ?? false,
+  };
+  return { ...DEFAULT_TRAIN_CONFIG, ...saved, ...before, stop_at: 0, ...overrides, resume: runDir };
 }

@@ -62,6 +62,7 @@ export function shapesTrainingData(
     choiceHints: config.choice_hints,
     sortedChoices: config.sorted_choices,
     choiceVerdicts: config.choice_verdicts,
+    choiceNamesOption: config.choice_names_option,
     promptLoss: config.prompt_loss,
     plainScenes: config.plain_scenes,
     start: examplesSeen,
@@ -74,6 +75,7 @@ export function shapesTrainingData(
       batchSize: config.batch_size,
       tokenizer,
       config: cfg,
+      choiceNamesOption: config.choice_names_option,
       count: config.val_samples,
     }),
   ];

@@ -13,6 +13,7 @@ import {
   type Batch,
   CHATML_TEMPLATE,
   CHOICE_INSTRUCTION,
+  choiceAnswer,
   collate,
   collatePrompts,
   COLOR_RGB,
@@ -973,6 +974,50 @@ Deno.test("shapesBatches: choice verdicts train the answer's option word to pred
     const answerLine = prompt.split("\n").find((line) => line.startsWith(`${answer}. `))!;
     assert.equal(tok.decode([ids[t - 2], ids[t - 1], ids[t]]), answerLine, "the answer's option line, at its word");
     assert.equal(tok.decode([labels[t]]), answer, "predicts the answer's letter");
+  }
+  assert.ok(choices >= 10, `${choices} multiple-choice samples`);
+});
+
+Deno.test("shapesBatches: with choiceNamesOption a multiple-choice answer names its option, then the same letter", async () => {
+  const tok = await loadTokenizer(SHAPES_DIR);
+  const config = { vit_img_size: 32, mp_image_token_length: 4, lm_max_length: 96 };
+  // Each sample as its prompt and the answer it is trained to write (the targets after the assistant's turn starts).
+  const samples = (choiceNamesOption: boolean) =>
+    [
+      ...shapesBatches({
+        split: "train",
+        seed: 3,
+        batchSize: 20,
+        tokenizer: tok,
+        config,
+        count: 200,
+        choiceNamesOption,
+      }),
+    ].flatMap((batch) =>
+      Array.from({ length: batch.batchSize }, (_, r) => {
+        const ids = Array.from(batch.inputIds.subarray(r * 96, (r + 1) * 96)).filter((id) => id !== tok.padTokenId);
+        const labels = Array.from(batch.labels.subarray(r * 96, (r + 1) * 96)).filter((l) => l !== IGNORE_INDEX);
+        const answer = tok.decode(labels, { skipSpecialTokens: true }).trim();
+        return { prompt: tok.decode(ids, { skipSpecialTokens: true }), answer };
+      })
+    );
+  const [letters, named] = [samples(false), samples(true)];
+  let choices = 0;
+  for (const [i, { prompt, answer }] of named.entries()) {
+    if (!prompt.includes(CHOICE_INSTRUCTION)) {
+      assert.deepEqual({ prompt, answer }, letters[i], "only multiple choice changes");
+      continue;
+    }
+    choices++;
+    const letter = letters[i].answer;
+    assert.match(letter, /^[A-D]$/);
+    const option = prompt.split("\n").find((line) => line.startsWith(`${letter}. `))!.slice(3);
+    assert.equal(answer, `${option} (${letter})`, prompt);
+    assert.equal(answer, choiceAnswer(option, letter));
+    assert.ok(
+      prompt.startsWith(letters[i].prompt.slice(0, letters[i].prompt.lastIndexOf("assistant"))),
+      "same question",
+    );
   }
   assert.ok(choices >= 10, `${choices} multiple-choice samples`);
 });

@@ -10,7 +10,15 @@
 import * as tf from "@tensorflow/tfjs";
 import { encodePng, loadTokenizer, makeShapesExample, preprocessImage, shapesBatches } from "../data.ts";
 import { main as evalMain, readQuestionsJsonl } from "../lib/eval.ts";
-import { answerQuestion, checkMultipleChoice, type EvalItem, isCorrect, normalizeAnswer } from "../lib/scoring.ts";
+import {
+  answerQuestion,
+  checkMultipleChoice,
+  type EvalItem,
+  isCorrect,
+  normalizeAnswer,
+  promptOf,
+  questionsAbout,
+} from "../lib/scoring.ts";
 import { checkpointToAsk, COMMITTED_CHECKPOINT, findLatestCheckpoint, loadForInference } from "../lib/inference.ts";
 import { main as generateMain } from "../generate.ts";
 import { VisionLanguageModel } from "../nanovlm.ts";
@@ -183,6 +191,19 @@ Deno.test("multiple choice is scored like the reference's check_multiple_choice_
   assert(isCorrect(item, "B")); // an answer given as the option's text means its letter
   assert(isCorrect({ ...item, answer: "B" }, "B."));
   assert(!isCorrect(item, "square")); // the model must answer with the letter
+});
+
+Deno.test("a shapes-world multiple-choice question is scored by its letter: 'B' and 'blue (B)' answer B", () => {
+  const scene = makeShapesExample("test", 0, 0, 32);
+  const question = scene.questions.find((q) => q.kind === "choice")!;
+  const [item] = questionsAbout({ ...scene, questions: [question] }, { rgb: scene.rgb, width: 32, height: 32 });
+  assertEquals(promptOf(item), question.question, "the prompt is the one the scene wrote");
+  const letter = question.answer, option = item.choices!["ABCD".indexOf(letter)];
+  const wrong = "ABCD".replace(letter, "")[0];
+  assert(isCorrect(item, letter));
+  assert(isCorrect(item, `${option} (${letter})`));
+  assert(!isCorrect(item, wrong));
+  assert(!isCorrect(item, `${option} (${wrong})`));
 });
 
 // ---- eval on a JSONL file ----

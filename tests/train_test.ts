@@ -277,14 +277,18 @@ Deno.test("paramGroups with a vision rate of its own: the ViT is a group apart, 
   model.dispose();
 });
 
-Deno.test("a run saved before lr_vision_backbone existed resumes with one rate for both backbones", async () => {
+Deno.test("a run saved before lr_vision_backbone and choice_names_option existed resumes as it trained", async () => {
   const dir = await Deno.makeTempDir();
   try {
-    const { lr_vision_backbone: _, ...before } = DEFAULT_TRAIN_CONFIG;
+    const { lr_vision_backbone: _, choice_names_option: __, ...before } = DEFAULT_TRAIN_CONFIG;
     await Deno.writeTextFile(`${dir}/train_config.json`, JSON.stringify(before));
-    assertEquals((await resumedTrainConfig(dir, {})).lr_vision_backbone, -1);
+    const resumedOld = await resumedTrainConfig(dir, {});
+    assertEquals(resumedOld.lr_vision_backbone, -1, "one rate for both backbones");
+    assertEquals(resumedOld.choice_names_option, false, "bare-letter answers");
     await Deno.writeTextFile(`${dir}/train_config.json`, JSON.stringify(DEFAULT_TRAIN_CONFIG));
-    assertEquals((await resumedTrainConfig(dir, {})).lr_vision_backbone, DEFAULT_TRAIN_CONFIG.lr_vision_backbone);
+    const resumedNew = await resumedTrainConfig(dir, {});
+    assertEquals(resumedNew.lr_vision_backbone, DEFAULT_TRAIN_CONFIG.lr_vision_backbone);
+    assertEquals(resumedNew.choice_names_option, true);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
