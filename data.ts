@@ -698,15 +698,20 @@ export async function loadTokenizer(path: string, options: { eosToken?: string }
   return tokenizerFromJson(tokenizerJson, config, options);
 }
 
-/** Throw unless the tokenizer's vocabulary is the one the model config was built for. */
+/**
+ * Throw unless the tokenizer's vocabulary is the one the model config was built for. A mismatch usually means a model
+ * trained with another version of its tokenizer: every id would mean another word.
+ */
 export function checkTokenizerFitsConfig(
   tokenizer: ChatTokenizer,
-  config: Pick<DataConfig, "lm_base_vocab_size">,
+  config: { lm_base_vocab_size: number; lm_tokenizer: string },
 ): void {
   if (tokenizer.baseVocabSize !== config.lm_base_vocab_size) {
     throw new Error(
-      `the tokenizer has ${tokenizer.baseVocabSize} tokens before ${IMAGE_TOKEN} but the config's ` +
-        `lm_base_vocab_size is ${config.lm_base_vocab_size}`,
+      `the tokenizer ${config.lm_tokenizer} has ${tokenizer.baseVocabSize} tokens before ${IMAGE_TOKEN} but the ` +
+        `config's lm_base_vocab_size is ${config.lm_base_vocab_size}: the model was trained with another tokenizer. ` +
+        `Point its config.json's lm_tokenizer at that one (a run made before the shapes tokenizer gained " (" and ")" ` +
+        `needs tokenizers/shapes as it was then, from git), or train a new model with this one`,
     );
   }
 }

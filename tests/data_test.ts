@@ -12,6 +12,7 @@ import {
   assistantPrefixLength,
   type Batch,
   CHATML_TEMPLATE,
+  checkTokenizerFitsConfig,
   CHOICE_INSTRUCTION,
   choiceAnswer,
   collate,
@@ -478,6 +479,15 @@ const inputs = (await readSafetensors(fixturePath("inputs.safetensors"))).tensor
 const expected = (await readSafetensors(fixturePath("expected.safetensors"))).tensors;
 const S = fixtureConfig.vit_img_size as number;
 const L = fixtureConfig.mp_image_token_length as number;
+
+Deno.test("a model config built for another vocabulary is an error that names both sizes and the fix", () => {
+  const tok = toyTokenizer(); // 299 tokens before <|image|>
+  checkTokenizerFitsConfig(tok, { lm_base_vocab_size: 299, lm_tokenizer: "toy" });
+  assert.throws(
+    () => checkTokenizerFitsConfig(tok, { lm_base_vocab_size: 86, lm_tokenizer: "toy" }),
+    /the tokenizer toy has 299 tokens before <\|image\|> but the config's lm_base_vocab_size is 86: the model was trained with another tokenizer\. Point its config\.json's lm_tokenizer at that one/,
+  );
+});
 
 Deno.test("fixture: the toy tokenizer matches the reference's ids, prefix length and template", () => {
   const tok = toyTokenizer();
