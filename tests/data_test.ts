@@ -795,6 +795,16 @@ Deno.test("shapesBatches: deterministic batches whose labels are exactly the ans
   console.log(`    shapesBatches: ${((performance.now() - t0) / 10).toFixed(1)} ms per batch of 32 at 32×32`);
 });
 
+/** Every row of a stream of batches as its token ids and labels, padding included. */
+function batchRows(batches: Iterable<Batch>): { ids: number[]; labels: number[] }[] {
+  return [...batches].flatMap((batch) =>
+    Array.from({ length: batch.batchSize }, (_, r) => ({
+      ids: Array.from(batch.inputIds.subarray(r * batch.length, (r + 1) * batch.length)),
+      labels: Array.from(batch.labels.subarray(r * batch.length, (r + 1) * batch.length)),
+    }))
+  );
+}
+
 /**
  * The first 200 samples of a training stream (seed 2) decoded: the prompt, the answer, the multiple-choice options'
  * texts (none for other kinds) and what the answer means (its option's text, else the answer itself).
@@ -802,19 +812,21 @@ Deno.test("shapesBatches: deterministic batches whose labels are exactly the ans
 async function decodedTrainSamples(options: Pick<ShapesBatchOptions, "choiceHints" | "sortedChoices" | "kinds">) {
   const tok = await loadTokenizer(SHAPES_DIR);
   const config = { vit_img_size: 32, mp_image_token_length: 4, lm_max_length: 96 };
-  const batches = [
-    ...shapesBatches({ split: "train", seed: 2, batchSize: 20, tokenizer: tok, config, count: 200, ...options }),
-  ];
-  return batches.flatMap((batch) =>
-    Array.from({ length: batch.batchSize }, (_, r) => {
-      const ids = Array.from(batch.inputIds.subarray(r * 96, (r + 1) * 96));
-      const labels = Array.from(batch.labels.subarray(r * 96, (r + 1) * 96)).filter((l) => l !== IGNORE_INDEX);
-      const prompt = tok.decode(ids, { skipSpecialTokens: true });
-      const answer = tok.decode(labels, { skipSpecialTokens: true }).trim();
-      const choices = prompt.split("\n").filter((line) => /^[A-D]\. /.test(line)).map((line) => line.slice(3));
-      return { prompt, answer, options: choices, meaning: choices.length ? choices["ABCD".indexOf(answer)] : answer };
-    })
-  );
+  const batches = shapesBatches({
+    split: "train",
+    seed: 2,
+    batchSize: 20,
+    tokenizer: tok,
+    config,
+    count: 200,
+    ...options,
+  });
+  return batchRows(batches).map(({ ids, labels }) => {
+    const prompt = tok.decode(ids, { skipSpecialTokens: true });
+    const answer = tok.decode(labels.filter((l) => l !== IGNORE_INDEX), { skipSpecialTokens: true }).trim();
+    const choices = prompt.split("\n").filter((line) => /^[A-D]\. /.test(line)).map((line) => line.slice(3));
+    return { prompt, answer, options: choices, meaning: choices.length ? choices["ABCD".indexOf(answer)] : answer };
+  });
 }
 
 Deno.test("evenCuts: the cut of sorted lengths whose largest batch (rows × longest) is smallest", () => {
@@ -899,13 +911,9 @@ Deno.test("shapesBatches: prompt loss trains the option lines of multiple choice
   const tok = await loadTokenizer(SHAPES_DIR);
   const config = { vit_img_size: 32, mp_image_token_length: 4, lm_max_length: 96 };
   const rows = (promptLoss?: PromptLoss) =>
-    [...shapesBatches({ split: "train", seed: 2, batchSize: 20, tokenizer: tok, config, count: 200, promptLoss })]
-      .flatMap((batch) =>
-        Array.from({ length: batch.batchSize }, (_, r) => ({
-          ids: Array.from(batch.inputIds.subarray(r * 96, (r + 1) * 96)),
-          labels: Array.from(batch.labels.subarray(r * 96, (r + 1) * 96)),
-        }))
-      );
+    batchRows(
+      shapesBatches({ split: "train", seed: 2, batchSize: 20, tokenizer: tok, config, count: 200, promptLoss }),
+    );
   const none = rows("none");
   assert.deepEqual(rows(), none, "none is the default");
   // Trained targets, decoded in order: the text the sample learns to write.
@@ -944,25 +952,18 @@ Deno.test("shapesBatches: choice verdicts train the answer's option word to pred
   const tok = await loadTokenizer(SHAPES_DIR);
   const config = { vit_img_size: 32, mp_image_token_length: 4, lm_max_length: 96 };
   const rows = (choiceVerdicts: boolean) =>
-    [
-      ...shapesBatches({
-        split: "train",
-        seed: 2,
-        batchSize: 20,
-        tokenizer: tok,
-        config,
-        count: 200,
-        promptLoss: "all",
-        choiceHints: 0.5,
-        sortedChoices: 0.5,
-        choiceVerdicts,
-      }),
-    ].flatMap((batch) =>
-      Array.from({ length: batch.batchSize }, (_, r) => ({
-        ids: Array.from(batch.inputIds.subarray(r * 96, (r + 1) * 96)),
-        labels: Array.from(batch.labels.subarray(r * 96, (r + 1) * 96)),
-      }))
-    );
+    batchRows(shapesBatches({
+      split: "train",
+      seed: 2,
+      batchSize: 20,
+      tokenizer: tok,
+      config,
+      count: 200,
+      promptLoss: "all",
+      choiceHints: 0.5,
+      sortedChoices: 0.5,
+      choiceVerdicts,
+    }));
   const [plain, verdicts] = [rows(false), rows(true)];
   const newline = tok.encode("\n")[0];
   let choices = 0;
@@ -993,24 +994,12 @@ Deno.test("shapesBatches: with choiceNamesOption a multiple-choice answer names 
   const config = { vit_img_size: 32, mp_image_token_length: 4, lm_max_length: 96 };
   // Each sample as its prompt and the answer it is trained to write (the targets after the assistant's turn starts).
   const samples = (choiceNamesOption: boolean) =>
-    [
-      ...shapesBatches({
-        split: "train",
-        seed: 3,
-        batchSize: 20,
-        tokenizer: tok,
-        config,
-        count: 200,
-        choiceNamesOption,
-      }),
-    ].flatMap((batch) =>
-      Array.from({ length: batch.batchSize }, (_, r) => {
-        const ids = Array.from(batch.inputIds.subarray(r * 96, (r + 1) * 96)).filter((id) => id !== tok.padTokenId);
-        const labels = Array.from(batch.labels.subarray(r * 96, (r + 1) * 96)).filter((l) => l !== IGNORE_INDEX);
-        const answer = tok.decode(labels, { skipSpecialTokens: true }).trim();
-        return { prompt: tok.decode(ids, { skipSpecialTokens: true }), answer };
-      })
-    );
+    batchRows(
+      shapesBatches({ split: "train", seed: 3, batchSize: 20, tokenizer: tok, config, count: 200, choiceNamesOption }),
+    ).map(({ ids, labels }) => ({
+      prompt: tok.decode(ids.filter((id) => id !== tok.padTokenId), { skipSpecialTokens: true }),
+      answer: tok.decode(labels.filter((l) => l !== IGNORE_INDEX), { skipSpecialTokens: true }).trim(),
+    }));
   const [letters, named] = [samples(false), samples(true)];
   let choices = 0;
   for (const [i, { prompt, answer }] of named.entries()) {
