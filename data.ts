@@ -1296,6 +1296,13 @@ export interface ShapesBatchOptions {
    * colour question, then the letter written beside that word in the options, a copy from the text.
    */
   choiceNamesOption?: boolean;
+  /**
+   * With prompt loss "all", the newline before each option line predicts nothing (default false). Trained, the newline
+   * after "C. green" learns to guess "D", the next line's letter, and the answer's letter, a copy from beside its word,
+   * then leans towards the line below. Over four seeds it raised multiple choice and lowered test-novel, so it is off
+   * (docs/training-the-shapes-world.md, "The newline before a letter").
+   */
+  untrainedOptionBreaks?: boolean;
   /** Draw every scene in the plain style (black, hard edges, exact colours), as the world was before it varied. */
   plainScenes?: boolean;
   /** First example index (default 0): resume a run at `step · batchSize`. */
@@ -1381,6 +1388,14 @@ function trainAnswerLineLetter(sample: Omit<EncodedSample, "images">, newline: n
 }
 
 /**
+ * The newlines of an encoded multiple-choice sample whose next token is an option's letter (the one after the question
+ * line and after options A to C) predict nothing (ShapesBatchOptions.untrainedOptionBreaks).
+ */
+function untrainOptionBreaks(sample: Omit<EncodedSample, "images">, newline: number): void {
+  for (const t of optionLineEnds(sample, newline).slice(0, CHOICE_LETTERS.length)) sample.labels[t] = IGNORE_INDEX;
+}
+
+/**
  * Collated batches of (image, one question → answer) samples, rendered straight into
  * float arrays (no PNG round trip). Example i gives sample i: its kind is drawn among
  * the kinds its scene has (uniformly, captions weighted by `captionWeight`, multiple
@@ -1392,6 +1407,7 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
   const { split, seed, batchSize, tokenizer, config, kinds = QUESTION_KINDS, captionWeight = 1, start = 0 } = options;
   const { lengthBuckets = 1, choiceHints = 0, sortedChoices = 0, choiceWeight = 1, positionWeight = 1 } = options;
   const { promptLoss = "none", choiceVerdicts = false, choiceNamesOption = false } = options;
+  const { untrainedOptionBreaks = false } = options;
   if (!PROMPT_LOSSES.includes(promptLoss)) {
     throw new Error(`prompt loss must be one of ${PROMPT_LOSSES.join(", ")}, got ${JSON.stringify(promptLoss)}`);
   }
@@ -1445,6 +1461,7 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
     if (promptLoss === "all") trainPrompt(encoded, tokenizer.imageTokenId);
     else if (promptLoss === "options" && kind === "choice") trainOptionLines(encoded, newline);
     if (choiceVerdicts && kind === "choice") trainAnswerLineLetter(encoded, newline, answerLine);
+    if (untrainedOptionBreaks && promptLoss === "all" && kind === "choice") untrainOptionBreaks(encoded, newline);
     return { ...encoded, images: [toCHWFloat(example.rgb, S)] };
   };
   // A window is lengthBuckets batches of the stream, starting at a multiple of its size (without buckets: at `start`).

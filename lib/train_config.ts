@@ -34,6 +34,7 @@ export interface TrainConfig {
   sorted_choices: number; // shapes world: share of multiple-choice questions with options in alphabetical order
   choice_verdicts: boolean; // shapes world: the answer's option line learns, at its word, to predict its letter
   choice_names_option: boolean; // shapes world: a multiple-choice answer names its option, then the letter: "red (B)"
+  untrained_option_breaks: boolean; // shapes world, prompt_loss all: newlines before an option's letter untrained
   prompt_loss: PromptLoss; // shapes world: prompt tokens trained besides the answer: "none" (the reference), "options", "all"
   plain_scenes: boolean; // shapes world: train on black, hard-edged, exact-colour scenes only (the world before it varied)
   vision_pretrain_steps: number; // shapes world, ViT from scratch: steps naming each quadrant's contents first (0 = none)
@@ -75,6 +76,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   sorted_choices: 0.5,
   choice_verdicts: true,
   choice_names_option: true,
+  untrained_option_breaks: false,
   prompt_loss: "all",
   plain_scenes: false,
   vision_pretrain_steps: 3000,
@@ -207,6 +209,7 @@ const SHAPES_WORLD_SETTINGS = [
   "sorted_choices",
   "choice_verdicts",
   "choice_names_option",
+  "untrained_option_breaks",
   "prompt_loss",
   "plain_scenes",
   "vision_pretrain_steps",

@@ -64,6 +64,7 @@ export function shapesTrainingData(
     choiceVerdicts: config.choice_verdicts,
     choiceNamesOption: config.choice_names_option,
     promptLoss: config.prompt_loss,
+    untrainedOptionBreaks: config.untrained_option_breaks,
     plainScenes: config.plain_scenes,
     start: examplesSeen,
   });

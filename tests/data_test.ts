@@ -1020,3 +1020,38 @@ Deno.test("shapesBatches: with choiceNamesOption a multiple-choice answer names 
   }
   assert.ok(choices >= 10, `${choices} multiple-choice samples`);
 });
+
+Deno.test("shapesBatches: untrained option breaks leave the newlines before the option letters without a target", async () => {
+  const tok = await loadTokenizer(SHAPES_DIR);
+  const config = { vit_img_size: 32, mp_image_token_length: 4, lm_max_length: 96 };
+  const rows = (untrainedOptionBreaks: boolean, promptLoss: PromptLoss) =>
+    batchRows(shapesBatches({
+      split: "train",
+      seed: 2,
+      batchSize: 20,
+      tokenizer: tok,
+      config,
+      count: 200,
+      promptLoss,
+      choiceVerdicts: true,
+      choiceNamesOption: true,
+      untrainedOptionBreaks,
+    }));
+  assert.deepEqual(rows(true, "options"), rows(false, "options"), "only prompt loss 'all' trains those newlines");
+  const [trained, untrained] = [rows(false, "all"), rows(true, "all")];
+  const newline = tok.encode("\n")[0];
+  let choices = 0;
+  for (const [i, { ids, labels }] of untrained.entries()) {
+    assert.deepEqual(ids, trained[i].ids, "the prompt the model reads is unchanged");
+    const changed = [...labels.keys()].filter((t) => labels[t] !== trained[i].labels[t]);
+    if (!tok.decode(ids).includes(CHOICE_INSTRUCTION)) {
+      assert.deepEqual(changed, [], "only multiple choice changes");
+      continue;
+    }
+    choices++;
+    // Four newlines, each of which was trained to predict the next line's letter, now predict nothing.
+    assert.deepEqual(changed.map((t) => tok.decode([ids[t], trained[i].labels[t]])), ["\nA", "\nB", "\nC", "\nD"]);
+    assert.ok(changed.every((t) => ids[t] === newline && labels[t] === IGNORE_INDEX));
+  }
+  assert.ok(choices >= 10, `${choices} multiple-choice samples`);
+});
