@@ -12,6 +12,7 @@ import {
   assistantPrefixLength,
   type Batch,
   CHATML_TEMPLATE,
+  type ChatTokenizer,
   checkTokenizerFitsConfig,
   CHOICE_INSTRUCTION,
   choiceAnswer,
@@ -829,6 +830,14 @@ async function decodedTrainSamples(options: Pick<ShapesBatchOptions, "choiceHint
   });
 }
 
+/** The first 200 samples of the training stream of seed 2 (batches of 20, 32-px images) as rows, with `options`. */
+function trainRows(tokenizer: ChatTokenizer, options: Partial<ShapesBatchOptions> = {}) {
+  const config = { vit_img_size: 32, mp_image_token_length: 4, lm_max_length: 96 };
+  return batchRows(
+    shapesBatches({ split: "train", seed: 2, batchSize: 20, tokenizer, config, count: 200, ...options }),
+  );
+}
+
 Deno.test("evenCuts: the cut of sorted lengths whose largest batch (rows × longest) is smallest", () => {
   // A window of the default run: 44 questions of 21-27 tokens, 20 captions and multiple-choice prompts of 36-55.
   const window = [...Array(26).fill(21), ...Array(18).fill(22), 27, ...Array(5).fill(36), ...Array(4).fill(45)];
@@ -909,11 +918,7 @@ Deno.test("shapesBatches: sorted choices put the options in alphabetical order, 
 
 Deno.test("shapesBatches: prompt loss trains the option lines of multiple choice ('options') or every question ('all')", async () => {
   const tok = await loadTokenizer(SHAPES_DIR);
-  const config = { vit_img_size: 32, mp_image_token_length: 4, lm_max_length: 96 };
-  const rows = (promptLoss?: PromptLoss) =>
-    batchRows(
-      shapesBatches({ split: "train", seed: 2, batchSize: 20, tokenizer: tok, config, count: 200, promptLoss }),
-    );
+  const rows = (promptLoss?: PromptLoss) => trainRows(tok, { promptLoss });
   const none = rows("none");
   assert.deepEqual(rows(), none, "none is the default");
   // Trained targets, decoded in order: the text the sample learns to write.
@@ -950,20 +955,8 @@ Deno.test("shapesBatches: prompt loss trains the option lines of multiple choice
 
 Deno.test("shapesBatches: choice verdicts train the answer's option word to predict its letter; nothing else changes", async () => {
   const tok = await loadTokenizer(SHAPES_DIR);
-  const config = { vit_img_size: 32, mp_image_token_length: 4, lm_max_length: 96 };
   const rows = (choiceVerdicts: boolean) =>
-    batchRows(shapesBatches({
-      split: "train",
-      seed: 2,
-      batchSize: 20,
-      tokenizer: tok,
-      config,
-      count: 200,
-      promptLoss: "all",
-      choiceHints: 0.5,
-      sortedChoices: 0.5,
-      choiceVerdicts,
-    }));
+    trainRows(tok, { promptLoss: "all", choiceHints: 0.5, sortedChoices: 0.5, choiceVerdicts });
   const [plain, verdicts] = [rows(false), rows(true)];
   const newline = tok.encode("\n")[0];
   let choices = 0;
@@ -1023,20 +1016,8 @@ Deno.test("shapesBatches: with choiceNamesOption a multiple-choice answer names 
 
 Deno.test("shapesBatches: untrained option breaks leave the newlines before the option letters without a target", async () => {
   const tok = await loadTokenizer(SHAPES_DIR);
-  const config = { vit_img_size: 32, mp_image_token_length: 4, lm_max_length: 96 };
   const rows = (untrainedOptionBreaks: boolean, promptLoss: PromptLoss) =>
-    batchRows(shapesBatches({
-      split: "train",
-      seed: 2,
-      batchSize: 20,
-      tokenizer: tok,
-      config,
-      count: 200,
-      promptLoss,
-      choiceVerdicts: true,
-      choiceNamesOption: true,
-      untrainedOptionBreaks,
-    }));
+    trainRows(tok, { promptLoss, choiceVerdicts: true, choiceNamesOption: true, untrainedOptionBreaks });
   assert.deepEqual(rows(true, "options"), rows(false, "options"), "only prompt loss 'all' trains those newlines");
   const [trained, untrained] = [rows(false, "all"), rows(true, "all")];
   const newline = tok.encode("\n")[0];
