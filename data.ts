@@ -1300,7 +1300,7 @@ export interface ShapesBatchOptions {
    * With prompt loss "all", the newline before each option line predicts nothing (default false). Trained, the newline
    * after "C. green" learns to guess "D", the next line's letter, and the answer's letter, a copy from beside its word,
    * then leans towards the line below. Over four seeds it raised multiple choice and lowered test-novel, so it is off
-   * (docs/training-the-shapes-world.md, "The newline before a letter").
+   * (docs/training-the-shapes-world.md, "Three tries at multiple choice and counting").
    */
   untrainedOptionBreaks?: boolean;
   /** Draw every scene in the plain style (black, hard edges, exact colours), as the world was before it varied. */
