@@ -806,36 +806,26 @@ function batchRows(batches: Iterable<Batch>): { ids: number[]; labels: number[] 
   );
 }
 
-/**
- * The first 200 samples of a training stream (seed 2) decoded: the prompt, the answer, the multiple-choice options'
- * texts (none for other kinds) and what the answer means (its option's text, else the answer itself).
- */
-async function decodedTrainSamples(options: Pick<ShapesBatchOptions, "choiceHints" | "sortedChoices" | "kinds">) {
-  const tok = await loadTokenizer(SHAPES_DIR);
-  const config = { vit_img_size: 32, mp_image_token_length: 4, lm_max_length: 96 };
-  const batches = shapesBatches({
-    split: "train",
-    seed: 2,
-    batchSize: 20,
-    tokenizer: tok,
-    config,
-    count: 200,
-    ...options,
-  });
-  return batchRows(batches).map(({ ids, labels }) => {
-    const prompt = tok.decode(ids, { skipSpecialTokens: true });
-    const answer = tok.decode(labels.filter((l) => l !== IGNORE_INDEX), { skipSpecialTokens: true }).trim();
-    const choices = prompt.split("\n").filter((line) => /^[A-D]\. /.test(line)).map((line) => line.slice(3));
-    return { prompt, answer, options: choices, meaning: choices.length ? choices["ABCD".indexOf(answer)] : answer };
-  });
-}
-
 /** The first 200 samples of the training stream of seed 2 (batches of 20, 32-px images) as rows, with `options`. */
 function trainRows(tokenizer: ChatTokenizer, options: Partial<ShapesBatchOptions> = {}) {
   const config = { vit_img_size: 32, mp_image_token_length: 4, lm_max_length: 96 };
   return batchRows(
     shapesBatches({ split: "train", seed: 2, batchSize: 20, tokenizer, config, count: 200, ...options }),
   );
+}
+
+/**
+ * The first 200 samples of a training stream (seed 2) decoded: the prompt, the answer, the multiple-choice options'
+ * texts (none for other kinds) and what the answer means (its option's text, else the answer itself).
+ */
+async function decodedTrainSamples(options: Pick<ShapesBatchOptions, "choiceHints" | "sortedChoices" | "kinds">) {
+  const tok = await loadTokenizer(SHAPES_DIR);
+  return trainRows(tok, options).map(({ ids, labels }) => {
+    const prompt = tok.decode(ids, { skipSpecialTokens: true });
+    const answer = tok.decode(labels.filter((l) => l !== IGNORE_INDEX), { skipSpecialTokens: true }).trim();
+    const choices = prompt.split("\n").filter((line) => /^[A-D]\. /.test(line)).map((line) => line.slice(3));
+    return { prompt, answer, options: choices, meaning: choices.length ? choices["ABCD".indexOf(answer)] : answer };
+  });
 }
 
 Deno.test("evenCuts: the cut of sorted lengths whose largest batch (rows × longest) is smallest", () => {
@@ -1018,7 +1008,7 @@ Deno.test("shapesBatches: untrained option breaks leave the newlines before the 
   const tok = await loadTokenizer(SHAPES_DIR);
   const rows = (untrainedOptionBreaks: boolean, promptLoss: PromptLoss) =>
     trainRows(tok, { promptLoss, choiceVerdicts: true, choiceNamesOption: true, untrainedOptionBreaks });
-  assert.deepEqual(rows(true, "options"), rows(false, "options"), "only prompt loss 'all' trains those newlines");
+  assert.deepEqual(rows(true, "options"), rows(false, "options"), "the flag acts under prompt loss 'all' only");
   const [trained, untrained] = [rows(false, "all"), rows(true, "all")];
   const newline = tok.encode("\n")[0];
   let choices = 0;
