@@ -1297,10 +1297,11 @@ export interface ShapesBatchOptions {
    */
   choiceNamesOption?: boolean;
   /**
-   * With prompt loss "all", the newline before each option line predicts nothing (default false). Trained, the newline
-   * after "C. green" learns to guess "D", the next line's letter, and the answer's letter, a copy from beside its word,
-   * then leans towards the line below. Over four seeds it raised multiple choice and lowered test-novel, so it is off
-   * (docs/training-the-shapes-world.md, "Three tries at multiple choice and counting").
+   * The newline before each option line predicts nothing (default false), under prompt loss "options" or "all", the two
+   * that train the option lines. Trained, the newline after "C. green" learns to guess "D", the next line's letter, and
+   * the answer's letter, a copy from beside its word, then leans towards the line below. Over four seeds it raised
+   * multiple choice and lowered test-novel, so it is off (docs/training-the-shapes-world.md, "Three tries at multiple
+   * choice and counting").
    */
   untrainedOptionBreaks?: boolean;
   /** Draw every scene in the plain style (black, hard edges, exact colours), as the world was before it varied. */
@@ -1461,7 +1462,7 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
     if (promptLoss === "all") trainPrompt(encoded, tokenizer.imageTokenId);
     else if (promptLoss === "options" && kind === "choice") trainOptionLines(encoded, newline);
     if (choiceVerdicts && kind === "choice") trainAnswerLineLetter(encoded, newline, answerLine);
-    if (untrainedOptionBreaks && promptLoss === "all" && kind === "choice") untrainOptionBreaks(encoded, newline);
+    if (untrainedOptionBreaks && kind === "choice") untrainOptionBreaks(encoded, newline);
     return { ...encoded, images: [toCHWFloat(example.rgb, S)] };
   };
   // A window is lengthBuckets batches of the stream, starting at a multiple of its size (without buckets: at `start`).

@@ -34,7 +34,7 @@ export interface TrainConfig {
   sorted_choices: number; // shapes world: share of multiple-choice questions with options in alphabetical order
   choice_verdicts: boolean; // shapes world: the answer's option line learns, at its word, to predict its letter
   choice_names_option: boolean; // shapes world: a multiple-choice answer names its option, then the letter: "red (B)"
-  untrained_option_breaks: boolean; // shapes world, prompt_loss all: newlines before an option's letter untrained
+  untrained_option_breaks: boolean; // shapes world: the newlines before the options' letters are not trained
   prompt_loss: PromptLoss; // shapes world: prompt tokens trained besides the answer: "none" (the reference), "options", "all"
   plain_scenes: boolean; // shapes world: train on black, hard-edged, exact-colour scenes only (the world before it varied)
   vision_pretrain_steps: number; // shapes world, ViT from scratch: steps naming each quadrant's contents first (0 = none)
