@@ -145,7 +145,7 @@ Deno.test("the tiny preset still has the numbers the notebooks' text walks throu
   );
   assertEquals(
     [t.mp_image_token_length, t.lm_hidden_dim, t.lm_n_heads, t.lm_n_kv_heads, t.lm_vocab_size, t.lm_max_length],
-    [4, 128, 4, 2, 89, 96],
+    [4, 128, 4, 4, 89, 96],
   );
   assertEquals(t.lm_re_base, 100000);
 });
