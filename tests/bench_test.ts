@@ -54,7 +54,7 @@ async function checkBench(output: string, out: string, backend: string, threads:
     backend === "wasm" ? /^matMul: (BLAS|wasm XNNPACK)/ : /maxStorageBufferBindingSize \d+ MiB$/,
   );
   assert.equal(row.config, "tiny");
-  assert.equal(row.params, 950_496);
+  assert.equal(row.params, 999_648);
   for (const key of ["step_ms", "samples_per_s", "forward_ms", "fwd_bwd_ms", "ttft_ms", "decode_tok_s"] as const) {
     assert.ok(row[key]! > 0, `${key} = ${row[key]}`);
   }
@@ -112,7 +112,7 @@ Deno.test("deno task memory (smoke): peak memory by batch size, stopping at the 
   const args = ["run", "-A", "tools/memory.ts", "--preset", "tiny", "--backend", "wasm", "--iterations", "1"];
   const fits = await run(Deno.execPath(), [...args, "--batches", "1,2"]);
   // The weights alone: on wasm AdamW's two moments live in JS memory (lib/optimizer.ts's adamWOnHost), not in tensors.
-  assert.match(fits, /^after building the model: 4 MiB of tensors$/m); // 950,496 float32 weights
+  assert.match(fits, /^after building the model: 4 MiB of tensors$/m); // 999,648 float32 weights
   assert.match(fits, /^\| batch \| peak tensors MiB \| heap\/GPU MiB \| peak RSS MiB \| step ms \| \|$/m);
   for (const batch of [1, 2]) {
     assert.match(fits, new RegExp(`^\\| ${batch} \\| [\\d,]+ \\| [\\d,]+ \\| [\\d,]+ \\| [\\d,]+ \\| fits \\|$`, "m"));
