@@ -88,7 +88,7 @@ export const PRESETS: Readonly<Record<string, Readonly<VLMConfig>>> = Object.fre
     lm_hidden_dim: 128,
     lm_inter_dim: 384,
     lm_n_heads: 4,
-    lm_n_kv_heads: 4, // a key/value head per query head: grouped, this width learned its look-ups later (docs)
+    lm_n_kv_heads: 4, // one key/value head per query head: grouped in pairs, this decoder learned its look-ups later
     lm_n_blocks: 3,
     lm_base_vocab_size: 88,
     lm_vocab_size: 89,
