@@ -806,7 +806,10 @@ function batchRows(batches: Iterable<Batch>): { ids: number[]; labels: number[] 
   );
 }
 
-/** The first 200 samples of the training stream of seed 2 (batches of 20, 32-px images) as rows, with `options`. */
+/**
+ * The first 200 samples of a training stream (batches of 20, 32-px images) as rows, with `options`; seed 2 unless they
+ * name another.
+ */
 function trainRows(tokenizer: ChatTokenizer, options: Partial<ShapesBatchOptions> = {}) {
   const config = { vit_img_size: 32, mp_image_token_length: 4, lm_max_length: 96 };
   return batchRows(
@@ -974,12 +977,9 @@ Deno.test("shapesBatches: choice verdicts train the answer's option word to pred
 
 Deno.test("shapesBatches: with choiceNamesOption a multiple-choice answer names its option, then the same letter", async () => {
   const tok = await loadTokenizer(SHAPES_DIR);
-  const config = { vit_img_size: 32, mp_image_token_length: 4, lm_max_length: 96 };
   // Each sample as its prompt and the answer it is trained to write (the targets after the assistant's turn starts).
   const samples = (choiceNamesOption: boolean) =>
-    batchRows(
-      shapesBatches({ split: "train", seed: 3, batchSize: 20, tokenizer: tok, config, count: 200, choiceNamesOption }),
-    ).map(({ ids, labels }) => ({
+    trainRows(tok, { seed: 3, choiceNamesOption }).map(({ ids, labels }) => ({
       prompt: tok.decode(ids.filter((id) => id !== tok.padTokenId), { skipSpecialTokens: true }),
       answer: tok.decode(labels.filter((l) => l !== IGNORE_INDEX), { skipSpecialTokens: true }).trim(),
     }));
