@@ -1304,6 +1304,15 @@ export interface ShapesBatchOptions {
    * choice and counting").
    */
   untrainedOptionBreaks?: boolean;
+  /**
+   * The share of multiple-choice samples (default 0; needs choiceNamesOption) whose answer names another option than
+   * the right one, then that option's letter: "blue (C)" where the answer is "red (B)". The misnamed word predicts
+   * nothing, so nothing teaches a wrong answer; the letter after it is trained, while the verdicts (choiceVerdicts)
+   * still mark the right line. So the letter learns to follow the word just written, a copy from the option line that
+   * says it, rather than the lines' verdicts from the picture, which are right less often
+   * (docs/training-the-shapes-world.md, "Copy drills: the letter follows the word").
+   */
+  choiceCopyDrills?: number;
   /** Draw every scene in the plain style (black, hard edges, exact colours), as the world was before it varied. */
   plainScenes?: boolean;
   /** First example index (default 0): resume a run at `step · batchSize`. */
@@ -1397,6 +1406,14 @@ function untrainOptionBreaks(sample: Omit<EncodedSample, "images">, newline: num
 }
 
 /**
+ * The first word of an encoded multiple-choice answer that names its option ("blue" in "blue (C)") predicts nothing
+ * (ShapesBatchOptions.choiceCopyDrills): the answer's " (" is the last in the sample, and the word stands just before.
+ */
+function untrainAnswerWord(sample: Omit<EncodedSample, "images">, openParen: number): void {
+  sample.labels[sample.inputIds.lastIndexOf(openParen) - 2] = IGNORE_INDEX;
+}
+
+/**
  * Collated batches of (image, one question → answer) samples, rendered straight into
  * float arrays (no PNG round trip). Example i gives sample i: its kind is drawn among
  * the kinds its scene has (uniformly, captions weighted by `captionWeight`, multiple
@@ -1408,7 +1425,7 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
   const { split, seed, batchSize, tokenizer, config, kinds = QUESTION_KINDS, captionWeight = 1, start = 0 } = options;
   const { lengthBuckets = 1, choiceHints = 0, sortedChoices = 0, choiceWeight = 1, positionWeight = 1 } = options;
   const { promptLoss = "none", choiceVerdicts = false, choiceNamesOption = false } = options;
-  const { untrainedOptionBreaks = false } = options;
+  const { untrainedOptionBreaks = false, choiceCopyDrills = 0 } = options;
   if (!PROMPT_LOSSES.includes(promptLoss)) {
     throw new Error(`prompt loss must be one of ${PROMPT_LOSSES.join(", ")}, got ${JSON.stringify(promptLoss)}`);
   }
@@ -1424,6 +1441,14 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
   }
   if (!(sortedChoices >= 0 && sortedChoices <= 1)) {
     throw new Error(`sorted choices must be a share in [0, 1], got ${sortedChoices}`);
+  }
+  if (!(choiceCopyDrills >= 0 && choiceCopyDrills <= 1)) {
+    throw new Error(`choice copy drills must be a share in [0, 1], got ${choiceCopyDrills}`);
+  }
+  if (choiceCopyDrills > 0 && !choiceNamesOption) {
+    throw new Error(
+      "choice copy drills need answers that name their option (choiceNamesOption): a bare letter names none",
+    );
   }
   if (!(Number.isInteger(lengthBuckets) && lengthBuckets >= 1)) {
     throw new Error(`length buckets must be a whole number ≥ 1, got ${lengthBuckets}`);
@@ -1445,7 +1470,7 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
     const kind = rng.weighted(present, present.map(weightOf));
     const picked = rng.pick(pool.filter((q) => q.kind === kind));
     let { question, answer } = picked;
-    let answerLine = -1;
+    let answerLine = -1, drill = false;
     if (kind === "choice") {
       const hinted = choiceHints > 0 && rng.next() < choiceHints;
       const sorted = sortedChoices > 0 && rng.next() < sortedChoices;
@@ -1453,6 +1478,11 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
       question = choicePrompt(parts.question, parts.options);
       answerLine = parts.options.indexOf(parts.answer);
       answer = choiceNamesOption ? choiceAnswer(parts.answer, CHOICE_LETTERS[answerLine]) : CHOICE_LETTERS[answerLine];
+      drill = choiceCopyDrills > 0 && rng.next() < choiceCopyDrills;
+      if (drill) {
+        const named = (answerLine + 1 + rng.int(CHOICE_LETTERS.length - 1)) % CHOICE_LETTERS.length; // any other line
+        answer = choiceAnswer(parts.options[named], CHOICE_LETTERS[named]);
+      }
     }
     const encoded = encodeConversation(
       tokenizer,
@@ -1463,6 +1493,7 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
     else if (promptLoss === "options" && kind === "choice") trainOptionLines(encoded, newline);
     if (choiceVerdicts && kind === "choice") trainAnswerLineLetter(encoded, newline, answerLine);
     if (untrainedOptionBreaks && kind === "choice") untrainOptionBreaks(encoded, newline);
+    if (drill) untrainAnswerWord(encoded, tokenizer.encode(" (")[0]);
     return { ...encoded, images: [toCHWFloat(example.rgb, S)] };
   };
   // A window is lengthBuckets batches of the stream, starting at a multiple of its size (without buckets: at `start`).

@@ -20,6 +20,7 @@
 // (optimizer.ts), trainStep (train_step.ts), checkpoints and metrics (train_state.ts).
 
 import {
+  checkChoiceSettings,
   checkSettingsForData,
   DEFAULT_TRAIN_CONFIG,
   modelConfig,
@@ -116,6 +117,7 @@ export async function train(
     throw new Error(`--push_to_hub ${config.push_to_hub} needs a token with write access: set HF_TOKEN`);
   }
   checkSettingsForData(config);
+  checkChoiceSettings(config);
   // Open the dataset first, so a wrong --data fails before any model is built.
   const source = config.data === "shapes" ? undefined : await openDataset(config.data);
   // initBackend prints its own detailed line; a caller with its own `log` gets just the name.

@@ -35,6 +35,7 @@ export interface TrainConfig {
   choice_verdicts: boolean; // shapes world: the answer's option line learns, at its word, to predict its letter
   choice_names_option: boolean; // shapes world: a multiple-choice answer names its option, then the letter: "red (B)"
   untrained_option_breaks: boolean; // shapes world: the newlines before the options' letters are not trained
+  choice_copy_drills: number; // shapes world: share of multiple-choice answers that name another option, then its letter
   prompt_loss: PromptLoss; // shapes world: prompt tokens trained besides the answer: "none" (the reference), "options", "all"
   plain_scenes: boolean; // shapes world: train on black, hard-edged, exact-colour scenes only (the world before it varied)
   vision_pretrain_steps: number; // shapes world, ViT from scratch: steps naming each quadrant's contents first (0 = none)
@@ -77,6 +78,7 @@ export const DEFAULT_TRAIN_CONFIG: Readonly<TrainConfig> = Object.freeze({
   choice_verdicts: true,
   choice_names_option: true,
   untrained_option_breaks: false,
+  choice_copy_drills: 0.25,
   prompt_loss: "all",
   plain_scenes: false,
   vision_pretrain_steps: 3000,
@@ -210,6 +212,7 @@ const SHAPES_WORLD_SETTINGS = [
   "choice_verdicts",
   "choice_names_option",
   "untrained_option_breaks",
+  "choice_copy_drills",
   "prompt_loss",
   "plain_scenes",
   "vision_pretrain_steps",
@@ -225,6 +228,21 @@ export function checkSettingsForData(config: TrainConfig): void {
   if (changed.length === 0) return;
   const given = changed.map((key) => `--${key}=${config[key]}`).join(" ");
   throw new Error(`${given}: only the built-in shapes world reads this; drop it to train on --data=${config.data}`);
+}
+
+/**
+ * Multiple-choice settings that cannot work together are an Error before anything is made: a copy drill names another
+ * option than the answer, so it needs answers that name one ("red (B)"), and it is a share of the samples.
+ */
+export function checkChoiceSettings(config: TrainConfig): void {
+  const drills = config.choice_copy_drills;
+  if (!(drills >= 0 && drills <= 1)) throw new Error(`--choice_copy_drills=${drills}: expected a share in [0, 1]`);
+  if (drills > 0 && !config.choice_names_option) {
+    throw new Error(
+      `--choice_copy_drills=${drills} drills answers that name their option, and --choice_names_option=false ` +
+        "answers with a bare letter: add --choice_copy_drills=0",
+    );
+  }
 }
 
 /**
@@ -263,11 +281,12 @@ export async function resumedTrainConfig(runDir: string, overrides: Partial<Trai
     throw new Error(`cannot resume ${runDir}: it has no train_config.json (is it a run folder?)`);
   }
   const saved = JSON.parse(await Deno.readTextFile(`${runDir}/train_config.json`)) as Partial<TrainConfig>;
-  // A run saved before these settings existed resumes as it trained: its ViT at lr_backbones (-1), and its
-  // multiple-choice answers as bare letters.
+  // A run saved before these settings existed resumes as it trained: its ViT at lr_backbones (-1), its
+  // multiple-choice answers as bare letters, and none of them a copy drill.
   const before = {
     lr_vision_backbone: saved.lr_vision_backbone ?? -1,
     choice_names_option: saved.choice_names_option ?? false,
+    choice_copy_drills: saved.choice_copy_drills ?? 0,
   };
   return { ...DEFAULT_TRAIN_CONFIG, ...saved, ...before, stop_at: 0, ...overrides, resume: runDir };
 }

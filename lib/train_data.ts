@@ -65,6 +65,7 @@ export function shapesTrainingData(
     choiceNamesOption: config.choice_names_option,
     promptLoss: config.prompt_loss,
     untrainedOptionBreaks: config.untrained_option_breaks,
+    choiceCopyDrills: config.choice_copy_drills,
     plainScenes: config.plain_scenes,
     start: examplesSeen,
   });

@@ -1004,6 +1004,46 @@ Deno.test("shapesBatches: with choiceNamesOption a multiple-choice answer names 
   assert.ok(choices >= 10, `${choices} multiple-choice samples`);
 });
 
+Deno.test("shapesBatches: a copy drill names another option, its word untrained, then that option's letter", async () => {
+  const tok = await loadTokenizer(SHAPES_DIR);
+  const rows = (choiceCopyDrills: number) =>
+    trainRows(tok, { seed: 3, promptLoss: "all", choiceVerdicts: true, choiceNamesOption: true, choiceCopyDrills });
+  const [plain, drilled] = [rows(0), rows(0.5)];
+  const assistantEnd = (ids: number[]) => ids.lastIndexOf(tok.encode("assistant")[0]) + 2; // "assistant", newline
+  let choices = 0, drills = 0;
+  for (const [i, { ids, labels }] of drilled.entries()) {
+    const prompt = tok.decode(ids, { skipSpecialTokens: true });
+    if (!prompt.includes(CHOICE_INSTRUCTION) || labels.join() === plain[i].labels.join()) {
+      assert.deepEqual({ ids, labels }, plain[i], "only a drilled multiple-choice sample changes");
+      choices += prompt.includes(CHOICE_INSTRUCTION) ? 1 : 0;
+      continue;
+    }
+    choices++, drills++;
+    const start = assistantEnd(ids);
+    assert.deepEqual(ids.slice(0, start), plain[i].ids.slice(0, start), "the same question");
+    assert.deepEqual(labels.slice(0, start - 1), plain[i].labels.slice(0, start - 1), "the same prompt targets");
+    // The right answer, as the plain sample writes it, and the drill's: another option's word, then its own letter.
+    const answerOf = (answerIds: number[]) => /^(.+) \(([A-D])\)$/.exec(tok.decode(answerIds).trim())!.slice(1);
+    const [rightWord] = answerOf(plain[i].ids.slice(start, -2));
+    const [word, letter] = answerOf(ids.slice(start, -2));
+    const optionLine = prompt.split("\n").find((line) => line.startsWith(`${letter}. `));
+    assert.equal(optionLine, `${letter}. ${word}`, "the letter is the named option's");
+    assert.notEqual(word, rightWord, "another option than the answer");
+    assert.equal(labels[start - 1], IGNORE_INDEX, "the misnamed word predicts nothing");
+    assert.deepEqual(tok.decode(labels.slice(start).filter((l) => l !== IGNORE_INDEX)), ` (${letter})<|im_end|>\n`);
+  }
+  assert.ok(
+    choices >= 10 && drills >= choices / 4 && drills <= (choices * 3) / 4,
+    `${drills} drills, ${choices} choices`,
+  );
+  assert.throws(() => rows(1.5), Error, "choice copy drills must be a share in [0, 1], got 1.5");
+  assert.throws(
+    () => trainRows(tok, { choiceCopyDrills: 0.5 }),
+    Error,
+    "choice copy drills need answers that name their option",
+  );
+});
+
 Deno.test("shapesBatches: untrained option breaks leave the newlines before the option letters without a target", async () => {
   const tok = await loadTokenizer(SHAPES_DIR);
   const rows = (untrainedOptionBreaks: boolean, promptLoss: PromptLoss) =>

@@ -277,20 +277,43 @@ Deno.test("paramGroups with a vision rate of its own: the ViT is a group apart, 
   model.dispose();
 });
 
-Deno.test("a run saved before lr_vision_backbone and choice_names_option existed resumes as it trained", async () => {
+Deno.test("a run saved before lr_vision_backbone, choice_names_option and copy drills existed resumes as it trained", async () => {
   const dir = await Deno.makeTempDir();
   try {
-    const { lr_vision_backbone: _, choice_names_option: __, ...before } = DEFAULT_TRAIN_CONFIG;
+    const { lr_vision_backbone: _, choice_names_option: __, choice_copy_drills: ___, ...before } = DEFAULT_TRAIN_CONFIG;
     await Deno.writeTextFile(`${dir}/train_config.json`, JSON.stringify(before));
     const resumedOld = await resumedTrainConfig(dir, {});
     assertEquals(resumedOld.lr_vision_backbone, -1, "one rate for both backbones");
     assertEquals(resumedOld.choice_names_option, false, "bare-letter answers");
+    assertEquals(resumedOld.choice_copy_drills, 0, "no copy drills");
     await Deno.writeTextFile(`${dir}/train_config.json`, JSON.stringify(DEFAULT_TRAIN_CONFIG));
     const resumedNew = await resumedTrainConfig(dir, {});
     assertEquals(resumedNew.lr_vision_backbone, DEFAULT_TRAIN_CONFIG.lr_vision_backbone);
     assertEquals(resumedNew.choice_names_option, true);
+    assertEquals(resumedNew.choice_copy_drills, 0.25);
   } finally {
     await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("copy drills without answers that name their option, or outside [0, 1], are errors before a run is made", async () => {
+  const runs_dir = await Deno.makeTempDir();
+  try {
+    const quiet = { log: () => {} };
+    await assertRejects(
+      () => train({ runs_dir, run_name: "letters", choice_names_option: false }, {}, quiet),
+      Error,
+      "--choice_copy_drills=0.25 drills answers that name their option, and --choice_names_option=false answers with " +
+        "a bare letter: add --choice_copy_drills=0",
+    );
+    await assertRejects(
+      () => train({ runs_dir, run_name: "share", choice_copy_drills: 2 }, {}, quiet),
+      Error,
+      "--choice_copy_drills=2: expected a share in [0, 1]",
+    );
+    assertEquals([...Deno.readDirSync(runs_dir)], [], "no run folder");
+  } finally {
+    await Deno.remove(runs_dir, { recursive: true });
   }
 });
 
