@@ -1,7 +1,7 @@
 // notebooks/trained.ts — the models the notebooks use.
 //
 // Notebooks 3 and 8 look inside a trained model: the checkpoint that comes with the project
-// (checkpoints/shapes-tiny, made by `deno task train --seed=1`; its model card is the folder's
+// (checkpoints/shapes-tiny, made by `deno task train`; its model card is the folder's
 // README.md), loaded in nanoVLM's format with its tokenizer. Notebook 7 is the lesson on
 // training: it trains the `tiny` preset with RECIPE for about a minute, step by step with a
 // live loss plot, and saves it to CHECKPOINT. A minute of training is far from the
@@ -36,6 +36,6 @@ export async function trainedModel(): Promise<
   return {
     model,
     tokenizer,
-    source: "checkpoints/shapes-tiny (trained by `deno task train --seed=1`; see its README.md)",
+    source: "checkpoints/shapes-tiny (trained by `deno task train`; see its README.md)",
   };
 }
