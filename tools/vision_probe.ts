@@ -5,11 +5,16 @@
 //   deno run -A tools/vision_probe.ts --checkpoint checkpoints/shapes-tiny   # a trained model's image tokens
 //   deno run -A tools/vision_probe.ts --checkpoint random                    # the same preset, untrained
 //   deno run -A tools/vision_probe.ts --train_vit [--steps 1500]              # the ViT told the answers directly
+//   deno run -A tools/vision_probe.ts --checkpoint checkpoints/shapes-tiny --novel   # test-novel's new objects
 //
 // A probe is a small classifier (one hidden layer of 256) trained on frozen image tokens of 3,000 train scenes and
 // scored on the occupied quadrants of 1,000 test scenes (on every quadrant, for which one it is). It measures what can
 // be read from the tokens, not what the decoder does read. The untrained model is the baseline: random features of the
 // pixels already tell colours apart.
+//
+// --novel scores the same probes on test-novel's new objects instead: the yellow triangles and green circles that no
+// train scene holds. A probe trained on train tokens never saw a yellow triangle either, so it may lean on what colour
+// goes with what shape there; the untrained model shows how far (docs/training-the-shapes-world.md).
 //
 // --train_vit asks the other question: how fast does the tiny ViT learn the quadrants' contents when it is trained on
 // them directly, as train.ts's vision pretraining does (lib/vision_pretrain.ts: a linear head per attribute on each
@@ -27,11 +32,14 @@ import {
   pretrainVision,
   QUADRANT_ATTRIBUTES,
   type QuadrantAttribute,
+  type QuadrantScenes,
   quadrantScenes,
   quadrantTokens,
 } from "../lib/vision_pretrain.ts";
+import { COLORS, NOVEL_PAIRS, SHAPES } from "../data.ts";
 
-const USAGE = "usage: deno run -A tools/vision_probe.ts (--checkpoint DIR|random | --train_vit) [--steps N] [--seed 0]";
+const USAGE =
+  "usage: deno run -A tools/vision_probe.ts (--checkpoint DIR|random [--novel] | --train_vit) [--steps N] [--seed 0]";
 const TRAIN_SCENES = 3000;
 const TEST_SCENES = 1000;
 const NAMES = Object.keys(QUADRANT_ATTRIBUTES) as QuadrantAttribute[];
@@ -48,6 +56,21 @@ function labelledAccuracy(logits: tf.Tensor, labels: Int32Array): number {
   return right / labelled;
 }
 
+/**
+ * test-novel's scenes with only their new objects labelled (NOVEL_PAIRS: the yellow triangle, the green circle): every
+ * other quadrant gets label 0, which labelledAccuracy skips.
+ */
+function novelObjects(count: number, size: number): QuadrantScenes {
+  const scenes = quadrantScenes("test-novel", 0, 0, count, size);
+  const { shape, color } = scenes.labels;
+  for (let row = 0; row < shape.length; row++) {
+    const pair = shape[row] && color[row] ? `${COLORS[color[row] - 1]} ${SHAPES[shape[row] - 1]}` : "";
+    if (NOVEL_PAIRS.includes(pair)) continue;
+    for (const name of NAMES) scenes.labels[name][row] = 0;
+  }
+  return scenes;
+}
+
 /** Image tokens of many scenes, computed 100 scenes at a time without gradients. → [N·4, D] */
 function frozenTokens(model: VisionLanguageModel, images: tf.Tensor4D): tf.Tensor2D {
   const chunks: tf.Tensor2D[] = [];
@@ -60,9 +83,10 @@ function frozenTokens(model: VisionLanguageModel, images: tf.Tensor4D): tf.Tenso
 }
 
 /** Train a one-hidden-layer probe per attribute on frozen tokens; print each one's test accuracy. */
-function probe(model: VisionLanguageModel, steps: number, seed: number): void {
+function probe(model: VisionLanguageModel, steps: number, seed: number, novel: boolean): void {
   const S = model.cfg.vit_img_size;
-  const train = quadrantScenes("train", 0, 0, TRAIN_SCENES, S), test = quadrantScenes("test", 0, 0, TEST_SCENES, S);
+  const train = quadrantScenes("train", 0, 0, TRAIN_SCENES, S);
+  const test = novel ? novelObjects(TEST_SCENES, S) : quadrantScenes("test", 0, 0, TEST_SCENES, S);
   const trainTokens = frozenTokens(model, train.images), testTokens = frozenTokens(model, test.images);
   // Standardise each feature with the train tokens' statistics, so one learning rate suits every checkpoint.
   const { mean, variance } = tf.moments(trainTokens, 0);
@@ -132,6 +156,7 @@ async function main(args: string[]) {
     options: {
       checkpoint: { type: "string" },
       train_vit: { type: "boolean", default: false },
+      novel: { type: "boolean", default: false },
       steps: { type: "string" },
       seed: { type: "string", default: "0" },
     },
@@ -142,7 +167,10 @@ async function main(args: string[]) {
   const steps = wholeNumber("steps", values.steps ?? (values.train_vit ? "1500" : "1000"), 1, USAGE);
   const seed = wholeNumber("seed", values.seed, 0, USAGE);
   await initBackend("wasm", { quiet: true });
-  if (values.train_vit) return await trainVit(steps, seed);
+  if (values.train_vit) {
+    if (values.novel) throw new Error(`--novel probes a checkpoint's tokens; drop it with --train_vit\n${USAGE}`);
+    return await trainVit(steps, seed);
+  }
 
   const model = values.checkpoint === "random"
     ? new VisionLanguageModel(PRESETS.tiny, { seed })
@@ -152,11 +180,14 @@ async function main(args: string[]) {
       `the probe reads one image token per quadrant; this model makes ${model.cfg.mp_image_token_length}`,
     );
   }
+  const scored = values.novel
+    ? `the new objects of ${TEST_SCENES} test-novel scenes (${NOVEL_PAIRS.join(", ")})`
+    : `${TEST_SCENES} test scenes' occupied quadrants (every quadrant, for quadrant)`;
   console.log(
     `${values.checkpoint}: probes trained on ${TRAIN_SCENES} train scenes' image tokens, ${steps} steps each; ` +
-      `accuracy on ${TEST_SCENES} test scenes' occupied quadrants (every quadrant, for quadrant)`,
+      `accuracy on ${scored}`,
   );
-  probe(model, steps, seed);
+  probe(model, steps, seed, values.novel);
   model.dispose();
 }
 
