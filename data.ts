@@ -1429,7 +1429,7 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
   if (!PROMPT_LOSSES.includes(promptLoss)) {
     throw new Error(`prompt loss must be one of ${PROMPT_LOSSES.join(", ")}, got ${JSON.stringify(promptLoss)}`);
   }
-  const newline = tokenizer.encode("\n")[0];
+  const newline = tokenizer.encode("\n")[0], openParen = tokenizer.encode(" (")[0];
   const weights = { caption: captionWeight, choice: choiceWeight, position: positionWeight };
   for (const [name, weight] of Object.entries(weights)) {
     if (!(weight >= 0 && Number.isFinite(weight))) {
@@ -1493,7 +1493,7 @@ export function* shapesBatches(options: ShapesBatchOptions): Generator<Batch> {
     else if (promptLoss === "options" && kind === "choice") trainOptionLines(encoded, newline);
     if (choiceVerdicts && kind === "choice") trainAnswerLineLetter(encoded, newline, answerLine);
     if (untrainedOptionBreaks && kind === "choice") untrainOptionBreaks(encoded, newline);
-    if (drill) untrainAnswerWord(encoded, tokenizer.encode(" (")[0]);
+    if (drill) untrainAnswerWord(encoded, openParen);
     return { ...encoded, images: [toCHWFloat(example.rgb, S)] };
   };
   // A window is lengthBuckets batches of the stream, starting at a multiple of its size (without buckets: at `start`).

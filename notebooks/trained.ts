@@ -33,9 +33,5 @@ export async function trainedModel(): Promise<
   { model: VisionLanguageModel; tokenizer: ChatTokenizer; source: string }
 > {
   const { model, tokenizer } = await loadForInference(COMMITTED_CHECKPOINT);
-  return {
-    model,
-    tokenizer,
-    source: "checkpoints/shapes-tiny (trained by `deno task train`; see its README.md)",
-  };
+  return { model, tokenizer, source: "checkpoints/shapes-tiny (trained by `deno task train`; see its README.md)" };
 }

@@ -164,13 +164,13 @@ async function main(args: string[]) {
   if (values.train_vit === (values.checkpoint !== undefined)) {
     throw new Error(`give either --checkpoint (a model folder, or "random") or --train_vit\n${USAGE}`);
   }
+  if (values.train_vit && values.novel) {
+    throw new Error(`--novel probes a checkpoint's tokens; drop it with --train_vit\n${USAGE}`);
+  }
   const steps = wholeNumber("steps", values.steps ?? (values.train_vit ? "1500" : "1000"), 1, USAGE);
   const seed = wholeNumber("seed", values.seed, 0, USAGE);
   await initBackend("wasm", { quiet: true });
-  if (values.train_vit) {
-    if (values.novel) throw new Error(`--novel probes a checkpoint's tokens; drop it with --train_vit\n${USAGE}`);
-    return await trainVit(steps, seed);
-  }
+  if (values.train_vit) return await trainVit(steps, seed);
 
   const model = values.checkpoint === "random"
     ? new VisionLanguageModel(PRESETS.tiny, { seed })
